@@ -1,0 +1,64 @@
+"""lorakit: LoRA fine-tuning for any PyTorch model.
+
+LoRA freezes a model's weights ``W`` and trains a low-rank update per chosen
+layer, ``W + s * B A`` (``B`` zero at the start, ``s = alpha / r``), so a layer
+with ``out x in`` weights trains only ``r * (in + out)`` numbers.
+
+Quick start::
+
+    import lorakit
+    report = lorakit.inject(model, lorakit.LoraConfig(r=8, targets=["q_proj", "v_proj"]))
+    print(report.summary())            # trainable / total parameters
+    ...train as usual...
+    lorakit.merge_and_unload(model)    # plain model again, zero inference overhead
+
+This module imports only torch (and nothing optional); integrations live in
+``lorakit.yolo`` and ``lorakit.hf``.
+"""
+
+from ._version import __version__
+from .adapters import (
+    active_adapters,
+    delete_adapter,
+    disabled,
+    list_adapters,
+    merge,
+    merge_and_unload,
+    set_adapter,
+    unload,
+    unmerge,
+)
+from .config import LoraConfig
+from .errors import AdapterNotFoundError, ConfigError, LoraError, NonFiniteError, TargetError
+from .inject import InjectReport, Target, inject, lora_layers, select_targets
+from .layers import LoraAdapter, LoraLayer
+from .registry import LayerHandler, handler_for, register
+
+__all__ = [
+    "AdapterNotFoundError",
+    "ConfigError",
+    "InjectReport",
+    "LayerHandler",
+    "LoraAdapter",
+    "LoraConfig",
+    "LoraError",
+    "LoraLayer",
+    "NonFiniteError",
+    "Target",
+    "TargetError",
+    "__version__",
+    "active_adapters",
+    "delete_adapter",
+    "disabled",
+    "handler_for",
+    "inject",
+    "list_adapters",
+    "lora_layers",
+    "merge",
+    "merge_and_unload",
+    "register",
+    "select_targets",
+    "set_adapter",
+    "unload",
+    "unmerge",
+]

@@ -1,0 +1,182 @@
+"""Many adapters per model: list, activate, delete, disable, merge, unmerge, unload.
+
+Every state change here is an explicit call; ``model.train()``/``model.eval()``
+never merge or unmerge anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import cast
+
+import torch
+from torch import nn
+
+from .errors import AdapterNotFoundError, NonFiniteError
+from .inject import _CONFIGS_ATTR, lora_layers
+from .layers import LoraAdapter, LoraLayer, unwrap
+
+
+def list_adapters(model: nn.Module) -> list[str]:
+    """Names of all adapters in ``model``, in the order they were added."""
+    names: dict[str, None] = {}
+    for _, layer in lora_layers(model):
+        names.update(dict.fromkeys(layer.lora.keys()))
+    return list(names)
+
+
+def active_adapters(model: nn.Module) -> tuple[str, ...]:
+    """Names of the active adapters (empty if the model has none)."""
+    for _, layer in lora_layers(model):
+        return layer.lora_active
+    return ()
+
+
+def _names(model: nn.Module, names: str | Iterable[str]) -> tuple[str, ...]:
+    wanted = (names,) if isinstance(names, str) else tuple(names)
+    have = list_adapters(model)
+    unknown = [n for n in wanted if n not in have]
+    if unknown:
+        raise AdapterNotFoundError(f"unknown adapter(s) {unknown}; the model has {have}")
+    return wanted
+
+
+def set_adapter(model: nn.Module, names: str | Iterable[str]) -> None:
+    """Activate ``names`` (one name or several, whose deltas then add up).
+
+    Switching is a pointer change on each LoRA layer: no weight is copied or
+    touched. Active adapters get ``requires_grad=True``, the others ``False``.
+    An empty list leaves every adapter inactive (the base model's outputs,
+    unless something is merged).
+
+    Raises:
+        AdapterNotFoundError: a name the model does not have.
+    """
+    active = _names(model, names)
+    for _, layer in lora_layers(model):
+        layer.lora_active = active
+        for key, adapter in layer.lora.items():
+            adapter.requires_grad_(key in active)
+        layer.lora_refresh()
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter ``name`` from every layer; a layer left with no adapter
+    becomes its plain base class again (no trace left). If ``name`` was merged,
+    it is taken out of the weight first (the other merged adapters stay merged).
+
+    Raises:
+        AdapterNotFoundError: the model has no adapter ``name``.
+    """
+    _names(model, name)
+    for _, layer in list(lora_layers(model)):
+        if name not in layer.lora:
+            continue
+        if name in layer.lora_merged:
+            layer.lora_set_merged(tuple(n for n in layer.lora_merged if n != name))
+        del layer.lora[name]
+        layer.lora_active = tuple(n for n in layer.lora_active if n != name)
+        if len(layer.lora) == 0:
+            layer.lora_set_merged(())
+            unwrap(layer)
+        else:
+            layer.lora_refresh()
+    configs = model.__dict__.get(_CONFIGS_ATTR, {})
+    configs.pop(name, None)
+    if not configs:
+        model.__dict__.pop(_CONFIGS_ATTR, None)
+
+
+@contextmanager
+def disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block the model computes exactly what the base model computes.
+
+    Merged layers are restored to their pristine weights for the block (bitwise)
+    and re-merged on exit, which recomputes the same merged weights bitwise.
+    """
+    layers = [layer for _, layer in lora_layers(model)]
+    merged = [layer.lora_merged for layer in layers]
+    for layer in layers:
+        layer.lora_disabled = True
+        layer.lora_set_merged(())
+    try:
+        yield model
+    finally:
+        for layer, names in zip(layers, merged, strict=True):
+            layer.lora_disabled = False
+            layer.lora_set_merged(names)
+
+
+def _check_finite(model: nn.Module, names: tuple[str, ...]) -> None:
+    for path, layer in lora_layers(model):
+        for n in names:
+            if n in layer.lora:
+                ad = cast(LoraAdapter, layer.lora[n])
+                for pname, t in (("A", ad.A), ("B", ad.B), ("scaling", ad.scaling)):
+                    if not torch.isfinite(t).all():
+                        raise NonFiniteError(
+                            f"adapter {n!r} has non-finite values in {path}.lora.{n}.{pname}; nothing was merged"
+                        )
+
+
+def merge(model: nn.Module, names: str | Iterable[str] | None = None) -> None:
+    """Fold adapters into the base weights: ``W <- W0 + sum_i s_i * delta W_i``.
+
+    ``names`` defaults to the active adapters. The sum is computed in fp32 from
+    the pristine weight ``W0`` and cast once to the weight's dtype. Afterwards
+    the forward costs exactly the base model's; :func:`unmerge` restores ``W0``
+    bitwise. Adapters already merged stay merged.
+
+    Raises:
+        AdapterNotFoundError: an unknown name.
+        NonFiniteError: an adapter (or the merged weight) has NaN/Inf; raised
+            before any weight changes.
+    """
+    wanted = active_adapters(model) if names is None else _names(model, names)
+    _check_finite(model, wanted)
+    done: list[tuple[LoraLayer, tuple[str, ...]]] = []
+    try:
+        for path, layer in lora_layers(model):
+            add = tuple(n for n in wanted if n in layer.lora and n not in layer.lora_merged)
+            if not add:
+                continue
+            before = layer.lora_merged
+            layer.lora_set_merged(before + add)
+            done.append((layer, before))
+            weight = getattr(layer, layer.lora_handler.weight_name)
+            if not torch.isfinite(weight).all():  # finite factors can still overflow a low-precision weight
+                raise NonFiniteError(f"merging {list(add)} into {path} overflows {weight.dtype}; nothing was merged")
+    except BaseException:
+        for layer, before in reversed(done):
+            layer.lora_set_merged(before)
+        raise
+
+
+def unmerge(model: nn.Module) -> None:
+    """Restore every merged weight to its pristine value, bitwise."""
+    for _, layer in lora_layers(model):
+        layer.lora_set_merged(())
+
+
+def merge_and_unload(model: nn.Module, names: str | Iterable[str] | None = None) -> nn.Module:
+    """Merge ``names`` (default: the active adapters) and remove every LoRA layer.
+
+    Returns the same model object made only of its original layer classes, so it
+    pickles, fuses, exports and loads without lorakit. Adapters not merged are
+    discarded.
+    """
+    merge(model, names)
+    for _, layer in list(lora_layers(model)):
+        unwrap(layer)
+    model.__dict__.pop(_CONFIGS_ATTR, None)
+    return model
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Remove every adapter without merging: the base model, with its pristine weights."""
+    for _, layer in list(lora_layers(model)):
+        layer.lora_set_merged(())
+        unwrap(layer)
+    model.__dict__.pop(_CONFIGS_ATTR, None)
+    return model

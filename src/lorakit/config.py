@@ -1,0 +1,204 @@
+"""LoraConfig: what to adapt and how, as one frozen, typed value.
+
+Target patterns (``targets``, ``exclude``, ``train_modules`` and the keys of
+``rank_pattern``/``alpha_pattern``) match module paths such as
+``encoder.layer.3.attention.self.query``:
+
+* ``"query"``            exact path, or a dot-boundary suffix of it
+                         (matches ``...self.query``, not ``...self.my_query``);
+* ``"layer.*.query"``    a glob (``* ? [..]``) on the whole path, or on a suffix
+                         that starts after a dot;
+* ``"re:.*\\.(q|v)$"``   a regular expression, full match on the whole path;
+* ``"all-linear"``       (``targets`` only) every ``nn.Linear``-like layer
+                         except the model's output head
+                         (``model.get_output_embeddings()`` when it exists).
+
+``target_types`` selects by layer type: class names (``"Conv2d"``, matched
+against the layer's class and its bases) or classes.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+INITS = ("kaiming", "gaussian", "random")
+BIASES = ("none", "all", "lora_only")
+ALL_LINEAR = "all-linear"
+_GLOB_CHARS = frozenset("*?[")
+
+
+def _check_pattern(field_name: str, pattern: object) -> str:
+    if not isinstance(pattern, str) or not pattern:
+        raise ConfigError(f"LoraConfig.{field_name}: patterns must be non-empty strings, got {pattern!r}")
+    if pattern.startswith("re:"):
+        try:
+            re.compile(pattern[3:])
+        except re.error as exc:
+            raise ConfigError(
+                f"LoraConfig.{field_name}: regex {pattern[3:]!r} does not compile: {exc}"
+            ) from None
+    return pattern
+
+
+def match_pattern(pattern: str, name: str) -> bool:
+    """True when module path ``name`` matches ``pattern`` (rules in the module docstring)."""
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    if _GLOB_CHARS & set(pattern):
+        return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, "*." + pattern)
+    return name == pattern or name.endswith("." + pattern)
+
+
+def is_wildcard(pattern: str) -> bool:
+    """Glob and regex patterns may match layers lorakit cannot adapt; those are skipped."""
+    return pattern.startswith("re:") or bool(_GLOB_CHARS & set(pattern))
+
+
+def _as_tuple(field_name: str, value: Any) -> tuple[Any, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, (str, type)):
+        return (value,)
+    try:
+        return tuple(value)
+    except TypeError:
+        raise ConfigError(f"LoraConfig.{field_name}: expected a list of patterns, got {value!r}") from None
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """How to adapt a model with LoRA.
+
+    Each adapted layer with weight ``W`` gets two factors, ``A`` (r x fan_in) and
+    ``B`` (fan_out x r), and computes ``y = W x + b + s * B (A dropout(x))``
+    with scaling ``s = alpha / r`` (or ``alpha / sqrt(r)`` with ``use_rslora``).
+    ``W`` is frozen; only ``A`` and ``B`` train, so a layer of ``out x in``
+    weights trains ``r * (in + out)`` numbers instead of ``in * out``.
+
+    Args:
+        r: rank, an int > 0 (default 8).
+        alpha: scaling numerator, > 0. ``None`` (default) means ``alpha = r``, so s = 1.
+        dropout: dropout probability on the LoRA branch input, in [0, 1). Default 0.
+        targets: module path patterns to adapt (see module docstring), or ``"all-linear"``.
+        target_types: layer types to adapt, as class names or classes.
+        exclude: path patterns never adapted; wins over ``targets`` and ``target_types``.
+        rank_pattern: ``{pattern: r}`` per-module rank overrides; first match in order wins.
+        alpha_pattern: ``{pattern: alpha}`` per-module alpha overrides.
+        use_rslora: scale by ``alpha / sqrt(r)`` (rsLoRA) instead of ``alpha / r``.
+        init: ``"kaiming"`` (A Kaiming-uniform, a=sqrt(5), as nn.Linear; B = 0),
+            ``"gaussian"`` (A ~ N(0, 1/r), B = 0), or ``"random"`` (both random, so the
+            adapter is *not* a no-op at start: meant for tests).
+        bias: ``"none"`` (default; no bias trains), ``"all"`` (every bias in the model
+            trains) or ``"lora_only"`` (biases of adapted layers train). Biases are
+            shared by all adapters and changed in place.
+        train_modules: path patterns of modules trained fully (e.g. a new classifier
+            head). Changed in place, shared by all adapters, saved with the adapter.
+
+    Raises:
+        ConfigError (a ``ValueError``) naming the field and the value when a value is invalid.
+    """
+
+    r: int = 8
+    alpha: float | None = None
+    dropout: float = 0.0
+    targets: tuple[str, ...] = ()
+    target_types: tuple[str | type, ...] = ()
+    exclude: tuple[str, ...] = ()
+    rank_pattern: Mapping[str, int] = field(default_factory=dict)
+    alpha_pattern: Mapping[str, float] = field(default_factory=dict)
+    use_rslora: bool = False
+    init: str = "kaiming"
+    bias: str = "none"
+    train_modules: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        # Normalise list/str inputs to tuples so configs read from YAML, JSON or a
+        # CLI compare equal to ones written in Python.
+        for name in ("targets", "target_types", "exclude", "train_modules"):
+            object.__setattr__(self, name, _as_tuple(name, getattr(self, name)))
+        _check_rank("r", self.r)
+        if self.alpha is not None:
+            _check_alpha("alpha", self.alpha)
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not (
+            0.0 <= self.dropout < 1.0
+        ):
+            raise ConfigError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.init not in INITS:
+            raise ConfigError(f"LoraConfig.init must be one of {INITS}, got {self.init!r}")
+        if self.bias not in BIASES:
+            raise ConfigError(f"LoraConfig.bias must be one of {BIASES}, got {self.bias!r}")
+        if not isinstance(self.use_rslora, bool):
+            raise ConfigError(f"LoraConfig.use_rslora must be a bool, got {self.use_rslora!r}")
+        for name in ("targets", "exclude", "train_modules"):
+            for p in getattr(self, name):
+                _check_pattern(name, p)
+        for t in self.target_types:
+            if not (isinstance(t, str) and t) and not isinstance(t, type):
+                raise ConfigError(f"LoraConfig.target_types: expected class names or classes, got {t!r}")
+        for name, check in (("rank_pattern", _check_rank), ("alpha_pattern", _check_alpha)):
+            value = getattr(self, name)
+            if not isinstance(value, Mapping):
+                raise ConfigError(f"LoraConfig.{name} must be a mapping of pattern -> value, got {value!r}")
+            for key, v in value.items():
+                _check_pattern(name, key)
+                check(f"{name}[{key!r}]", v)
+            object.__setattr__(self, name, dict(value))
+        if not self.targets and not self.target_types:
+            raise ConfigError(
+                "LoraConfig: nothing to target; set targets (e.g. ['q_proj', 'v_proj'] or 'all-linear') "
+                "or target_types (e.g. ['Conv2d'])"
+            )
+
+    # -- per-module values -------------------------------------------------------
+    def rank_for(self, name: str) -> int:
+        """Rank of module ``name``: the first matching ``rank_pattern`` entry, else ``r``."""
+        for pattern, r in self.rank_pattern.items():
+            if match_pattern(pattern, name):
+                return int(r)
+        return self.r
+
+    def alpha_for(self, name: str) -> float:
+        """Alpha of module ``name``: the first matching ``alpha_pattern`` entry, else ``alpha`` (or r)."""
+        for pattern, a in self.alpha_pattern.items():
+            if match_pattern(pattern, name):
+                return float(a)
+        return float(self.alpha) if self.alpha is not None else float(self.rank_for(name))
+
+    def scaling_for(self, name: str) -> float:
+        """``s = alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA."""
+        r = self.rank_for(name)
+        return self.alpha_for(name) / (math.sqrt(r) if self.use_rslora else r)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (classes in ``target_types`` become their names)."""
+        d = asdict(self)
+        for k in ("targets", "exclude", "train_modules"):
+            d[k] = list(d[k])
+        d["target_types"] = [t if isinstance(t, str) else t.__name__ for t in self.target_types]
+        return d
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, source: str = "config") -> LoraConfig:
+        """Build from a dict; unknown keys raise ConfigError naming them and ``source``."""
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown LoraConfig keys {unknown}; known keys are {sorted(known)}")
+        return cls(**dict(data))
+
+
+def _check_rank(field_name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"LoraConfig.{field_name} must be an int > 0, got {value!r}")
+
+
+def _check_alpha(field_name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0) or math.isinf(value):
+        raise ConfigError(f"LoraConfig.{field_name} must be a finite number > 0, got {value!r}")

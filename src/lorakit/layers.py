@@ -1,0 +1,340 @@
+"""The LoRA layer types and the built-in handlers (Linear, Conv1d/2d/3d, Embedding).
+
+An adapted layer stays the *same object*: its class is swapped for a subclass
+of its own class (``nn.Linear`` -> ``LoraLinear(LoraLayer, nn.Linear)``), so
+``isinstance`` checks, the base parameter names (``weight``, ``bias``) and
+references held by optimizers or other libraries all keep working::
+
+        x ──────────► base layer (W, b, frozen) ──────────────┐
+        │                                                     ▼
+        └─► dropout ─► A (r x in) ─► * s ─► B (out x r) ─────► (+) ─► y
+
+    y = W x + b + s * B A dropout(x),    s = alpha / r  (alpha / sqrt(r) for rsLoRA)
+
+Adapters live in ``layer.lora[name]`` (:class:`LoraAdapter`: parameters ``A``,
+``B`` and a ``scaling`` buffer, so Ultralytics' EMA and ``state_dict`` carry
+it). Several adapters can be active; their deltas add up.
+
+Convolutions (groups ``G``): ``A`` is a conv with the base kernel size,
+stride, padding, dilation, padding mode and groups, mapping ``in -> r``;
+``B`` is a grouped 1x1 conv ``r -> out``. Group ``g`` of the output then
+depends only on group ``g`` of the input, exactly like the base conv, so the
+composition is one conv with kernel ``delta W = B_g A_g`` per group and every
+adapted conv, grouped and depthwise included, merges exactly. This needs
+``r % G == 0`` (rank ``r / G`` per group).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, cast
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import TargetError
+from .registry import LayerHandler, handler_for, register
+
+
+class LoraAdapter(nn.Module):
+    """One adapter's factors on one layer.
+
+    Attributes:
+        A: first factor, shape per handler (Linear: ``(r, in)``).
+        B: second factor, shape per handler (Linear: ``(out, r)``); zero at init.
+        scaling: 0-d buffer holding ``s``. A buffer, not a float, so EMA copies,
+            ``state_dict`` and ``.to()`` keep it with the factors.
+        r, alpha, dropout: the values this adapter was built with.
+    """
+
+    scaling: torch.Tensor
+
+    def __init__(
+        self,
+        A_shape: tuple[int, ...],
+        B_shape: tuple[int, ...],
+        *,
+        r: int,
+        alpha: float,
+        scaling: float,
+        dropout: float,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        super().__init__()
+        self.A = nn.Parameter(torch.empty(A_shape, dtype=dtype, device=device))
+        self.B = nn.Parameter(torch.zeros(B_shape, dtype=dtype, device=device))
+        self.register_buffer("scaling", torch.tensor(float(scaling), dtype=torch.float32, device=device))
+        self.r = r
+        self.alpha = alpha
+        self.dropout = dropout
+
+    def drop(self, x: torch.Tensor) -> torch.Tensor:
+        """Dropout on the LoRA branch input only; the base layer sees the original ``x``."""
+        return F.dropout(x, self.dropout, self.training) if self.dropout > 0 else x
+
+    def extra_repr(self) -> str:
+        return f"r={self.r}, alpha={self.alpha:g}, dropout={self.dropout:g}"
+
+
+class LoraLayer(nn.Module):
+    """Mixin for adapted layers. Concrete classes come from :func:`lora_class_for`.
+
+    State (plain attributes, all picklable):
+        lora: ``nn.ModuleDict`` name -> :class:`LoraAdapter`.
+        lora_active: names of active adapters (may name adapters this layer lacks).
+        lora_merged: names merged into the base weight, in merge order.
+        lora_disabled: True inside :func:`lorakit.disabled`.
+        _lora_live: the adapters the forward adds: active, present, not merged, not disabled.
+    """
+
+    _lora_base_cls: type[nn.Module]
+    lora_handler: LayerHandler
+    lora: nn.ModuleDict
+    lora_active: tuple[str, ...]
+    lora_merged: tuple[str, ...]
+    lora_disabled: bool
+    _lora_live: tuple[LoraAdapter, ...]
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if not self._lora_live:
+            return cast(torch.Tensor, self._lora_base_cls.forward(self, x, *args, **kwargs))
+        return self.lora_handler.forward(self, x)
+
+    def lora_refresh(self) -> None:
+        """Recompute ``_lora_live`` after any change of active/merged/disabled state."""
+        if self.lora_disabled:
+            self._lora_live = ()
+        else:
+            self._lora_live = tuple(
+                cast(LoraAdapter, self.lora[n])
+                for n in self.lora_active
+                if n in self.lora and n not in self.lora_merged
+            )
+
+    def lora_delta(self, names: tuple[str, ...]) -> torch.Tensor:
+        """``sum_i s_i * delta W_i`` over ``names``, in fp32, shaped like the base weight."""
+        handler = self.lora_handler
+        weight = getattr(self, handler.weight_name)
+        total = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        for n in names:
+            ad = cast(LoraAdapter, self.lora[n])
+            total += ad.scaling.float() * handler.delta_weight(self, ad.A.detach().float(), ad.B.detach().float())
+        return total
+
+    def lora_set_merged(self, names: tuple[str, ...]) -> None:
+        """Make the weight equal ``W0 + sum of deltas(names)`` with ``W0`` the pristine weight.
+
+        The pristine weight is kept in the non-persistent buffer ``lora_base_weight``
+        while anything is merged, so unmerging restores it bitwise (no subtraction
+        drift) and ``state_dict`` shows only the merged weight.
+        """
+        handler = self.lora_handler
+        weight = getattr(self, handler.weight_name)
+        with torch.no_grad():
+            if names:
+                if "lora_base_weight" not in self._buffers:
+                    self.register_buffer("lora_base_weight", weight.detach().clone(), persistent=False)
+                base = self._buffers["lora_base_weight"]
+                assert base is not None
+                merged = base.float() + self.lora_delta(names)
+                weight.copy_(merged.to(weight.dtype))
+            elif "lora_base_weight" in self._buffers:
+                base = self._buffers.pop("lora_base_weight")
+                assert base is not None
+                weight.copy_(base)
+        self.lora_merged = names
+        self.lora_refresh()
+
+    def extra_repr(self) -> str:
+        base = self._lora_base_cls.extra_repr(self)
+        return f"{base}, lora_active={list(self.lora_active)}, lora_merged={list(self.lora_merged)}"
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        # Concrete LoRA classes are made at run time, so pickle cannot find them by
+        # name; rebuild them from the base class instead. Ultralytics pickles and
+        # deep-copies whole models, so this must work.
+        return (_restore, (self._lora_base_cls,), cast(Any, self).__getstate__())
+
+
+_LORA_CLASSES: dict[type[nn.Module], type[LoraLayer]] = {}
+
+
+def lora_class_for(base_cls: type[nn.Module]) -> type[LoraLayer]:
+    """The LoRA subclass of ``base_cls`` (made once and cached)."""
+    cls = _LORA_CLASSES.get(base_cls)
+    if cls is None:
+        handler = handler_for(base_cls)
+        if handler is None:
+            raise TargetError(f"no LoRA handler for layer type {base_cls.__qualname__}")
+        # Class attributes, so the hot path skips the registry lookup.
+        attrs = {"_lora_base_cls": base_cls, "lora_handler": handler, "__module__": __name__}
+        cls = cast(type[LoraLayer], type(f"Lora{base_cls.__name__}", (LoraLayer, base_cls), attrs))
+        _LORA_CLASSES[base_cls] = cls
+    return cls
+
+
+def _restore(base_cls: type[nn.Module]) -> LoraLayer:
+    cls = lora_class_for(base_cls)
+    return cls.__new__(cls)
+
+
+def wrap(module: nn.Module) -> LoraLayer:
+    """Turn ``module`` into a LoRA layer in place (no adapters yet) and return it."""
+    if isinstance(module, LoraLayer):
+        return module
+    module.__class__ = lora_class_for(type(module))
+    layer = cast(LoraLayer, module)
+    layer.lora = nn.ModuleDict()
+    layer.lora_active = ()
+    layer.lora_merged = ()
+    layer.lora_disabled = False
+    layer._lora_live = ()
+    return layer
+
+
+def unwrap(layer: LoraLayer) -> nn.Module:
+    """Turn a LoRA layer back into its base class in place, dropping all adapters.
+
+    Merged adapters stay in the weight (call ``lora_set_merged(())`` first to undo them).
+    """
+    layer._buffers.pop("lora_base_weight", None)
+    del layer.lora
+    for attr in ("lora_active", "lora_merged", "lora_disabled", "_lora_live"):
+        layer.__dict__.pop(attr, None)
+    base_cls = layer._lora_base_cls
+    module: nn.Module = layer
+    module.__class__ = base_cls
+    return module
+
+
+# --------------------------------------------------------------------------------------
+# Built-in handlers
+# --------------------------------------------------------------------------------------
+
+
+def _kaiming(t: torch.Tensor) -> None:
+    # nn.Linear's own default: uniform(+-1/sqrt(fan_in)).
+    nn.init.kaiming_uniform_(t, a=math.sqrt(5))
+
+
+class LinearHandler(LayerHandler):
+    """``nn.Linear``: A ``(r, in)``, B ``(out, r)``, delta W = B A ``(out, in)``."""
+
+    kind = "linear"
+
+    def factor_shapes(self, module: nn.Module, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        m = cast(nn.Linear, module)
+        return (r, m.in_features), (m.out_features, r)
+
+    def init_factors(self, A: torch.Tensor, B: torch.Tensor, init: str, r: int) -> None:
+        with torch.no_grad():
+            if init == "gaussian":
+                nn.init.normal_(A, std=1.0 / r)
+            else:
+                _kaiming(A)
+            if init == "random":
+                _kaiming(B)
+            else:
+                B.zero_()
+
+    def forward(self, module: LoraLayer, x: torch.Tensor) -> torch.Tensor:
+        m = cast(nn.Linear, module)
+        y = F.linear(x, m.weight, m.bias)
+        for ad in module._lora_live:
+            # Scale the r-wide intermediate, not the out-wide result: r << out.
+            h = F.linear(ad.drop(x), ad.A) * ad.scaling.to(x.dtype)
+            y = y + F.linear(h, ad.B)
+        return y
+
+    def delta_weight(self, module: nn.Module, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        return B @ A
+
+
+_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+class ConvHandler(LinearHandler):
+    """``nn.Conv1d/2d/3d``, every stride, padding (``'same'`` too), dilation,
+    padding mode and group count.
+
+    Shapes (``G`` groups, kernel ``k``): A ``(r, in/G, *k)``, B ``(out, r/G, 1, ...)``.
+    delta W per group g: ``B_g (out/G x r/G) @ A_g (r/G x in/G*prod(k))``, giving
+    ``(out, in/G, *k)``, the base weight's shape. Requires ``r % G == 0``.
+    """
+
+    kind = "conv"
+
+    def check(self, module: nn.Module, r: int, name: str) -> None:
+        m = cast(nn.Conv2d, module)
+        if r % m.groups:
+            raise TargetError(
+                f"{name}: {type(m).__name__}({m.in_channels}, {m.out_channels}, groups={m.groups}) needs "
+                f"r to be a multiple of groups={m.groups}, got r={r}; give it a multiple of {m.groups} "
+                f"with rank_pattern, or exclude it"
+            )
+
+    def factor_shapes(self, module: nn.Module, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        m = cast(nn.Conv2d, module)
+        k = tuple(m.kernel_size)
+        return (r, m.in_channels // m.groups, *k), (m.out_channels, r // m.groups, *([1] * len(k)))
+
+    def forward(self, module: LoraLayer, x: torch.Tensor) -> torch.Tensor:
+        m = cast(nn.Conv2d, module)
+        y: torch.Tensor = m._conv_forward(x, m.weight, m.bias)
+        conv = _CONV_FN[len(m.kernel_size)]
+        for ad in module._lora_live:
+            # A reuses the base conv's own padding/stride/dilation/groups path.
+            h = m._conv_forward(ad.drop(x), ad.A, None) * ad.scaling.to(x.dtype)
+            y = y + conv(h, ad.B, groups=m.groups)
+        return y
+
+    def delta_weight(self, module: nn.Module, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        m = cast(nn.Conv2d, module)
+        g = m.groups
+        r = A.shape[0]
+        # (out, r/G, 1..) -> (G, out/G, r/G);  (r, in/G, *k) -> (G, r/G, in/G * prod(k))
+        b = B.reshape(g, m.out_channels // g, r // g)
+        a = A.reshape(g, r // g, -1)
+        return torch.bmm(b, a).reshape(m.weight.shape)
+
+
+class EmbeddingHandler(LayerHandler):
+    """``nn.Embedding`` (num_embeddings V, dim D): A ``(r, V)``, B ``(D, r)``.
+
+    ``y[t] = W[ids[t]] + s * B A[:, ids[t]]``; delta W = ``(B A)^T``, shape ``(V, D)``.
+    Default init draws A ~ N(0, 1) (a Kaiming bound of 1/sqrt(V) would make the
+    looked-up rows tiny) and B = 0. No dropout on token ids.
+    """
+
+    kind = "embedding"
+
+    def factor_shapes(self, module: nn.Module, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        m = cast(nn.Embedding, module)
+        return (r, m.num_embeddings), (m.embedding_dim, r)
+
+    def init_factors(self, A: torch.Tensor, B: torch.Tensor, init: str, r: int) -> None:
+        with torch.no_grad():
+            nn.init.normal_(A, std=1.0 / r if init == "gaussian" else 1.0)
+            if init == "random":
+                nn.init.normal_(B)
+            else:
+                B.zero_()
+
+    def forward(self, module: LoraLayer, x: torch.Tensor) -> torch.Tensor:
+        m = cast(nn.Embedding, module)
+        y = F.embedding(x, m.weight, m.padding_idx, m.max_norm, m.norm_type, m.scale_grad_by_freq, m.sparse)
+        for ad in module._lora_live:
+            h = F.embedding(x, ad.A.t(), m.padding_idx) * ad.scaling.to(ad.A.dtype)
+            y = y + F.linear(h, ad.B)
+        return y
+
+    def delta_weight(self, module: nn.Module, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        return (B @ A).t()
+
+
+register(nn.Linear, LinearHandler())
+for _conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
+    register(_conv, ConvHandler())
+register(nn.Embedding, EmbeddingHandler())
