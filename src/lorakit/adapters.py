@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .errors import AdapterNotFoundError, NonFiniteError
-from .inject import _CONFIGS_ATTR, lora_layers
+from .inject import _CONFIGS_ATTR, lora_layers, release_batchnorm
 from .layers import LoraAdapter, LoraLayer, unwrap
 
 
@@ -85,7 +85,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     configs = model.__dict__.get(_CONFIGS_ATTR, {})
     configs.pop(name, None)
     if not configs:
-        model.__dict__.pop(_CONFIGS_ATTR, None)
+        _forget(model)
 
 
 @contextmanager
@@ -169,7 +169,7 @@ def merge_and_unload(model: nn.Module, names: str | Iterable[str] | None = None)
     merge(model, names)
     for _, layer in list(lora_layers(model)):
         unwrap(layer)
-    model.__dict__.pop(_CONFIGS_ATTR, None)
+    _forget(model)
     return model
 
 
@@ -178,5 +178,11 @@ def unload(model: nn.Module) -> nn.Module:
     for _, layer in list(lora_layers(model)):
         layer.lora_set_merged(())
         unwrap(layer)
-    model.__dict__.pop(_CONFIGS_ATTR, None)
+    _forget(model)
     return model
+
+
+def _forget(model: nn.Module) -> None:
+    """Drop model-level lorakit state once no adapter is left."""
+    model.__dict__.pop(_CONFIGS_ATTR, None)
+    release_batchnorm(model)

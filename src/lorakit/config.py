@@ -22,7 +22,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -30,6 +30,7 @@ from .errors import ConfigError
 
 INITS = ("kaiming", "gaussian", "random")
 BIASES = ("none", "all", "lora_only")
+BATCHNORMS = ("frozen", "update")
 ALL_LINEAR = "all-linear"
 _GLOB_CHARS = frozenset("*?[")
 
@@ -41,9 +42,7 @@ def _check_pattern(field_name: str, pattern: object) -> str:
         try:
             re.compile(pattern[3:])
         except re.error as exc:
-            raise ConfigError(
-                f"LoraConfig.{field_name}: regex {pattern[3:]!r} does not compile: {exc}"
-            ) from None
+            raise ConfigError(f"LoraConfig.{field_name}: regex {pattern[3:]!r} does not compile: {exc}") from None
     return pattern
 
 
@@ -100,6 +99,10 @@ class LoraConfig:
             shared by all adapters and changed in place.
         train_modules: path patterns of modules trained fully (e.g. a new classifier
             head). Changed in place, shared by all adapters, saved with the adapter.
+        batchnorm: ``"frozen"`` (default): every BatchNorm layer of the model runs
+            in eval mode, also during ``model.train()``, so its running statistics
+            never change and the base model stays exactly the base model.
+            ``"update"``: BatchNorm behaves as usual (statistics move in training).
 
     Raises:
         ConfigError (a ``ValueError``) naming the field and the value when a value is invalid.
@@ -108,15 +111,17 @@ class LoraConfig:
     r: int = 8
     alpha: float | None = None
     dropout: float = 0.0
-    targets: tuple[str, ...] = ()
-    target_types: tuple[str | type, ...] = ()
-    exclude: tuple[str, ...] = ()
+    # Sequences in, tuples stored (see __post_init__), so YAML/CLI lists work too.
+    targets: Sequence[str] = ()
+    target_types: Sequence[str | type] = ()
+    exclude: Sequence[str] = ()
     rank_pattern: Mapping[str, int] = field(default_factory=dict)
     alpha_pattern: Mapping[str, float] = field(default_factory=dict)
     use_rslora: bool = False
     init: str = "kaiming"
     bias: str = "none"
-    train_modules: tuple[str, ...] = ()
+    train_modules: Sequence[str] = ()
+    batchnorm: str = "frozen"
 
     def __post_init__(self) -> None:
         # Normalise list/str inputs to tuples so configs read from YAML, JSON or a
@@ -126,14 +131,18 @@ class LoraConfig:
         _check_rank("r", self.r)
         if self.alpha is not None:
             _check_alpha("alpha", self.alpha)
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not (
-            0.0 <= self.dropout < 1.0
+        if (
+            isinstance(self.dropout, bool)
+            or not isinstance(self.dropout, (int, float))
+            or not (0.0 <= self.dropout < 1.0)
         ):
             raise ConfigError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
         if self.init not in INITS:
             raise ConfigError(f"LoraConfig.init must be one of {INITS}, got {self.init!r}")
         if self.bias not in BIASES:
             raise ConfigError(f"LoraConfig.bias must be one of {BIASES}, got {self.bias!r}")
+        if self.batchnorm not in BATCHNORMS:
+            raise ConfigError(f"LoraConfig.batchnorm must be one of {BATCHNORMS}, got {self.batchnorm!r}")
         if not isinstance(self.use_rslora, bool):
             raise ConfigError(f"LoraConfig.use_rslora must be a bool, got {self.use_rslora!r}")
         for name in ("targets", "exclude", "train_modules"):

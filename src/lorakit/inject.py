@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import cast
 
@@ -79,7 +79,7 @@ def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
             yield name, module
 
 
-def _type_matches(module: nn.Module, wanted: tuple[str | type, ...]) -> bool:
+def _type_matches(module: nn.Module, wanted: Sequence[str | type]) -> bool:
     names = {k.__name__ for k in type(module).__mro__}
     return any(w in names if isinstance(w, str) else isinstance(module, w) for w in wanted)
 
@@ -159,7 +159,7 @@ def _nothing_matched(model: nn.Module, config: LoraConfig) -> str:
 
 
 def _check_name(model: nn.Module, name: str) -> None:
-    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or hasattr(nn.ModuleDict, name):
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or hasattr(nn.ModuleDict(), name):
         raise ConfigError(f"adapter name must be letters, digits, '_' or '-' (and not a reserved word), got {name!r}")
     for path, layer in lora_layers(model):
         if name in layer.lora:
@@ -225,6 +225,7 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default", *, activ
             device=weight.device,
         )
         handler.init_factors(adapter.A, adapter.B, config.init, r)
+        adapter.train(module.training)  # a new module starts in train mode; follow the layer
         layer_params = sum(p.numel() for p in module.parameters(recurse=False))
         layer = wrap(module)
         layer.lora[name] = adapter
@@ -247,6 +248,8 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default", *, activ
         p.requires_grad_(False)
     set_adapter(model, name if activate or not previously_active else previously_active)
     _unfreeze_extras(model, config)
+    if config.batchnorm == "frozen":
+        freeze_batchnorm(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return InjectReport(adapter=name, targets=tuple(targets), trainable=trainable, total=total)
@@ -267,3 +270,33 @@ def _unfreeze_extras(model: nn.Module, config: LoraConfig) -> None:
         bias = getattr(module, "bias", None)
         if isinstance(bias, nn.Parameter):
             bias.requires_grad_(True)
+
+
+def _keep_eval(module: nn.Module, args: object) -> None:
+    # A forward pre-hook (a module-level function, so models still pickle): runs
+    # before every BatchNorm forward and undoes what model.train() set.
+    module.training = False
+
+
+def freeze_batchnorm(model: nn.Module) -> int:
+    """Make every BatchNorm layer of ``model`` run in eval mode from now on,
+    even under ``model.train()``: normalise with the running statistics and
+    never update them. Returns how many layers were frozen. Idempotent;
+    :func:`release_batchnorm` undoes it."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            if _keep_eval not in module._forward_pre_hooks.values():
+                module.register_forward_pre_hook(_keep_eval)
+            count += 1
+    return count
+
+
+def release_batchnorm(model: nn.Module) -> None:
+    """Undo :func:`freeze_batchnorm` (the layers follow ``model.train()/eval()`` again)."""
+    for module in model.modules():
+        hooks = module._forward_pre_hooks
+        for key in [k for k, fn in hooks.items() if fn is _keep_eval]:
+            del hooks[key]
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.training = model.training

@@ -1,0 +1,56 @@
+"""The ``lorakit`` command: ``lorakit VERB key=value ...``, as ``yolo`` users type.
+
+Each verb is one small module calling only the public API. Values are parsed
+with :func:`ast.literal_eval` (never ``eval``); ``a,b`` is a list of strings.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+
+from ..errors import LoraError
+from .args import ArgError
+
+USAGE = """usage: lorakit VERB key=value ...
+
+verbs:
+  inspect   list the layers LoRA can adapt in a model, and the parameter budget
+            lorakit inspect model=torchvision.models:resnet18 r=8 [targets=...] [target_types=...]
+  version   print the lorakit version
+"""
+
+
+def _verbs() -> dict[str, Callable[[list[str]], int]]:
+    from . import inspect as inspect_verb
+
+    return {"inspect": inspect_verb.run, "version": _version}
+
+
+def _version(argv: list[str]) -> int:
+    from .._version import __version__
+
+    print(__version__)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``lorakit`` console script. Returns the exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0 if args else 2
+    verbs = _verbs()
+    verb = verbs.get(args[0])
+    if verb is None:
+        print(f"lorakit: unknown verb {args[0]!r}; verbs are {sorted(verbs)}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    try:
+        return verb(args[1:])
+    except (ArgError, LoraError) as exc:
+        print(f"lorakit {args[0]}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
