@@ -32,6 +32,7 @@ from .config import LoraConfig
 from .errors import AdapterNotFoundError, ConfigError, LoraError, NonFiniteError, TargetError
 from .inject import InjectReport, Target, inject, lora_layers, select_targets
 from .layers import LoraAdapter, LoraLayer
+from .mixed import MixedBatchError, mixed_batch
 from .registry import LayerHandler, handler_for, register
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "LoraConfig",
     "LoraError",
     "LoraLayer",
+    "MixedBatchError",
     "NonFiniteError",
     "Target",
     "TargetError",
@@ -56,6 +58,7 @@ __all__ = [
     "lora_layers",
     "merge",
     "merge_and_unload",
+    "mixed_batch",
     "register",
     "select_targets",
     "set_adapter",

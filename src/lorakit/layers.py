@@ -27,7 +27,7 @@ adapted conv, grouped and depthwise included, merges exactly. This needs
 from __future__ import annotations
 
 import math
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,9 @@ from torch import nn
 
 from .errors import TargetError
 from .registry import LayerHandler, handler_for, register
+
+if TYPE_CHECKING:
+    from .mixed import MixedPlan
 
 
 class LoraAdapter(nn.Module):
@@ -87,6 +90,7 @@ class LoraLayer(nn.Module):
         lora_merged: names merged into the base weight, in merge order.
         lora_disabled: True inside :func:`lorakit.disabled`.
         _lora_live: the adapters the forward adds: active, present, not merged, not disabled.
+        _lora_mixed: a per-sample plan inside :func:`lorakit.mixed_batch`, else None.
     """
 
     _lora_base_cls: type[nn.Module]
@@ -96,8 +100,11 @@ class LoraLayer(nn.Module):
     lora_merged: tuple[str, ...]
     lora_disabled: bool
     _lora_live: tuple[LoraAdapter, ...]
+    _lora_mixed: MixedPlan | None
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self._lora_mixed is not None:
+            return self.lora_handler.mixed_forward(self, x, self._lora_mixed)
         if not self._lora_live:
             return cast(torch.Tensor, self._lora_base_cls.forward(self, x, *args, **kwargs))
         return self.lora_handler.forward(self, x)
@@ -191,6 +198,7 @@ def wrap(module: nn.Module) -> LoraLayer:
     layer.lora_merged = ()
     layer.lora_disabled = False
     layer._lora_live = ()
+    layer._lora_mixed = None
     return layer
 
 
@@ -201,7 +209,7 @@ def unwrap(layer: LoraLayer) -> nn.Module:
     """
     layer._buffers.pop("lora_base_weight", None)
     del layer.lora
-    for attr in ("lora_active", "lora_merged", "lora_disabled", "_lora_live"):
+    for attr in ("lora_active", "lora_merged", "lora_disabled", "_lora_live", "_lora_mixed"):
         layer.__dict__.pop(attr, None)
     base_cls = layer._lora_base_cls
     module: nn.Module = layer
@@ -251,6 +259,12 @@ class LinearHandler(LayerHandler):
     def delta_weight(self, module: nn.Module, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         return B @ A
 
+    def mixed_forward(self, module: LoraLayer, x: torch.Tensor, plan: MixedPlan) -> torch.Tensor:
+        from .mixed import linear_mixed
+
+        m = cast(nn.Linear, module)
+        return linear_mixed(x, F.linear(x, m.weight, m.bias), plan)
+
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -299,6 +313,21 @@ class ConvHandler(LinearHandler):
         a = A.reshape(g, r // g, -1)
         return torch.bmm(b, a).reshape(m.weight.shape)
 
+    def pad_rank(
+        self, module: nn.Module, A: torch.Tensor, B: torch.Tensor, A_out: torch.Tensor, B_out: torch.Tensor
+    ) -> None:
+        # Rank rows are grouped (r/G per group), so pad inside each group.
+        g = cast(nn.Conv2d, module).groups
+        r, r_out = A.shape[0], A_out.shape[0]
+        A_out.view(g, r_out // g, *A.shape[1:])[:, : r // g] = A.reshape(g, r // g, *A.shape[1:])
+        B_out[:, : r // g] = B
+
+    def mixed_forward(self, module: LoraLayer, x: torch.Tensor, plan: MixedPlan) -> torch.Tensor:
+        from .mixed import conv_mixed
+
+        m = cast(nn.Conv2d, module)
+        return conv_mixed(m, x, m._conv_forward(x, m.weight, m.bias), plan)
+
 
 class EmbeddingHandler(LayerHandler):
     """``nn.Embedding`` (num_embeddings V, dim D): A ``(r, V)``, B ``(D, r)``.
@@ -332,6 +361,13 @@ class EmbeddingHandler(LayerHandler):
 
     def delta_weight(self, module: nn.Module, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         return (B @ A).t()
+
+    def mixed_forward(self, module: LoraLayer, x: torch.Tensor, plan: MixedPlan) -> torch.Tensor:
+        from .mixed import embedding_mixed
+
+        m = cast(nn.Embedding, module)
+        y = F.embedding(x, m.weight, m.padding_idx, m.max_norm, m.norm_type, m.scale_grad_by_freq, m.sparse)
+        return embedding_mixed(m, x, y, plan)
 
 
 register(nn.Linear, LinearHandler())

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     import torch
 
     from .layers import LoraLayer
+    from .mixed import MixedPlan
 
 # "<module>.<qualname>" of a layer class -> lorakit module that registers its handler.
 LAZY: dict[str, str] = {"transformers.pytorch_utils.Conv1D": "lorakit.hf"}
@@ -57,6 +58,23 @@ class LayerHandler:
         """Unscaled ``delta W`` (shaped like the base weight) such that merging
         ``W + s * delta W`` gives the same outputs as the unmerged forward."""
         raise NotImplementedError
+
+    def pad_rank(
+        self, module: nn.Module, A: torch.Tensor, B: torch.Tensor, A_out: torch.Tensor, B_out: torch.Tensor
+    ) -> None:
+        """Copy rank-``r`` factors into zero-filled rank-``r_max`` ones (``A_out``, ``B_out``).
+
+        Default: the rank is dim 0 of A and dim 1 of B (Linear, Embedding).
+        """
+        r = A.shape[0]
+        A_out[:r] = A
+        B_out[:, :r] = B
+
+    def mixed_forward(self, module: LoraLayer, x: torch.Tensor, plan: MixedPlan) -> torch.Tensor:
+        """Forward with one adapter per sample (see :mod:`lorakit.mixed`)."""
+        from .mixed import MixedBatchError
+
+        raise MixedBatchError(f"layer type {type(module).__name__} does not support mixed batches")
 
 
 _HANDLERS: dict[type[nn.Module], LayerHandler] = {}

@@ -1,0 +1,85 @@
+"""Mixed batches: each sample's output equals running it with its own adapter alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lorakit
+from lorakit import LoraConfig
+
+from .cases import CASES, IDS, Case
+
+NAMES = ["a", None, "b", "c", "a", "c", None, "b"]
+
+
+def _model_with_three_adapters(case: Case):
+    torch.manual_seed(0)
+    model = case.build().eval()
+    for name, r, alpha in [("a", case.r, 3.0), ("b", 2 * case.r, 5.0), ("c", case.r, 1.5)]:
+        cfg = LoraConfig(r=r, alpha=alpha, targets=["layer"], init="random", **case.config)
+        lorakit.inject(model, cfg, name)
+    return model.eval()
+
+
+def _batch(case: Case, n: int) -> torch.Tensor:
+    torch.manual_seed(1)
+    parts = []
+    while sum(p.shape[0] for p in parts) < n:
+        parts.append(case.make_input())
+    return torch.cat(parts)[:n]
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_mixed_batch_equals_per_sample(case: Case) -> None:
+    model = _model_with_three_adapters(case)
+    x = _batch(case, len(NAMES))
+    with torch.no_grad():
+        with lorakit.mixed_batch(model, NAMES):
+            mixed = model(x)
+        for i, name in enumerate(NAMES):
+            if name is None:
+                with lorakit.disabled(model):
+                    alone = model(x[i : i + 1])
+            else:
+                lorakit.set_adapter(model, name)
+                alone = model(x[i : i + 1])
+            scale = alone.abs().max().clamp_min(1e-6)
+            assert float((mixed[i : i + 1] - alone).abs().max() / scale) < 1e-5, (i, name)
+    # the adapters really differ, so a mix-up would show
+    lorakit.set_adapter(model, "a")
+    ya = model(x[:1])
+    lorakit.set_adapter(model, "b")
+    assert not torch.allclose(ya, model(x[:1]))
+
+
+def test_mixed_batch_errors() -> None:
+    case = CASES[0]
+    model = _model_with_three_adapters(case)
+    x = _batch(case, 4)
+    with pytest.raises(lorakit.AdapterNotFoundError, match="zzz"):
+        with lorakit.mixed_batch(model, ["a", "zzz", None, "b"]):
+            pass
+    with pytest.raises(lorakit.MixedBatchError, match="4 adapter names but the batch has 3"):
+        with lorakit.mixed_batch(model, ["a", "b", None, "c"]):
+            model(x[:3])
+    model.train()
+    with pytest.raises(lorakit.MixedBatchError, match=r"model.eval\(\)"):
+        with lorakit.mixed_batch(model, ["a"] * 4):
+            pass
+    model.eval()
+    lorakit.merge(model, "a")
+    with pytest.raises(lorakit.MixedBatchError, match="merged"):
+        with lorakit.mixed_batch(model, ["a"] * 4):
+            pass
+    lorakit.unmerge(model)
+    # after the block (also after an error inside it) the normal path is back
+    with pytest.raises(lorakit.MixedBatchError):
+        with lorakit.mixed_batch(model, ["b"] * 4):
+            model(x[:2])
+    lorakit.set_adapter(model, "a")
+    with torch.no_grad():
+        y1 = model(x)
+        with lorakit.mixed_batch(model, ["a"] * 4):
+            y2 = model(x)
+    assert torch.allclose(y1, y2, atol=1e-6)
