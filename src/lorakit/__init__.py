@@ -31,12 +31,30 @@ from .adapters import (
 from .config import LoraConfig
 from .errors import AdapterNotFoundError, ConfigError, LoraError, NonFiniteError, TargetError
 from .inject import InjectReport, Target, inject, lora_layers, select_targets
+from .io import LoadReport, load_adapter, save_adapter
+from .io_errors import (
+    AdapterConfigError,
+    AdapterFileError,
+    BaseModelMismatchError,
+    KeyMismatchError,
+    NonFiniteTensorError,
+    ShapeMismatchError,
+    UnsafeFormatError,
+)
 from .layers import LoraAdapter, LoraLayer
 from .mixed import MixedBatchError, mixed_batch
 from .registry import LayerHandler, handler_for, register
 
 __all__ = [
+    "AdapterConfigError",
+    "AdapterFileError",
     "AdapterNotFoundError",
+    "BaseModelMismatchError",
+    "KeyMismatchError",
+    "LoadReport",
+    "NonFiniteTensorError",
+    "ShapeMismatchError",
+    "UnsafeFormatError",
     "ConfigError",
     "InjectReport",
     "LayerHandler",
@@ -55,11 +73,13 @@ __all__ = [
     "handler_for",
     "inject",
     "list_adapters",
+    "load_adapter",
     "lora_layers",
     "merge",
     "merge_and_unload",
     "mixed_batch",
     "register",
+    "save_adapter",
     "select_targets",
     "set_adapter",
     "unload",

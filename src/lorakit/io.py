@@ -1,0 +1,451 @@
+"""Save and load adapters as PEFT-compatible files: strict, atomic, no pickle.
+
+A saved adapter is a folder with two files, exactly as PEFT's ``save_pretrained``
+writes them (so ``peft.PeftModel.from_pretrained(base, folder)`` loads it, and
+lorakit loads PEFT's)::
+
+    adapter_config.json          PEFT LoraConfig: r, lora_alpha, target_modules (the exact
+                                 adapted paths), rank/alpha_pattern, use_rslora, bias, ...
+    adapter_model.safetensors    tensors, key names in :mod:`lorakit.io_peft`
+
+lorakit's own fields live in the safetensors ``__metadata__``, which PEFT never
+reads (an unknown key in the JSON would make PEFT warn and drop it):
+
+    lorakit_version          the writer's version
+    lorakit_checksums        JSON {tensor key: sha256 of its bytes}
+    lorakit_base             JSON {layer path: fingerprint of its base weight}
+    lorakit_config_sha256    sha256 of the adapter_config.json written with it
+
+Loading checks all of these when present; PEFT-written files have none, so the
+base-model check is skipped for them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import safetensors.torch
+import torch
+from torch import nn
+
+from ._version import __version__
+from .adapters import active_adapters, delete_adapter, list_adapters, set_adapter
+from .config import LoraConfig, match_pattern
+from .errors import AdapterNotFoundError, ConfigError, LoraError, NonFiniteError
+from .inject import _CONFIGS_ATTR, inject, lora_layers, select_targets
+from .io_errors import (
+    AdapterConfigError,
+    AdapterFileError,
+    BaseModelMismatchError,
+    KeyMismatchError,
+    NonFiniteTensorError,
+    ShapeMismatchError,
+    UnsafeFormatError,
+)
+from .io_format import (
+    MAX_JSON,
+    atomic_write,
+    checksum,
+    fingerprint,
+    parse_json,
+    read_bytes,
+    read_safetensors,
+    same_base,
+)
+from .io_peft import (
+    PREFIX,
+    dense_conv_A,
+    factor_keys,
+    file_factor_shapes,
+    from_peft_config,
+    grouped_conv_A,
+    layout,
+    scaling_of,
+    to_peft_config,
+)
+from .layers import LoraAdapter, LoraLayer
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """What :func:`load_adapter` did.
+
+    ``missing``/``unexpected``: tensor keys the model expected but the file lacks (those
+    adapters keep their init, B = 0), and keys in the file nothing used; both are empty
+    after a strict load. ``base_checked``: the file carried a base-model fingerprint and it
+    was compared (``base_matches`` is its result; False only with ``allow_other_base``).
+    """
+
+    adapter: str
+    path: Path
+    layers: tuple[str, ...]
+    loaded: int
+    missing: tuple[str, ...] = ()
+    unexpected: tuple[str, ...] = ()
+    unknown_config_keys: tuple[str, ...] = ()
+    writer: str = "unknown"
+    base_checked: bool = False
+    base_matches: bool | None = None
+
+    @property
+    def complete(self) -> bool:
+        return not (self.missing or self.unexpected or self.unknown_config_keys) and self.base_matches is not False
+
+
+# --------------------------------------------------------------------------------------
+# save
+# --------------------------------------------------------------------------------------
+
+
+def _base_weight(layer: nn.Module, weight_name: str) -> torch.Tensor:
+    """The pristine base weight (``lora_base_weight`` while something is merged)."""
+    buf = layer._buffers.get("lora_base_weight")
+    return buf if buf is not None else cast(torch.Tensor, getattr(layer, weight_name))
+
+
+def _train_paths(model: nn.Module, patterns: Sequence[str]) -> list[str]:
+    """Outermost module paths matching ``patterns`` (a matched module's children are inside its copy)."""
+    out: list[str] = []
+    for path, _ in model.named_modules():
+        if any(match_pattern(p, path) for p in patterns) and not any(
+            path == o or path.startswith(o + ".") for o in out
+        ):
+            out.append(path)
+    return out
+
+
+def _bias_keys(model: nn.Module, bias: str, adapted: set[str], skip: list[str]) -> dict[str, nn.Parameter]:
+    """PEFT key -> bias Parameter that ``bias`` ("all"/"lora_only") saves with the adapter."""
+    out: dict[str, nn.Parameter] = {}
+    if bias == "none":
+        return out
+    for path, module in model.named_modules():
+        if isinstance(module, LoraAdapter) or any(path == s or path.startswith(s + ".") for s in skip):
+            continue
+        b = module._parameters.get("bias")
+        if b is None or (bias == "lora_only" and path not in adapted):
+            continue
+        inner = ".base_layer" if path in adapted else ""
+        out[PREFIX + (path + inner + "." if path else inner.lstrip(".") + ".") + "bias"] = b
+    return out
+
+
+def save_adapter(model: nn.Module, path: str | Path, name: str = "default") -> Path:
+    """Write adapter ``name`` of ``model`` to folder ``path`` in PEFT's format.
+
+    Writes ``adapter_model.safetensors`` and ``adapter_config.json`` (see the module
+    docstring), each atomically: a reader, or a process killed mid-save, sees the old
+    file or the new one. The config is rewritten only when its content changes, so
+    re-saving a training run replaces one file in one ``os.replace``. Saving into the
+    folder the adapter was loaded from is safe (loads never memory-map).
+
+    Returns:
+        The folder.
+
+    Raises:
+        AdapterNotFoundError: the model has no adapter ``name``.
+        ConfigError: the adapter's layers or scaling cannot be written in PEFT's format.
+        NonFiniteError: the adapter holds NaN/Inf (a broken adapter is never saved).
+        OSError: the folder or a file cannot be written (the message names it).
+    """
+    folder = Path(path)
+    layers = [(p, layer) for p, layer in lora_layers(model) if name in layer.lora]
+    config = cast(dict[str, LoraConfig], model.__dict__.get(_CONFIGS_ATTR, {})).get(name)
+    if not layers or config is None:
+        raise AdapterNotFoundError(f"cannot save adapter {name!r} to {folder}: the model has {list_adapters(model)}")
+    tensors: dict[str, torch.Tensor] = {}
+    base: dict[str, Any] = {}
+    adapted: list[tuple[str, LoraAdapter]] = []
+    for p, layer in layers:
+        ad = cast(LoraAdapter, layer.lora[name])
+        want = scaling_of(ad.r, ad.alpha, config.use_rslora)
+        if abs(float(ad.scaling) - want) > 1e-6 * abs(want):
+            raise ConfigError(
+                f"cannot save adapter {name!r} to {folder}: {p}.lora.{name}.scaling is {float(ad.scaling)}, but "
+                f"r={ad.r}, alpha={ad.alpha} give {want}; PEFT files store only r and alpha"
+            )
+        for pname, t in (("A", ad.A), ("B", ad.B)):
+            if not bool(torch.isfinite(t).all()):
+                raise NonFiniteError(f"{p}.lora.{name}.{pname} holds NaN/Inf; adapter not saved to {folder}")
+        kind = layout(layer.lora_handler)
+        A = ad.A.detach()
+        if kind == "conv":
+            A = dense_conv_A(A, cast(nn.Conv2d, layer).groups)
+        a_key, b_key = factor_keys(p, kind)
+        tensors[a_key], tensors[b_key] = A, ad.B.detach()
+        base[p] = fingerprint(_base_weight(layer, layer.lora_handler.weight_name))
+        adapted.append((p, ad))
+    train = _train_paths(model, config.train_modules)
+    for mpath in train:
+        module = model.get_submodule(mpath)
+        if any(isinstance(m, LoraLayer) for m in module.modules()):
+            raise ConfigError(f"cannot save to {folder}: train module {mpath!r} contains LoRA layers")
+        for k, v in module.state_dict().items():
+            tensors[PREFIX + (mpath + "." if mpath else "") + k] = v.detach()
+    for k, b in _bias_keys(model, config.bias, {p for p, _ in adapted}, train).items():
+        tensors[k] = b.detach()
+    # Own, contiguous CPU copies: safetensors refuses shared or strided storage.
+    tensors = {k: v.to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+
+    cfg_text = json.dumps(to_peft_config(model, config, adapted, train), indent=2, sort_keys=True).encode()
+    metadata = {
+        "format": "pt",
+        "lorakit_version": __version__,
+        "lorakit_checksums": json.dumps({k: checksum(v) for k, v in tensors.items()}, sort_keys=True),
+        "lorakit_base": json.dumps(base, sort_keys=True),
+        "lorakit_config_sha256": hashlib.sha256(cfg_text).hexdigest(),
+    }
+    data = safetensors.torch.save(tensors, metadata=metadata)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot create adapter folder {folder}: {exc.strerror}", str(folder)) from exc
+    atomic_write(folder / WEIGHTS_FILE, data)
+    cfg_path = folder / CONFIG_FILE
+    try:
+        unchanged = cfg_path.read_bytes() == cfg_text
+    except OSError:
+        unchanged = False
+    if not unchanged:
+        atomic_write(cfg_path, cfg_text)
+    return folder
+
+
+# --------------------------------------------------------------------------------------
+# load
+# --------------------------------------------------------------------------------------
+
+
+def _locate(path: Path, allow_pickle: bool) -> tuple[Path, Path]:
+    """(config file, weights file). Never falls back from a present .safetensors to anything else."""
+    if path.is_file():
+        folder, weights = path.parent, path
+    else:
+        folder = path
+        if not folder.is_dir():
+            raise AdapterFileError(folder, "no such adapter folder")
+        candidates = [folder / WEIGHTS_FILE] + [folder / f"adapter_model{s}" for s in PICKLE_SUFFIXES]
+        found = [c for c in candidates if c.exists()]
+        if not found:
+            raise AdapterFileError(folder, f"no {WEIGHTS_FILE} in the folder")
+        weights = found[0]
+    if weights.suffix in PICKLE_SUFFIXES and not allow_pickle:
+        raise UnsafeFormatError(
+            weights,
+            "refusing a pickle-based weights file (unpickling can run code); save the adapter as "
+            f"{WEIGHTS_FILE} (safetensors), or pass allow_pickle=True to read it with torch.load(weights_only=True)",
+        )
+    if weights.suffix not in PICKLE_SUFFIXES and weights.suffix != ".safetensors":
+        raise AdapterFileError(weights, "adapter weights must be a .safetensors file")
+    return folder / CONFIG_FILE, weights
+
+
+def _read_pickle(weights: Path) -> dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise AdapterFileError(weights, f"torch.load(weights_only=True) refused or failed: {exc}") from None
+    if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
+        raise AdapterFileError(weights, "expected a dict of tensor name -> tensor")
+    for k, t in obj.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise NonFiniteTensorError(weights, f"tensor {k!r} holds NaN or Inf values")
+    return obj
+
+
+@dataclass
+class _Slot:
+    """Where one file tensor goes: factor ``"A"``/``"B"`` of the new adapter on ``layer``
+    (A of a conv with ``groups`` > 1 is stored dense), or an existing tensor ``target``."""
+
+    shape: tuple[int, ...]
+    layer: str
+    factor: str = ""
+    groups: int = 1
+    target: torch.Tensor | None = None
+
+
+def _plan(model: nn.Module, cfg: LoraConfig, file: Path) -> tuple[dict[str, _Slot], dict[str, str]]:
+    """Every key the adapter needs -> its slot, worked out before anything changes; and
+    the adapted paths -> their weight names."""
+    try:
+        found = select_targets(model, cfg)
+        for p, module, handler in found:
+            handler.check(module, cfg.rank_for(p), p or "<root>")
+    except LoraError as exc:
+        raise AdapterConfigError(file, f"the adapter does not fit this model: {exc}") from None
+    slots: dict[str, _Slot] = {}
+    for p, module, handler in found:
+        kind = layout(handler)
+        a_shape, b_shape = file_factor_shapes(module, handler, cfg.rank_for(p))
+        a_key, b_key = factor_keys(p, kind)
+        groups = cast(nn.Conv2d, module).groups if kind == "conv" else 1
+        slots[a_key] = _Slot(a_shape, p, "A", groups)
+        slots[b_key] = _Slot(b_shape, p, "B")
+    train = _train_paths(model, cfg.train_modules)
+    for mpath in train:
+        for k, v in model.get_submodule(mpath).state_dict(keep_vars=True).items():
+            slots[PREFIX + (mpath + "." if mpath else "") + k] = _Slot(tuple(v.shape), mpath, target=v)
+    for k, b in _bias_keys(model, cfg.bias, {p for p, _, _ in found}, train).items():
+        slots[k] = _Slot(tuple(b.shape), k, target=b)
+    return slots, {p: h.weight_name for p, _, h in found}
+
+
+def _base_differs(file: Path, model: nn.Module, metadata: dict[str, str], found: dict[str, str]) -> list[str] | None:
+    """Adapted paths whose base weight differs from the file's fingerprint; None when the file has none.
+
+    ``found`` maps each adapted path to its handler's weight name.
+    """
+    raw = metadata.get("lorakit_base")
+    if raw is None:
+        return None
+    saved = parse_json(file, raw.encode())
+    if not isinstance(saved, dict):
+        raise AdapterFileError(file, "metadata lorakit_base is not a JSON object")
+    differ = []
+    for p, weight_name in found.items():
+        fp = saved.get(p)
+        current = fingerprint(_base_weight(model.get_submodule(p), weight_name))
+        if not isinstance(fp, dict) or not same_base(fp, current):
+            differ.append(p)
+    return differ
+
+
+def load_adapter(
+    model: nn.Module,
+    path: str | Path,
+    name: str = "default",
+    *,
+    strict: bool = True,
+    allow_other_base: bool = False,
+    allow_pickle: bool = False,
+) -> LoadReport:
+    """Load an adapter folder written by lorakit or PEFT into ``model`` as adapter ``name``.
+
+    Builds a :class:`LoraConfig` from ``adapter_config.json`` (``target_modules`` list ->
+    ``targets``, a regex string -> ``"re:" + regex``, ``lora_alpha`` -> ``alpha``,
+    ``modules_to_save`` -> ``train_modules``, ...), checks the file against the model, then
+    :func:`lorakit.inject` s it and copies the tensors (cast to the model's dtype). The new
+    adapter becomes the active one. ``train_modules`` and saved biases are written into
+    the model in place.
+
+    Everything is checked before the model changes; if anything still fails, the model is
+    restored exactly (adapter removed, weights, active adapters and ``requires_grad`` back).
+
+    Args:
+        path: the adapter folder (or its weights file).
+        strict: missing or unexpected tensor keys and unknown config keys raise (default);
+            with ``strict=False`` they are listed in the report instead. A file matching no
+            key at all always raises.
+        allow_other_base: load even when the file's base-model fingerprint shows other base
+            weights (a ``warnings.warn`` says so).
+        allow_pickle: read ``adapter_model.bin/.pt/.pth`` with ``torch.load(weights_only=True)``
+            when the folder has no safetensors file. Off by default: those are refused.
+
+    Raises:
+        ConfigError: the model already has an adapter ``name``.
+        UnsafeFormatError: a pickle-based file without ``allow_pickle``.
+        AdapterFileError: a missing, unreadable or malformed file (truncated, bad header,
+            duplicate keys, overlapping offsets, trailing bytes, checksum mismatch, ...).
+        AdapterConfigError: bad/unknown config keys, unsupported PEFT features, or targets
+            that do not fit this model.
+        KeyMismatchError, ShapeMismatchError: tensors and config/model disagree.
+        NonFiniteTensorError: a tensor holds NaN/Inf.
+        BaseModelMismatchError: other base weights, without ``allow_other_base``.
+    """
+    p = Path(path)
+    if name in list_adapters(model) or name in model.__dict__.get(_CONFIGS_ATTR, {}):
+        raise ConfigError(f"cannot load {p} as adapter {name!r}: the model already has it; delete_adapter it first")
+    cfg_file, weights = _locate(p, allow_pickle)
+    cfg_bytes = read_bytes(cfg_file, MAX_JSON)
+    if weights.suffix == ".safetensors":
+        tensors, metadata = read_safetensors(weights)
+    else:
+        tensors, metadata = _read_pickle(weights), {}
+    want_sha = metadata.get("lorakit_config_sha256")
+    if want_sha is not None and hashlib.sha256(cfg_bytes).hexdigest() != want_sha:
+        raise AdapterFileError(
+            cfg_file,
+            f"does not belong to {weights.name} (it was edited, or a save that changed the config was "
+            "interrupted); save the adapter again",
+        )
+    cfg, unknown = from_peft_config(cfg_file, parse_json(cfg_file, cfg_bytes), strict)
+    slots, paths = _plan(model, cfg, cfg_file)
+
+    missing = sorted(set(slots) - set(tensors))
+    unexpected = sorted(set(tensors) - set(slots))
+    if len(missing) == len(slots):
+        raise KeyMismatchError(weights, missing, unexpected, "no tensor in the file matches the model")
+    if strict and (missing or unexpected):
+        raise KeyMismatchError(weights, missing, unexpected, "strict=False loads the matching keys and reports these")
+    for key, slot in slots.items():
+        if key in tensors and tuple(tensors[key].shape) != slot.shape:
+            actual = tuple(tensors[key].shape)
+            hint = ""
+            if slot.factor == "A" and actual[1:] == slot.shape[1:]:
+                hint = f"the config gives {slot.layer} rank {slot.shape[0]}, the tensor has rank {actual[0]}"
+            raise ShapeMismatchError(weights, key, slot.shape, actual, hint)
+    factors = {k: grouped_conv_A(weights, k, tensors[k], s.groups) for k, s in slots.items() if k in tensors}
+
+    differ = _base_differs(weights, model, metadata, paths)
+    if differ:
+        if not allow_other_base:
+            raise BaseModelMismatchError(weights, differ)
+        warnings.warn(str(BaseModelMismatchError(weights, differ)), stacklevel=2)
+
+    _apply(model, cfg, name, slots, factors)
+    return LoadReport(
+        adapter=name,
+        path=p,
+        layers=tuple(paths),
+        loaded=len(factors),
+        missing=tuple(missing),
+        unexpected=tuple(unexpected),
+        unknown_config_keys=tuple(unknown),
+        writer=f"lorakit {metadata['lorakit_version']}" if "lorakit_version" in metadata else "unknown",
+        base_checked=differ is not None,
+        base_matches=None if differ is None else not differ,
+    )
+
+
+def _apply(
+    model: nn.Module, cfg: LoraConfig, name: str, slots: dict[str, _Slot], values: dict[str, torch.Tensor]
+) -> None:
+    """Inject and copy; on any failure put the model back exactly as it was."""
+    grads = [(q, q.requires_grad) for q in model.parameters()]
+    active = active_adapters(model)
+    in_place = [(s.target, s.target.detach().clone()) for k, s in slots.items() if k in values and s.target is not None]
+    injected = False
+    try:
+        inject(model, cfg, name)
+        injected = True
+        layers = dict(lora_layers(model))
+        with torch.no_grad():
+            for key, value in values.items():
+                slot = slots[key]
+                target = slot.target
+                if target is None:
+                    ad = cast(LoraAdapter, layers[slot.layer].lora[name])
+                    target = ad.A if slot.factor == "A" else ad.B
+                target.copy_(value)
+    except BaseException:
+        with torch.no_grad():
+            for t, old in in_place:
+                t.copy_(old)
+        if injected:
+            delete_adapter(model, name)
+            if active:
+                set_adapter(model, active)
+        for q, g in grads:
+            q.requires_grad_(g)
+        raise

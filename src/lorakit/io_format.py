@@ -1,0 +1,252 @@
+"""Low-level file handling for :mod:`lorakit.io`: strict safetensors and JSON
+readers, atomic writes, tensor checksums and base-weight fingerprints.
+
+A safetensors file is ``<u64 little-endian n><n bytes JSON header><data>``. The
+header maps each tensor name to ``{"dtype", "shape", "data_offsets": [begin, end]}``
+(offsets relative to the data section) plus an optional ``"__metadata__"`` of
+str -> str. The safetensors library accepts duplicate header keys (the last
+wins), so the header is parsed here first and every rule checked: no
+duplicates, known dtypes, ``end - begin == numel * itemsize``, spans sorted,
+contiguous, non-overlapping and covering the data section exactly (no trailing
+bytes). Files are read fully into memory (never memory-mapped), so a later save
+to the same path cannot change tensors already loaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+
+from .io_errors import AdapterFileError, NonFiniteTensorError
+
+MAX_HEADER = 100 * 1024 * 1024  # the safetensors format's own cap
+MAX_JSON = 16 * 1024 * 1024
+ITEMSIZE = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
+    "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+}  # fmt: skip
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise _DuplicateKey(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"non-standard JSON constant {name}")
+
+
+def parse_json(path: Path, text: bytes) -> Any:
+    """JSON with duplicate keys and NaN/Infinity constants rejected (raises AdapterFileError)."""
+    try:
+        return json.loads(text.decode("utf-8"), object_pairs_hook=_no_duplicates, parse_constant=_reject_constant)
+    except _DuplicateKey as exc:
+        raise AdapterFileError(path, f"invalid JSON: {exc}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise AdapterFileError(path, f"invalid JSON: {exc}") from None
+
+
+def read_bytes(path: Path, limit: int | None = None) -> bytes:
+    """The whole file, as bytes (raises AdapterFileError naming it when it cannot be read)."""
+    try:
+        if limit is not None and path.stat().st_size > limit:
+            raise AdapterFileError(path, f"file is larger than {limit} bytes")
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise AdapterFileError(path, "file not found") from None
+    except OSError as exc:
+        raise AdapterFileError(path, f"cannot read: {exc.strerror or exc}") from None
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors (in memory, on CPU) and ``__metadata__`` of a safetensors file, validated.
+
+    Raises:
+        AdapterFileError: the file is unreadable or breaks any rule in the module docstring;
+            a ``lorakit_checksums`` entry in the metadata does not match the data.
+        NonFiniteTensorError: a floating-point tensor holds NaN or Inf.
+    """
+    data = read_bytes(path)
+    if len(data) < 8:
+        raise AdapterFileError(path, f"truncated safetensors file ({len(data)} bytes, no header)")
+    n = int.from_bytes(data[:8], "little")
+    if n > MAX_HEADER:
+        raise AdapterFileError(path, f"safetensors header length {n} exceeds the {MAX_HEADER}-byte cap")
+    if 8 + n > len(data):
+        raise AdapterFileError(path, f"safetensors header ({n} bytes) is larger than the file ({len(data)} bytes)")
+    header = parse_json(path, data[8 : 8 + n])
+    if not isinstance(header, dict):
+        raise AdapterFileError(path, "safetensors header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise AdapterFileError(path, "safetensors __metadata__ must map strings to strings")
+    body = len(data) - 8 - n
+    spans: list[tuple[int, int, str]] = []
+    for key, info in header.items():
+        spans.append((*_check_entry(path, key, info), key))
+    spans.sort()
+    end_prev, prev = 0, None
+    for begin, end, key in spans:
+        if begin < end_prev:
+            raise AdapterFileError(path, f"tensor {key!r} overlaps tensor {prev!r} (offsets {begin} < {end_prev})")
+        if begin > end_prev:
+            raise AdapterFileError(path, f"gap of {begin - end_prev} bytes before tensor {key!r}")
+        end_prev, prev = end, key
+    if end_prev > body:
+        raise AdapterFileError(path, f"truncated: tensors need {end_prev} data bytes, the file has {body}")
+    if end_prev < body:
+        raise AdapterFileError(path, f"{body - end_prev} trailing bytes after the last tensor")
+    sums = _checksums_from(path, metadata)
+    base = 8 + n
+    for begin, end, key in spans:
+        if key in sums and hashlib.sha256(data[base + begin : base + end]).hexdigest() != sums[key]:
+            raise AdapterFileError(path, f"checksum mismatch for tensor {key!r}: the file is corrupted")
+    try:
+        tensors = safetensors.torch.load(data)
+    except Exception as exc:  # the format was checked above; anything left is still the file's fault
+        raise AdapterFileError(path, f"safetensors could not decode the file: {exc}") from None
+    for key, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise NonFiniteTensorError(path, f"tensor {key!r} holds NaN or Inf values")
+    return tensors, metadata
+
+
+def _check_entry(path: Path, key: str, info: object) -> tuple[int, int]:
+    if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+        raise AdapterFileError(path, f"tensor {key!r}: header entry must have exactly dtype, shape, data_offsets")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if dtype not in ITEMSIZE:
+        raise AdapterFileError(path, f"tensor {key!r}: unknown dtype {dtype!r}")
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise AdapterFileError(path, f"tensor {key!r}: bad shape {shape!r}")
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(type(o) is int and o >= 0 for o in offsets)
+        or offsets[0] > offsets[1]
+    ):
+        raise AdapterFileError(path, f"tensor {key!r}: bad data_offsets {offsets!r}")
+    need = math.prod(shape) * ITEMSIZE[dtype]
+    if offsets[1] - offsets[0] != need:
+        raise AdapterFileError(
+            path, f"tensor {key!r}: shape {shape} of {dtype} needs {need} bytes, offsets span {offsets[1] - offsets[0]}"
+        )
+    return offsets[0], offsets[1]
+
+
+def _checksums_from(path: Path, metadata: Mapping[str, str]) -> dict[str, str]:
+    raw = metadata.get("lorakit_checksums")
+    if raw is None:
+        return {}
+    sums = parse_json(path, raw.encode())
+    if not isinstance(sums, dict) or not all(isinstance(v, str) for v in sums.values()):
+        raise AdapterFileError(path, "metadata lorakit_checksums is not a JSON object of strings")
+    return sums
+
+
+def tensor_bytes(t: torch.Tensor) -> bytes:
+    """The raw little-endian bytes safetensors writes for ``t``."""
+    flat = t.detach().to("cpu").contiguous().reshape(-1)
+    return bytes(flat.view(torch.uint8).numpy().tobytes()) if flat.numel() else b""
+
+
+def checksum(t: torch.Tensor) -> str:
+    return hashlib.sha256(tensor_bytes(t)).hexdigest()
+
+
+# -- base-weight fingerprints --------------------------------------------------------------
+# Per adapted layer: dtype, shape, sha256 of the bytes, and 16 evenly spaced sample values
+# plus the norm in float64. Same dtype: the hashes must match exactly. Other dtype (e.g. an
+# fp32-trained adapter on a bf16 copy of the same model): the samples and norm must agree
+# to 1% of the layer's RMS, which tells a cast copy from other weights.
+
+_SAMPLES = 16
+
+
+def fingerprint(weight: torch.Tensor) -> dict[str, Any]:
+    w = weight.detach()
+    flat = w.reshape(-1)
+    idx = torch.linspace(0, max(flat.numel() - 1, 0), _SAMPLES).round().long().to(flat.device)
+    samples = flat[idx].double().cpu().tolist() if flat.numel() else []
+    return {
+        "dtype": str(w.dtype).removeprefix("torch."),
+        "shape": list(w.shape),
+        "sha256": checksum(w),
+        "samples": samples,
+        "norm": float(w.double().norm()),
+    }
+
+
+def same_base(saved: Mapping[str, Any], current: Mapping[str, Any]) -> bool:
+    """True when ``current`` (a :func:`fingerprint`) is the weight ``saved`` was taken of."""
+    if list(saved.get("shape", [])) != current["shape"]:
+        return False
+    if saved.get("dtype") == current["dtype"]:
+        return bool(saved.get("sha256") == current["sha256"])
+    n = math.prod(current["shape"]) or 1
+    rms = current["norm"] / math.sqrt(n)
+    tol = 0.01 * rms + 1e-12
+    a, b = saved.get("samples", []), current["samples"]
+    if not isinstance(a, list) or len(a) != len(b):
+        return False
+    norm_ok = abs(float(saved.get("norm", -1.0)) - current["norm"]) <= 0.01 * current["norm"] + 1e-12
+    return norm_ok and all(isinstance(x, (int, float)) and abs(x - y) <= tol for x, y in zip(a, b, strict=True))
+
+
+# -- atomic writes -------------------------------------------------------------------------
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a mix.
+
+    Temp file in the same folder, fsync, ``os.replace``, fsync of the folder. On failure the
+    temp file is removed and ``OSError`` is raised naming ``path``.
+    """
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+        tmp = None
+        _fsync_dir(path.parent)
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot write {path}: {exc.strerror or exc}", str(path)) from exc
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # e.g. Windows: folders cannot be opened; os.replace is still atomic there
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

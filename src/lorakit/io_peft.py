@@ -1,0 +1,232 @@
+"""PEFT's on-disk layout: tensor key names, grouped-conv factor conversion, and
+``adapter_config.json`` <-> :class:`~lorakit.config.LoraConfig`.
+
+Keys (``<p>`` = module path)::
+
+    Linear, ConvNd      base_model.model.<p>.lora_A.weight      base_model.model.<p>.lora_B.weight
+    Embedding           base_model.model.<p>.lora_embedding_A   base_model.model.<p>.lora_embedding_B
+    train_modules       base_model.model.<module>.<param>      (full copies: PEFT's modules_to_save)
+    biases (bias!=none) base_model.model.<p>.base_layer.bias    (adapted layers; other modules: <p>.bias)
+
+Grouped convs (G groups): lorakit's A is ``(r, in/G, *k)`` applied with the base
+conv's groups; PEFT's is dense ``(r, in, *k)``. Row ``rho`` of lorakit's A
+belongs to group ``g = rho // (r/G)`` and reads only input channels
+``g*in/G .. (g+1)*in/G``, so the dense form is block diagonal with zeros
+elsewhere, and PEFT computes the same outputs from it.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any, cast
+
+import torch
+from torch import nn
+
+from .config import LoraConfig
+from .errors import ConfigError
+from .io_errors import AdapterConfigError, AdapterFileError
+from .layers import ConvHandler, EmbeddingHandler, LoraAdapter
+from .registry import LayerHandler
+
+PREFIX = "base_model.model."
+
+# PEFT 0.21 LoraConfig fields that do not change how the tensors are read.
+_IGNORED = {
+    "auto_mapping", "base_model_name_or_path", "revision", "inference_mode", "peft_version", "task_type",
+    "fan_in_fan_out", "megatron_core", "qalora_group_size", "ensure_weight_tying", "loftq_config",
+    "eva_config", "runtime_config", "layers_pattern",
+}  # fmt: skip
+# Fields that must keep their "off" value: lorakit cannot reproduce what they do.
+_MUST_BE_OFF = {
+    "use_dora": "DoRA", "lora_bias": "LoRA biases (lora_B.bias)", "use_qalora": "QALoRA",
+    "layers_to_transform": "layers_to_transform", "target_parameters": "target_parameters",
+    "trainable_token_indices": "trainable tokens", "layer_replication": "layer replication",
+    "alora_invocation_tokens": "aLoRA", "use_bdlora": "BD-LoRA", "megatron_config": "Megatron layers",
+    "corda_config": "CorDA", "lora_ga_config": "LoRA-GA", "velora_config": "VeLoRA",
+    "monteclora_config": "MonteCLoRA", "arrow_config": "Arrow routing", "kasa_config": "KaSA",
+}  # fmt: skip
+_USED = {
+    "peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "rank_pattern",
+    "alpha_pattern", "use_rslora", "bias", "modules_to_save", "init_lora_weights",
+}  # fmt: skip
+_SAFE_INITS = (True, False, "gaussian", "eva", "orthogonal")  # inits that leave the base weights alone
+
+
+def layout(h: LayerHandler) -> str:
+    """``"embedding"``, ``"conv"`` or ``"linear"``: which PEFT key/shape scheme layers of handler ``h`` use."""
+    if isinstance(h, EmbeddingHandler):
+        return "embedding"
+    if isinstance(h, ConvHandler):
+        return "conv"
+    if h.kind == "linear":
+        return "linear"
+    raise ConfigError(f"layers handled by {type(h).__name__} have no PEFT file layout; they cannot be saved")
+
+
+def factor_keys(path: str, kind: str) -> tuple[str, str]:
+    base = PREFIX + (path + "." if path else "")
+    if kind == "embedding":
+        return base + "lora_embedding_A", base + "lora_embedding_B"
+    return base + "lora_A.weight", base + "lora_B.weight"
+
+
+def file_factor_shapes(layer: nn.Module, handler: LayerHandler, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(A, B) shapes on disk for rank ``r``: lorakit's, except a dense A for grouped convs."""
+    a, b = handler.factor_shapes(layer, r)
+    if layout(handler) == "conv":
+        a = (a[0], cast(nn.Conv2d, layer).in_channels, *a[2:])
+    return a, b
+
+
+def dense_conv_A(A: torch.Tensor, groups: int) -> torch.Tensor:
+    """``(r, in/G, *k)`` -> block-diagonal ``(r, in, *k)`` (module docstring)."""
+    if groups == 1:
+        return A
+    r, ig = A.shape[0], A.shape[1]
+    rg = r // groups
+    dense = A.new_zeros((r, ig * groups, *A.shape[2:]))
+    for g in range(groups):
+        dense[g * rg : (g + 1) * rg, g * ig : (g + 1) * ig] = A[g * rg : (g + 1) * rg]
+    return dense
+
+
+def grouped_conv_A(file: Path, key: str, dense: torch.Tensor, groups: int) -> torch.Tensor:
+    """Inverse of :func:`dense_conv_A`; raises if an off-block entry is not exactly zero."""
+    if groups == 1:
+        return dense
+    r, cin = dense.shape[0], dense.shape[1]
+    rg, ig = r // groups, cin // groups
+    out = dense.new_empty((r, ig, *dense.shape[2:]))
+    mask = torch.ones(dense.shape[:2], dtype=torch.bool)
+    for g in range(groups):
+        out[g * rg : (g + 1) * rg] = dense[g * rg : (g + 1) * rg, g * ig : (g + 1) * ig]
+        mask[g * rg : (g + 1) * rg, g * ig : (g + 1) * ig] = False
+    if bool((dense[mask] != 0).any()):
+        raise AdapterFileError(
+            file,
+            f"tensor {key!r}: this grouped conv (groups={groups}) has a dense lora_A with non-zero weights across "
+            "groups; lorakit keeps each group's LoRA inside its group (so it can merge exactly) and cannot "
+            "represent it",
+        )
+    return out
+
+
+# -- config: lorakit -> PEFT --------------------------------------------------------------
+
+
+def _peft_selects(target: list[str], name: str) -> bool:
+    return name in target or any(name.endswith("." + t) for t in target)
+
+
+def _pattern_key(path: str, others: list[str]) -> str:
+    """A PEFT rank/alpha_pattern key matching ``path`` only (PEFT matches ``(.*\\.)?(key)$``)."""
+    key = re.escape(path)
+    if any(o != path and re.match(rf"(.*\.)?({key})$", o) for o in others):
+        key = "^" + key
+    return key
+
+
+def to_peft_config(
+    model: nn.Module, config: LoraConfig, adapted: list[tuple[str, LoraAdapter]], train_paths: list[str]
+) -> dict[str, Any]:
+    """The ``adapter_config.json`` dict describing exactly the ``adapted`` layers."""
+    paths = [p for p, _ in adapted]
+    names = [n for n, _ in model.named_modules()]
+    r = Counter(ad.r for _, ad in adapted).most_common(1)[0][0]
+    alpha = Counter(ad.alpha for _, ad in adapted).most_common(1)[0][0]
+    target: list[str] | str = sorted(paths)
+    if {n for n in names if _peft_selects(cast(list[str], target), n)} != set(paths):
+        target = "(" + "|".join(re.escape(p) for p in sorted(paths)) + ")"
+    rank_pattern = {_pattern_key(p, paths): ad.r for p, ad in adapted if ad.r != r}
+    alpha_pattern = {_pattern_key(p, paths): _num(ad.alpha) for p, ad in adapted if ad.alpha != alpha}
+    return {
+        "alpha_pattern": alpha_pattern,
+        "auto_mapping": None,
+        "base_model_name_or_path": None,
+        "bias": config.bias,
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": config.init != "random",
+        "lora_alpha": _num(alpha),
+        "lora_dropout": config.dropout,
+        "modules_to_save": sorted(train_paths) or None,
+        "peft_type": "LORA",
+        "r": r,
+        "rank_pattern": rank_pattern,
+        "target_modules": target,
+        "task_type": None,
+        "use_rslora": config.use_rslora,
+    }
+
+
+def _num(x: float) -> float | int:
+    return int(x) if float(x).is_integer() else float(x)
+
+
+# -- config: PEFT -> lorakit --------------------------------------------------------------
+
+
+def from_peft_config(file: Path, raw: object, strict: bool) -> tuple[LoraConfig, list[str]]:
+    """LoraConfig for a PEFT ``adapter_config.json`` dict, and the unknown keys found.
+
+    Raises:
+        AdapterConfigError: not a LoRA config; unknown keys (``strict``); a feature lorakit
+            cannot reproduce (DoRA, lora_bias, base-changing inits, ...); invalid values.
+    """
+    if not isinstance(raw, dict):
+        raise AdapterConfigError(file, "adapter_config.json must hold a JSON object")
+    if raw.get("peft_type") != "LORA":
+        raise AdapterConfigError(file, f"peft_type must be 'LORA', got {raw.get('peft_type')!r}")
+    unknown = sorted(set(raw) - _IGNORED - set(_MUST_BE_OFF) - _USED)
+    if unknown and strict:
+        raise AdapterConfigError(file, f"unknown config keys {unknown} (strict=False loads anyway and reports them)")
+    for key, what in _MUST_BE_OFF.items():
+        if raw.get(key) not in (None, False, [], {}):
+            raise AdapterConfigError(file, f"{key}={raw[key]!r}: {what} is not supported by lorakit")
+    init = raw.get("init_lora_weights", True)
+    if init not in _SAFE_INITS:
+        raise AdapterConfigError(
+            file,
+            f"init_lora_weights={init!r} changes the base weights when PEFT loads the adapter; lorakit cannot "
+            "reproduce that (convert it to a plain LoRA with PEFT's path_initial_model_for_weight_conversion)",
+        )
+    target = raw.get("target_modules")
+    if isinstance(target, str):
+        targets: list[str] = ["re:" + target]
+    elif isinstance(target, list) and target and all(isinstance(t, str) for t in target):
+        targets = list(target)
+    else:
+        raise AdapterConfigError(file, f"target_modules must be a regex string or a list of names, got {target!r}")
+    exclude = raw.get("exclude_modules")
+    excludes = ["re:" + exclude] if isinstance(exclude, str) else list(exclude or [])
+
+    def patterns(field: str) -> dict[str, Any]:
+        value = raw.get(field) or {}
+        if not isinstance(value, dict):
+            raise AdapterConfigError(file, f"{field} must be an object, got {value!r}")
+        return {rf"re:(.*\.)?({k})": v for k, v in value.items()}
+
+    try:
+        cfg = LoraConfig(
+            r=raw.get("r", 8),
+            alpha=raw.get("lora_alpha", 8),
+            dropout=raw.get("lora_dropout", 0.0),
+            targets=tuple(targets),
+            exclude=tuple(excludes),
+            rank_pattern=patterns("rank_pattern"),
+            alpha_pattern=patterns("alpha_pattern"),
+            use_rslora=raw.get("use_rslora", False),
+            bias=raw.get("bias", "none"),
+            train_modules=tuple(raw.get("modules_to_save") or ()),
+        )
+    except (ConfigError, TypeError) as exc:
+        raise AdapterConfigError(file, str(exc)) from None
+    return cfg, unknown
+
+
+def scaling_of(r: int, alpha: float, rslora: bool) -> float:
+    return alpha / (math.sqrt(r) if rslora else r)
