@@ -1,0 +1,46 @@
+"""Ultralytics YOLO integration: LoRA fine-tuning of YOLO detectors.
+
+Importing this package does not import ultralytics; ``LoraYOLO``,
+``LoraDetectionTrainer`` and ``LoraOptions`` load it on first access, so
+:func:`offline.enable` can run first::
+
+    from lorakit.yolo import offline, make_dataset
+    offline.enable()                        # before anything imports ultralytics
+    from lorakit.yolo import LoraYOLO
+
+Modules: ``offline`` (no network), ``data`` (synthetic datasets), ``targets``
+(default LoRA targets for detectors), ``trainer`` (the LoRA-aware
+``DetectionTrainer``), ``model`` (``LoraYOLO``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from . import offline
+from .data import make_dataset
+
+_LAZY = {
+    "LoraYOLO": "model",
+    "LoraDetectionTrainer": "trainer",
+    "LoraOptions": "trainer",
+    "save_adapter": "trainer",
+    "detector_config": "targets",
+}
+
+__all__ = [
+    "LoraDetectionTrainer",
+    "LoraOptions",
+    "LoraYOLO",
+    "detector_config",
+    "make_dataset",
+    "offline",
+    "save_adapter",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

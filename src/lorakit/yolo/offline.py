@@ -1,0 +1,89 @@
+"""Run Ultralytics with zero network access.
+
+Ultralytics probes the network when it is *imported* (``is_online()`` resolves
+two DNS names and the import writes ``settings.json``), and again on every
+``train``/``val`` (``check_font("Arial.ttf")`` sends an HTTP HEAD to GitHub
+that ``YOLO_OFFLINE`` does not gate and whose failure it swallows). So the
+switches below must be set **before** ``import ultralytics``::
+
+    from lorakit.yolo import offline
+    offline.enable()                 # first, before anything imports ultralytics
+    from lorakit.yolo import LoraYOLO
+
+What :func:`enable` sets, and why:
+
+* ``YOLO_OFFLINE=1``: ``is_online()`` returns False without a DNS lookup; this
+  also turns off AutoUpdate and telemetry.
+* ``YOLO_CONFIG_DIR=<private dir>``: settings, fonts and DDP temp files go
+  there instead of ``~/.config/Ultralytics``.
+* ``YOLO_AUTOINSTALL=False``: never ``pip install`` anything (requirement
+  checks; a checkpoint that pickles an unknown module makes
+  ``torch_safe_load`` try to pip-install that module's name).
+* a copy of matplotlib's DejaVuSans as ``Arial.ttf`` and ``Arial.Unicode.ttf``
+  in the config dir, so ``check_font`` finds a font and never downloads one.
+
+Models must then be ``.yaml`` files or local ``.pt`` files, and data YAMLs
+local (``yolo26n.pt`` or ``coco8.yaml`` by name would be downloaded).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+FONT_NAMES = ("Arial.ttf", "Arial.Unicode.ttf")
+_ENV = {"YOLO_OFFLINE": "1", "YOLO_AUTOINSTALL": "False"}
+
+
+def _matplotlib_font() -> Path:
+    # matplotlib is a dependency of ultralytics; importing it does not import ultralytics.
+    import matplotlib
+
+    return Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
+
+
+def is_enabled() -> bool:
+    """True when the offline switches are set in ``os.environ``."""
+    return all(os.environ.get(k) == v for k, v in _ENV.items()) and bool(os.environ.get("YOLO_CONFIG_DIR"))
+
+
+def enable(config_dir: str | os.PathLike[str] | None = None) -> Path:
+    """Make Ultralytics run with no network access; call before ``import ultralytics``.
+
+    Args:
+        config_dir: the private Ultralytics config dir (``YOLO_CONFIG_DIR``).
+            ``None`` keeps an already set ``YOLO_CONFIG_DIR`` or makes a new temp dir.
+
+    Returns:
+        The ``Ultralytics`` folder inside the config dir (where the fonts are).
+
+    Raises:
+        RuntimeError: ``ultralytics`` is already imported and the switches were
+            not set before: its import-time network probe and settings have
+            already run, so offline mode can no longer be guaranteed.
+    """
+    if "ultralytics" in sys.modules and not is_enabled():
+        raise RuntimeError(
+            "lorakit.yolo.offline.enable() must run before ultralytics is imported "
+            "(the import itself probes the network); call it first, or set YOLO_OFFLINE=1, "
+            "YOLO_AUTOINSTALL=False and YOLO_CONFIG_DIR in the environment"
+        )
+    if config_dir is None:
+        config_dir = os.environ.get("YOLO_CONFIG_DIR") or tempfile.mkdtemp(prefix="lorakit-yolo-")
+    if "ultralytics" in sys.modules and Path(config_dir) != Path(os.environ["YOLO_CONFIG_DIR"]):
+        raise RuntimeError(
+            f"ultralytics is already imported with YOLO_CONFIG_DIR={os.environ['YOLO_CONFIG_DIR']!r}; "
+            f"it cannot switch to {str(config_dir)!r}"
+        )
+    os.environ.update(_ENV)
+    os.environ["YOLO_CONFIG_DIR"] = str(config_dir)
+    ul_dir = Path(config_dir) / "Ultralytics"
+    ul_dir.mkdir(parents=True, exist_ok=True)
+    font = _matplotlib_font()
+    for name in FONT_NAMES:
+        if not (ul_dir / name).exists():
+            shutil.copyfile(font, ul_dir / name)
+    return ul_dir

@@ -1,0 +1,295 @@
+"""A LoRA-aware Ultralytics ``DetectionTrainer``.
+
+Ultralytics' trainer rebuilds, re-freezes, EMA-copies and pickles the model
+(``notes/ultralytics.md`` section 3). Each override below undoes one of those
+steps for LoRA:
+
+===========================  ===========================================================
+override                     why
+===========================  ===========================================================
+``get_model``                the trainer builds a fresh model from YAML and copies the
+                             pretrained weights by key; LoRA is injected *after* that,
+                             so the base weights are the pretrained ones
+``_setup_train``             its freeze loop sets ``requires_grad=True`` on every frozen
+                             float parameter (one warning each); those warnings are muted
+``build_optimizer``          restores the LoRA ``requires_grad`` set, freezes BatchNorm
+                             statistics (``"model."`` in ``freeze_layer_names``), and
+                             builds the groups from trainable parameters only, with an
+                             explicit optimizer ("auto" -> AdamW lr 0.002; MuSGD refused:
+                             Muon would orthogonalise the LoRA factors)
+``save_model``               writes ``last.pt``/``best.pt`` with the EMA model *merged*
+                             (plain ``nn.Conv2d``: loads, fuses and exports without
+                             lorakit) and the adapter next to them
+``check_resume``             refuses ``resume``: checkpoints hold merged weights, so
+                             the LoRA state cannot be restored from them
+===========================  ===========================================================
+
+``final_eval`` needs no override: it re-validates ``best.pt`` from disk with
+``fuse=True``, which works because that file is already merged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import logging
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from copy import deepcopy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from ultralytics.models.yolo.detect import DetectionTrainer
+from ultralytics.utils import DEFAULT_CFG, LOGGER
+from ultralytics.utils.torch_utils import unwrap_model
+
+from ..adapters import merge_and_unload
+from ..config import LoraConfig
+from ..errors import ConfigError
+from ..inject import _CONFIGS_ATTR, InjectReport, inject
+from ..layers import LoraLayer
+from .targets import class_convs, detector_config
+
+LORA_AUTO_OPTIMIZER = ("AdamW", 0.002)  # what optimizer="auto" means for LoRA
+
+
+@dataclass(frozen=True)
+class LoraOptions:
+    """LoRA settings of a YOLO run (the keyword arguments of :class:`~lorakit.yolo.LoraYOLO`).
+
+    Args:
+        r, alpha, dropout: as in :class:`~lorakit.LoraConfig` (defaults 8, r, 0).
+        exclude: extra path patterns never adapted (added to the detector defaults).
+        config: a full :class:`~lorakit.LoraConfig`, used as given instead of the
+            detector defaults (re-initialised class convs are still added to its
+            ``train_modules``); ``r``/``alpha``/``dropout``/``exclude`` must then be left at their defaults.
+        adapt_bn: train BatchNorm weights and let their running statistics update
+            (default False: BN frozen, so the adapter alone reproduces the model).
+        adapter_name: the adapter's name in the model and in saved files.
+        max_fraction: see :func:`lorakit.yolo.targets.detector_config`.
+    """
+
+    r: int = 8
+    alpha: float | None = None
+    dropout: float = 0.0
+    exclude: tuple[str, ...] = ()
+    config: LoraConfig | None = None
+    adapt_bn: bool = False
+    adapter_name: str = "default"
+    max_fraction: float = 1.0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "exclude", tuple([self.exclude] if isinstance(self.exclude, str) else self.exclude))
+        if self.config is not None:
+            fields = {f.name: f.default for f in dataclasses.fields(self)}
+            clash = [n for n in ("r", "alpha", "dropout", "exclude") if getattr(self, n) != fields[n]]
+            if clash:
+                raise ConfigError(f"LoraOptions: give either config= or {clash}, not both")
+
+    def build(self, model: nn.Module, train_modules: list[str]) -> LoraConfig:
+        """The LoraConfig for ``model``, with ``train_modules`` trained fully and not adapted."""
+        if self.config is None:
+            return detector_config(
+                model,
+                r=self.r,
+                alpha=self.alpha,
+                dropout=self.dropout,
+                exclude=self.exclude,
+                train_modules=train_modules,
+                max_fraction=self.max_fraction,
+                batchnorm="update" if self.adapt_bn else "frozen",
+            )
+        extra = tuple(p for p in train_modules if p not in self.config.train_modules)
+        return dataclasses.replace(
+            self.config,
+            exclude=(*self.config.exclude, *extra),
+            train_modules=(*self.config.train_modules, *extra),
+            batchnorm="update" if self.adapt_bn else self.config.batchnorm,
+        )
+
+
+def save_adapter(model: nn.Module, path: str | Path, name: str = "default") -> Path:
+    """Write adapter ``name`` of ``model`` (plus its ``train_modules``) to the folder ``path``.
+
+    Uses ``lorakit.io.save_adapter`` when that module exists; until then a
+    stand-in writes ``adapter_model.safetensors`` (lorakit keys) and
+    ``lorakit_config.json``. TODO(lead): point this at ``lorakit.io`` only.
+    """
+    path = Path(path)
+    try:
+        io = importlib.import_module("lorakit.io")
+    except ModuleNotFoundError:
+        io = None
+    if io is not None:
+        io.save_adapter(model, path, name=name)
+        return path
+    return _save_adapter_standin(model, path, name)
+
+
+def _save_adapter_standin(model: nn.Module, path: Path, name: str) -> Path:
+    # STAND-IN until lorakit.io lands: not the PEFT format.
+    from safetensors.torch import save_file
+
+    config: LoraConfig = model.__dict__[_CONFIGS_ATTR][name]
+    trained = {f"{m}." for m in config.train_modules}
+    state = {
+        k: v.detach().float().cpu().contiguous()
+        for k, v in model.state_dict().items()
+        if f".lora.{name}." in k or any(k.startswith(t) for t in trained)
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(state, str(tmp / "adapter_model.safetensors"))
+    (tmp / "lorakit_config.json").write_text(json.dumps({"adapter": name, **config.to_dict()}, indent=2))
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+    return path
+
+
+class _DropRequiresGradWarnings(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "setting 'requires_grad=True' for frozen layer" not in record.getMessage()
+
+
+@contextmanager
+def _muted_unfreeze_warnings() -> Iterator[None]:
+    flt = _DropRequiresGradWarnings()
+    LOGGER.addFilter(flt)
+    try:
+        yield
+    finally:
+        LOGGER.removeFilter(flt)
+
+
+def _new_class_convs(model: nn.Module, weights: Any) -> list[str]:
+    """Class convs that did not come from ``weights`` (none given, or another shape): trained fully."""
+    convs = class_convs(model)
+    if not weights:
+        return convs
+    src = (weights.get("ema") or weights.get("model")) if isinstance(weights, dict) else weights
+    src_sd = src.state_dict() if isinstance(src, nn.Module) else {}
+    sd = model.state_dict()
+    return [p for p in convs if f"{p}.weight" not in src_sd or src_sd[f"{p}.weight"].shape != sd[f"{p}.weight"].shape]
+
+
+class LoraDetectionTrainer(DetectionTrainer):  # type: ignore[misc]
+    """Ultralytics ``DetectionTrainer`` that trains a LoRA adapter (see the module docstring).
+
+    Use through :class:`~lorakit.yolo.LoraYOLO`, or directly::
+
+        YOLO("base.pt").train(data=..., trainer=LoraDetectionTrainer)          # default LoraOptions
+        YOLO("base.pt").train(data=..., trainer=functools.partial(LoraDetectionTrainer, lora=LoraOptions(r=16)))
+
+    After training: ``weights/last.pt`` and ``best.pt`` are plain merged
+    Ultralytics checkpoints; ``weights/last_adapter`` and ``best_adapter`` hold
+    the adapter; ``self.lora_report`` says what was adapted; ``self.model`` (live)
+    and ``self.ema.ema`` still carry the unmerged LoRA layers.
+    """
+
+    def __init__(
+        self,
+        cfg: Any = DEFAULT_CFG,
+        overrides: dict[str, Any] | None = None,
+        _callbacks: dict[str, Any] | None = None,
+        *,
+        lora: LoraOptions | None = None,
+    ) -> None:
+        self.lora = lora or LoraOptions()
+        self.lora_report: InjectReport | None = None
+        self.lora_config: LoraConfig | None = None
+        self._lora_trainable: set[str] = set()
+        super().__init__(cfg, overrides, _callbacks)
+        if self.world_size > 1:
+            raise NotImplementedError("LoraDetectionTrainer: multi-GPU (DDP) training is not supported yet")
+        self.last_adapter = self.wdir / "last_adapter"
+        self.best_adapter = self.wdir / "best_adapter"
+
+    def check_resume(self, overrides: dict[str, Any]) -> None:
+        if overrides.get("resume"):
+            raise NotImplementedError(
+                "resume is not supported with LoRA: last.pt holds merged weights, so the adapter and its "
+                "optimizer state cannot be restored. Start a new run from last.pt (a new adapter on top of "
+                "the merged weights) instead."
+            )
+        super().check_resume(overrides)  # type: ignore[no-untyped-call]
+
+    def get_model(self, cfg: Any = None, weights: Any = None, verbose: bool = True) -> nn.Module:
+        """Build and load the model as Ultralytics does, then inject LoRA (pretrained weights are the base)."""
+        model: nn.Module = super().get_model(cfg=cfg, weights=weights, verbose=verbose)
+        if any(isinstance(m, LoraLayer) for m in model.modules()):  # pragma: no cover - super() builds fresh
+            raise RuntimeError("get_model: the freshly built model already has LoRA layers")
+        new_convs = _new_class_convs(model, weights)
+        config = self.lora.build(model, new_convs)
+        report = inject(model, config, self.lora.adapter_name)
+        if self.lora.adapt_bn:
+            for m in model.modules():
+                if isinstance(m, nn.BatchNorm2d):
+                    m.requires_grad_(True)
+        self.lora_config, self.lora_report = config, report
+        self._lora_trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        if verbose:
+            trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            LOGGER.info(
+                f"LoRA: {len(report.targets)} convs adapted (r={config.r}), {len(new_convs)} class convs trained "
+                f"fully{', BatchNorm trained' if self.lora.adapt_bn else ''}; trainable {trainable:,} of "
+                f"{report.total:,} parameters"
+            )
+        return model
+
+    def _setup_train(self) -> None:
+        with _muted_unfreeze_warnings():
+            super()._setup_train()  # type: ignore[no-untyped-call]
+
+    def build_optimizer(
+        self,
+        model: nn.Module,
+        name: str = "auto",
+        lr: float = 0.001,
+        momentum: float = 0.9,
+        decay: float = 1e-5,
+        iterations: float = 1e5,
+    ) -> torch.optim.Optimizer:
+        """Re-freeze to the LoRA set, freeze BN statistics, and optimise trainable parameters only."""
+        user_frozen = list(self.freeze_layer_names)
+        for n, p in unwrap_model(model).named_parameters():
+            p.requires_grad_(n in self._lora_trainable and not any(f in n for f in user_frozen))
+        if not self.lora.adapt_bn:
+            # LoraConfig(batchnorm="frozen") already keeps BN in eval mode; this is Ultralytics' own switch
+            # (_model_train() puts BatchNorms matching these names in eval mode), kept as a second guard.
+            self.freeze_layer_names.append("model.")
+        if str(name).lower() == "auto":
+            name, lr = LORA_AUTO_OPTIMIZER
+            self.args.optimizer, self.args.lr0 = name, lr
+            LOGGER.info(f"LoRA: optimizer=auto means {name}(lr={lr}) here")
+        if str(name).lower() == "musgd":
+            raise ConfigError("optimizer=MuSGD is not supported with LoRA (Muon would orthogonalise A and B)")
+        optimizer: torch.optim.Optimizer = super().build_optimizer(  # type: ignore[no-untyped-call]
+            model, name, lr, momentum, decay, iterations
+        )
+        for group in optimizer.param_groups:
+            group["params"] = [p for p in group["params"] if p.requires_grad]
+        kept = [p for g in optimizer.param_groups for p in g["params"]]
+        numbers = sum(p.numel() for p in kept)
+        LOGGER.info(f"LoRA: the optimizer keeps {len(kept)} trainable tensors ({numbers:,} numbers)")
+        return optimizer
+
+    def save_model(self) -> bool:
+        """Write merged ``last.pt``/``best.pt`` (EMA with LoRA folded in) and the adapter next to them."""
+        assert self.ema is not None
+        lora_ema = self.ema.ema
+        self.ema.ema = merge_and_unload(deepcopy(lora_ema))
+        try:
+            saved = bool(super().save_model())  # type: ignore[no-untyped-call]
+        finally:
+            self.ema.ema = lora_ema
+        if saved:
+            save_adapter(lora_ema, self.last_adapter, self.lora.adapter_name)
+            if self.best_fitness == self.fitness:
+                save_adapter(lora_ema, self.best_adapter, self.lora.adapter_name)
+        return saved

@@ -1,0 +1,69 @@
+"""Default LoRA targets on a YOLO26n detector (built from YAML, no training)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import lorakit
+from lorakit.yolo.targets import class_convs, default_exclusions, detector_config
+
+
+@pytest.fixture(scope="module")
+def detector() -> nn.Module:
+    from ultralytics.nn.tasks import DetectionModel
+
+    torch.manual_seed(0)
+    return DetectionModel("yolo26n.yaml", nc=2, verbose=False)
+
+
+def test_class_convs_cover_both_heads(detector: nn.Module) -> None:
+    paths = class_convs(detector)
+    assert paths == [f"model.23.{h}.{i}.2" for h in ("cv3", "one2one_cv3") for i in range(3)]
+    for p in paths:
+        assert detector.get_submodule(p).out_channels == 2
+
+
+@pytest.mark.parametrize("r", [4, 8, 16])
+def test_default_targets(detector: nn.Module, r: int) -> None:
+    import copy
+
+    model = copy.deepcopy(detector)
+    excluded = default_exclusions(model, r)
+    convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    report = lorakit.inject(model, detector_config(model, r=r))
+    adapted = {t.name for t in report.targets}
+    assert adapted | set(excluded) == set(convs) and not adapted & set(excluded)
+    assert "model.0.conv" in excluded  # the stem
+    assert all(convs[n].groups == 1 for n in adapted)
+    assert sum(convs[n].groups > 1 for n in excluded) == 14  # 12 head DWConvs + 2 attention pe
+    # both heads and the attention 1x1 convs are adapted (at r=16 the 16-channel box convs are thin)
+    wanted = ["model.23.cv3.0.1.1.conv", "model.23.one2one_cv3.2.1.1.conv", "model.10.m.0.attn.qkv.conv"]
+    if r <= 8:
+        wanted += ["model.23.cv2.0.0.conv", "model.23.one2one_cv2.1.1.conv"]
+    for p in wanted:
+        assert p in adapted
+    # no adapted layer has LoRA bigger than itself
+    assert all(t.params <= t.layer_params for t in report.targets)
+
+
+def test_default_targets_count_r8(detector: nn.Module) -> None:
+    import copy
+
+    model = copy.deepcopy(detector)
+    report = lorakit.inject(model, detector_config(model, r=8))
+    assert len(report.targets) == 98
+    assert report.trainable == report.lora_params
+
+
+def test_train_modules_are_trained_not_adapted(detector: nn.Module) -> None:
+    import copy
+
+    model = copy.deepcopy(detector)
+    heads = class_convs(model)
+    report = lorakit.inject(model, detector_config(model, r=8, train_modules=heads))
+    assert not {t.name for t in report.targets} & set(heads)
+    for p in heads:
+        m = model.get_submodule(p)
+        assert type(m) is nn.Conv2d and all(q.requires_grad for q in m.parameters())

@@ -1,0 +1,316 @@
+"""End to end: LoRA training of yolo26n (built from YAML) on synthetic data, imgsz 64.
+
+One run per module fixture: ``same_nc`` fine-tunes a 2-class base on domain A
+(2 classes, so every base weight is transferred); ``new_nc`` fine-tunes it on
+domain B (3 classes: the class convs are re-initialised and trained fully).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+import textwrap
+from copy import deepcopy
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import lorakit
+
+pytestmark = pytest.mark.slow
+IMGSZ = 64
+# nbs=batch and no warmup, so every batch is an optimizer step at full lr (else 4 batches make ~0 steps)
+TRAIN = {
+    "imgsz": IMGSZ,
+    "batch": 8,
+    "nbs": 8,
+    "warmup_epochs": 0,
+    "workers": 0,
+    "plots": False,
+    "device": "cpu",
+    "verbose": False,
+    "seed": 0,
+}
+
+
+def _tensors(y: Any) -> list[torch.Tensor]:
+    if isinstance(y, torch.Tensor):
+        return [y]
+    if isinstance(y, dict):
+        y = [y[k] for k in sorted(y)]
+    return [t for v in y for t in _tensors(v)] if isinstance(y, (list, tuple)) else []
+
+
+def _out(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Every conv's output and every tensor of the detector's eval output, flattened into one vector.
+
+    On a random-weight base the final predictions are nearly insensitive to the weights
+    (activations shrink with depth and the scores saturate), so comparing them alone would
+    hide a wrong merge; the per-conv activations do not.
+    """
+    acts: list[torch.Tensor] = []
+    hooks = [
+        m.register_forward_hook(lambda _m, _i, o: acts.append(o.flatten()))
+        for m in model.modules()
+        if isinstance(m, nn.Conv2d)
+    ]
+    try:
+        final = _tensors(model(x))
+    finally:
+        for h in hooks:
+            h.remove()
+    return torch.cat(acts + [t.flatten() for t in final])
+
+
+def _x(seed: int = 0) -> torch.Tensor:
+    return torch.rand(2, 3, IMGSZ, IMGSZ, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    """A random-weight 2-class yolo26n saved as a .pt (stands in for pretrained weights) and both datasets."""
+    from ultralytics import YOLO
+    from ultralytics.nn.tasks import DetectionModel
+
+    from lorakit.yolo import make_dataset
+
+    root = tmp_path_factory.mktemp("yolo_run")
+    torch.manual_seed(0)
+    y = YOLO("yolo26n.yaml")
+    y.model = DetectionModel("yolo26n.yaml", nc=2, verbose=False)
+    y.save(root / "base.pt")
+    return SimpleNamespace(
+        root=root,
+        pt=root / "base.pt",
+        data_a=make_dataset(root / "A", domain="A", n_train=16, n_val=8, imgsz=IMGSZ, seed=0),
+        data_b=make_dataset(root / "B", domain="B", n_train=16, n_val=8, imgsz=IMGSZ, seed=1),
+    )
+
+
+def _train(base: SimpleNamespace, data: Path, name: str, epochs: int) -> SimpleNamespace:
+    from lorakit.yolo import LoraYOLO
+
+    start: dict[str, Any] = {}
+
+    def snapshot(trainer: Any) -> None:  # after the optimizer, EMA and freezing are set up
+        m = trainer.model
+        start["state"] = {k: v.detach().clone() for k, v in m.state_dict().items()}
+        start["requires_grad"] = {n for n, p in m.named_parameters() if p.requires_grad}
+        start["optimized"] = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+        start["names"] = {id(p): n for n, p in m.named_parameters()}
+
+    model = LoraYOLO(str(base.pt), r=8)
+    model.add_callback("on_pretrain_routine_end", snapshot)
+    model.train(data=str(data), epochs=epochs, project=str(base.root / "runs"), name=name, **TRAIN)
+    return SimpleNamespace(model=model, trainer=model.trainer, start=start)
+
+
+@pytest.fixture(scope="module")
+def same_nc(base: SimpleNamespace) -> SimpleNamespace:
+    return _train(base, base.data_a, "same_nc", epochs=2)
+
+
+@pytest.fixture(scope="module")
+def new_nc(base: SimpleNamespace) -> SimpleNamespace:
+    return _train(base, base.data_b, "new_nc", epochs=1)
+
+
+def _base_model(base: SimpleNamespace) -> nn.Module:
+    from ultralytics import YOLO
+
+    return YOLO(str(base.pt)).model.float().eval()
+
+
+def _is_lora_key(k: str) -> bool:
+    return ".lora." in k
+
+
+def test_base_weights_and_bn_buffers_bitwise_unchanged(base: SimpleNamespace, same_nc: SimpleNamespace) -> None:
+    ref = _base_model(base).state_dict()
+    for model in (same_nc.trainer.model, same_nc.trainer.ema.ema):
+        sd = model.state_dict()
+        base_keys = [k for k in sd if not _is_lora_key(k)]
+        assert set(base_keys) == set(ref)
+        changed = [k for k in base_keys if not torch.equal(sd[k], ref[k])]
+        assert changed == []
+    bn = [k for k in ref if k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert len(bn) == 3 * 114  # every BN buffer was compared above
+
+
+def test_only_adapter_params_train(same_nc: SimpleNamespace) -> None:
+    t, start = same_nc.trainer, same_nc.start
+    lora_names = {n for n, _ in t.model.named_parameters() if _is_lora_key(n) and n.endswith((".A", ".B"))}
+    assert start["requires_grad"] == lora_names
+    assert {start["names"][i] for i in start["optimized"]} == lora_names
+    sd = t.model.state_dict()
+    changed = {k for k, v in start["state"].items() if not torch.equal(sd[k], v)}
+    assert changed and changed <= lora_names
+    # Every adapter trained, except that at imgsz 64 the one-to-one box branch of the coarser levels
+    # may be assigned no object (one2one matches one anchor per box) and so gets no gradient.
+    b_still = sorted(n for n in lora_names if n.endswith(".B") and n not in changed)
+    assert all(".one2one_cv2.1." in n or ".one2one_cv2.2." in n for n in b_still), b_still
+    assert any(".one2one_cv2." in n for n in changed)
+    assert t.lora_report.trainable == sum(p.numel() for n, p in t.model.named_parameters() if n in lora_names)
+
+
+def test_merged_equals_unmerged_and_checkpoint_is_the_merged_ema(same_nc: SimpleNamespace) -> None:
+    t = same_nc.trainer
+    x = _x()
+    trained = deepcopy(t.ema.ema).float().eval()
+    # Two tiny epochs move B only a little, so also check an adapter with large random factors:
+    # there a merge error would show far above the 1e-4 tolerance.
+    strong = deepcopy(trained)
+    gen = torch.Generator().manual_seed(0)
+    for name, p in strong.named_parameters():
+        if name.endswith(".lora.default.B"):
+            p.data = torch.randn(p.shape, generator=gen) * 0.05
+    for lora_model, min_effect in ((trained, 1e-4), (strong, 1e-2)):
+        with torch.no_grad():
+            y = _out(lora_model, x)
+            with lorakit.disabled(lora_model):
+                y_base = _out(lora_model, x)
+            merged = lorakit.merge_and_unload(deepcopy(lora_model))
+            y_merged = _out(merged, x)
+        assert (y - y_base).abs().max() > min_effect  # the adapter does something
+        torch.testing.assert_close(y_merged, y, atol=1e-4, rtol=1e-4)
+        assert not any(isinstance(m, lorakit.LoraLayer) for m in merged.modules())
+    # last.pt holds exactly the merged EMA (in fp16)
+    merged = lorakit.merge_and_unload(deepcopy(trained))
+    ckpt = torch.load(t.last, map_location="cpu", weights_only=False)
+    saved = ckpt["model"].state_dict()
+    ref = {k: v.half() if v.is_floating_point() else v for k, v in merged.state_dict().items()}
+    assert saved.keys() == ref.keys()
+    assert all(torch.equal(saved[k], ref[k]) for k in ref)
+
+
+def test_disabled_adapter_reproduces_base_exactly(base: SimpleNamespace, same_nc: SimpleNamespace) -> None:
+    base_model = _base_model(base)
+    x = _x(1)
+    with torch.no_grad():
+        y_ref = _out(base_model, x)
+        for model in (same_nc.trainer.model, same_nc.trainer.ema.ema):
+            model.eval()
+            with lorakit.disabled(model):
+                assert torch.equal(_out(model, x), y_ref)
+            assert not torch.equal(_out(model, x), y_ref)
+
+
+_CHECK_PLAIN = textwrap.dedent(
+    """
+    import socket, sys
+    def refuse(*a, **k):
+        raise SystemExit(f"network access attempted: {a}")
+    socket.getaddrinfo = refuse
+    socket.socket.connect = refuse
+    sys.modules["lorakit"] = None  # any import of lorakit now raises ImportError
+    import torch
+    from torch import nn
+    for path in sys.argv[1:]:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        mods = [type(m) for m in ckpt["model"].modules()]
+        bad = [c for c in mods if "lorakit" in c.__module__ or c.__name__.startswith("Lora")]
+        assert not bad, bad
+        assert sum(c is nn.Conv2d for c in mods) > 100
+    from ultralytics import YOLO
+    for path in sys.argv[1:]:
+        res = YOLO(path).predict(torch.rand(1, 3, 64, 64), imgsz=64, verbose=False)
+        assert len(res) == 1
+    print("PLAIN-OK")
+    """
+)
+
+
+def test_checkpoints_load_without_lorakit(same_nc: SimpleNamespace) -> None:
+    t = same_nc.trainer
+    assert t.best.exists() and t.last.exists()
+    for f in (t.best, t.last):
+        assert b"lorakit" not in f.read_bytes()
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHECK_PLAIN, str(t.best), str(t.last)], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0 and "PLAIN-OK" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_loraYOLO_holds_plain_merged_model(same_nc: SimpleNamespace) -> None:
+    m = same_nc.model
+    assert not any(isinstance(x, lorakit.LoraLayer) for x in m.model.modules())
+    metrics = m.val(data=m.trainer.args.data, imgsz=IMGSZ, batch=8, workers=0, plots=False, verbose=False)
+    assert metrics.box.map50 >= 0.0
+    assert len(m.predict(torch.rand(1, 3, IMGSZ, IMGSZ), imgsz=IMGSZ, verbose=False)) == 1
+
+
+def test_onnx_export_matches_torch(same_nc: SimpleNamespace) -> None:
+    import numpy as np
+    import onnxruntime as ort
+
+    m = same_nc.model
+    f = m.export(format="onnx", imgsz=IMGSZ)
+    sess = ort.InferenceSession(str(f), providers=["CPUExecutionProvider"])
+    x = _x(2)[:1]
+    (y_onnx,) = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})
+    torch_model = deepcopy(m.model).float().eval().fuse(verbose=False)
+    with torch.no_grad():
+        y_torch = torch_model(x)[0].numpy()
+    assert y_onnx.shape == y_torch.shape == (1, 4 + 2, 84)
+    np.testing.assert_allclose(y_onnx, y_torch, atol=1e-4, rtol=1e-4)
+
+
+def test_adapter_files(tmp_path: Path, base: SimpleNamespace, same_nc: SimpleNamespace) -> None:
+    t, m = same_nc.trainer, same_nc.model
+    assert t.best_adapter.is_dir() and t.last_adapter.is_dir()
+    out = m.save_adapter(tmp_path / "adapter")
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in m.adapter_dir.iterdir())
+    if importlib.util.find_spec("lorakit.io") is not None:  # round trip through lorakit.io
+        from lorakit.io import load_adapter
+
+        fresh = _base_model(base)  # load_adapter injects the saved config, then copies the tensors
+        load_adapter(fresh, t.last_adapter)
+        ema = deepcopy(t.ema.ema).float().eval()
+        fresh.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(_out(fresh, _x()), _out(ema, _x()), atol=1e-5, rtol=1e-5)
+    else:  # the stand-in format
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(t.last_adapter / "adapter_model.safetensors"))
+        ema = t.ema.ema.state_dict()
+        lora_keys = {k for k in ema if _is_lora_key(k)}
+        assert set(tensors) == lora_keys
+        assert all(torch.equal(tensors[k], ema[k].float()) for k in lora_keys)
+
+
+def test_new_class_count_trains_class_convs_fully(base: SimpleNamespace, new_nc: SimpleNamespace) -> None:
+    from lorakit.yolo.targets import class_convs
+
+    t, start = new_nc.trainer, new_nc.start
+    heads = class_convs(t.model)
+    assert len(heads) == 6 and t.lora_config is not None and set(t.lora_config.train_modules) == set(heads)
+    head_params = {f"{h}.{p}" for h in heads for p in ("weight", "bias")}
+    lora_names = {n for n, _ in t.model.named_parameters() if n.endswith((".A", ".B")) and _is_lora_key(n)}
+    assert start["requires_grad"] == lora_names | head_params
+    sd = t.model.state_dict()
+    changed = {k for k, v in start["state"].items() if not torch.equal(sd[k], v)}
+    assert head_params <= changed <= lora_names | head_params
+    for h in heads:
+        conv = t.model.get_submodule(h)
+        assert type(conv) is nn.Conv2d and conv.out_channels == 3
+    ref = _base_model(base).state_dict()  # everything else is still the base
+    for k, v in ref.items():
+        if k not in head_params and not k.startswith(tuple(heads)):
+            assert torch.equal(sd[k], v), k
+
+
+def test_resume_and_muon_refused(base: SimpleNamespace) -> None:
+    from lorakit.yolo import LoraYOLO
+
+    with pytest.raises(NotImplementedError, match="resume"):
+        LoraYOLO(str(base.pt)).train(data=str(base.data_a), epochs=1, resume=True, **TRAIN)
+    with pytest.raises(lorakit.ConfigError, match="MuSGD"):
+        LoraYOLO(str(base.pt)).train(
+            data=str(base.data_a), epochs=1, optimizer="MuSGD", project=str(base.root / "runs"), name="muon", **TRAIN
+        )
