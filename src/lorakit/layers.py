@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import TargetError
+from .fused import LoraLinearFn, new_seed
 from .registry import LayerHandler, handler_for, register
 
 if TYPE_CHECKING:
@@ -249,8 +250,15 @@ class LinearHandler(LayerHandler):
 
     def forward(self, module: LoraLayer, x: torch.Tensor) -> torch.Tensor:
         m = cast(nn.Linear, module)
+        live = module._lora_live
+        if len(live) == 1 and not torch.is_autocast_enabled(x.device.type):
+            # The common case: one adapter, fused into one autograd node (see lorakit.fused).
+            ad = live[0]
+            p = ad.dropout if ad.training else 0.0
+            seed = new_seed() if p > 0 else 0
+            return cast(torch.Tensor, LoraLinearFn.apply(x, m.weight, m.bias, ad.A, ad.B, ad.scaling, p, seed))
         y = F.linear(x, m.weight, m.bias)
-        for ad in module._lora_live:
+        for ad in live:
             # Scale the r-wide intermediate, not the out-wide result: r << out.
             h = F.linear(ad.drop(x), ad.A) * ad.scaling.to(x.dtype)
             y = y + F.linear(h, ad.B)

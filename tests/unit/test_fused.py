@@ -1,0 +1,92 @@
+"""The fused LoRA Linear: same values and gradients as plain autograd, less saved memory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lorakit.fused import LoraLinearFn, dropped_positions
+
+
+def _reference(x, w, b, A, B, s, mask):
+    xd = x * mask if mask is not None else x
+    return F.linear(x, w, b) + s * F.linear(F.linear(xd, A), B)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("train_base", [False, True])
+def test_values_and_gradients_match_autograd(p: float, bias: bool, train_base: bool) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 7, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, 7, dtype=torch.float64, requires_grad=train_base)
+    b = torch.randn(6, dtype=torch.float64, requires_grad=train_base) if bias else None
+    A = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    s = torch.tensor(1.7, dtype=torch.float64)
+    seed = 1234
+    y = LoraLinearFn.apply(x, w, b, A, B, s, p, seed)
+    mask = None
+    if p > 0:
+        mask = torch.ones(x.numel(), dtype=x.dtype)
+        mask[dropped_positions(x.numel(), p, seed, x.device)] = 0
+        mask = (mask / (1 - p)).reshape(x.shape)
+    ref = _reference(x, w, b, A, B, s, mask)
+    assert torch.allclose(y, ref, atol=1e-12)
+    g = torch.randn_like(ref)
+    inputs = [t for t in (x, w, b, A, B) if t is not None and t.requires_grad]
+    got = torch.autograd.grad(y, inputs, g)
+    want = torch.autograd.grad(ref, inputs, g)
+    for a, e in zip(got, want, strict=True):
+        assert torch.allclose(a, e, atol=1e-10)
+    if p > 0:  # the mask really drops something, with the expected rate
+        assert 0.1 < float((mask == 0).double().mean()) < 0.5
+
+
+def test_dropout_saves_no_copy_of_the_input() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(64, 256, requires_grad=True)
+    w, A, B = torch.randn(128, 256), torch.randn(8, 256, requires_grad=True), torch.randn(128, 8, requires_grad=True)
+    s = torch.tensor(2.0)
+    sizes: dict[int, int] = {}
+
+    def pack(t):
+        sizes[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        LoraLinearFn.apply(x, w, None, A, B, s, 0.1, 7)
+    params = {t.untyped_storage().data_ptr() for t in (w, A, B, s)}
+    activations = sum(n for ptr, n in sizes.items() if ptr not in params)
+    # x itself (shared with the caller) + h (64 x 8); no dropped copy, no mask
+    assert activations == x.numel() * 4 + 64 * 8 * 4
+
+
+def test_dropped_positions_are_bernoulli() -> None:
+    """Per-position rate p, count mean n p and variance n p (1 - p), positions unique and in range."""
+    n, p, trials = 400, 0.3, 3000
+    hits = torch.zeros(n)
+    counts = []
+    for seed in range(trials):
+        pos = dropped_positions(n, p, seed, torch.device("cpu"))
+        assert pos.numel() == pos.unique().numel() and int(pos.min()) >= 0 and int(pos.max()) < n
+        hits[pos] += 1
+        counts.append(pos.numel())
+    rate = hits / trials
+    # each rate has std sqrt(p(1-p)/trials) = 0.0084; 5 std over 400 positions
+    assert float((rate - p).abs().max()) < 5 * (p * (1 - p) / trials) ** 0.5
+    c = torch.tensor(counts, dtype=torch.float64)
+    assert abs(float(c.mean()) - n * p) < 5 * (n * p * (1 - p) / trials) ** 0.5
+    assert abs(float(c.var()) / (n * p * (1 - p)) - 1) < 0.1
+    same = dropped_positions(n, p, 7, torch.device("cpu"))
+    assert torch.equal(same, dropped_positions(n, p, 7, torch.device("cpu")))
+
+
+def test_adjacent_drops_are_independent() -> None:
+    n, p = 200_000, 0.2
+    pos = dropped_positions(n, p, 3, torch.device("cpu"))
+    dropped = torch.zeros(n, dtype=torch.bool)
+    dropped[pos] = True
+    pair = float((dropped[:-1] & dropped[1:]).double().mean())
+    assert abs(pair - p * p) < 5 * (p * p * (1 - p * p) / n) ** 0.5
