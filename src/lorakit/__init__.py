@@ -28,10 +28,12 @@ from .adapters import (
     unload,
     unmerge,
 )
+from .combine import CombinedLayer, CombineReport, combine_adapters
 from .config import LoraConfig
 from .errors import AdapterNotFoundError, ConfigError, LoraError, NonFiniteError, TargetError
+from .hotswap import HotswapReport, hotswap_adapter, prepare_hotswap
 from .inject import InjectReport, Target, inject, lora_layers, select_targets
-from .io import LoadReport, load_adapter, save_adapter
+from .io import AdapterFiles, LoadReport, load_adapter, read_adapter_files, save_adapter
 from .io_errors import (
     AdapterConfigError,
     AdapterFileError,
@@ -48,29 +50,35 @@ from .registry import LayerHandler, handler_for, register
 __all__ = [
     "AdapterConfigError",
     "AdapterFileError",
+    "AdapterFiles",
     "AdapterNotFoundError",
     "BaseModelMismatchError",
-    "KeyMismatchError",
-    "LoadReport",
-    "NonFiniteTensorError",
-    "ShapeMismatchError",
-    "UnsafeFormatError",
+    "CombineReport",
+    "CombinedLayer",
     "ConfigError",
+    "HotswapReport",
     "InjectReport",
+    "KeyMismatchError",
     "LayerHandler",
+    "LoadReport",
     "LoraAdapter",
     "LoraConfig",
     "LoraError",
     "LoraLayer",
     "MixedBatchError",
     "NonFiniteError",
+    "NonFiniteTensorError",
+    "ShapeMismatchError",
     "Target",
     "TargetError",
+    "UnsafeFormatError",
     "__version__",
     "active_adapters",
+    "combine_adapters",
     "delete_adapter",
     "disabled",
     "handler_for",
+    "hotswap_adapter",
     "inject",
     "list_adapters",
     "load_adapter",
@@ -78,6 +86,8 @@ __all__ = [
     "merge",
     "merge_and_unload",
     "mixed_batch",
+    "prepare_hotswap",
+    "read_adapter_files",
     "register",
     "save_adapter",
     "select_targets",

@@ -321,6 +321,90 @@ def _base_differs(file: Path, model: nn.Module, metadata: dict[str, str], found:
     return differ
 
 
+@dataclass(frozen=True)
+class AdapterFiles:
+    """An adapter folder read from disk and checked, before anything touches a model.
+
+    ``raw_config`` is the parsed ``adapter_config.json`` (not yet validated as a PEFT
+    config); ``tensors`` and ``metadata`` come from the weights file.
+    """
+
+    config_file: Path
+    weights_file: Path
+    raw_config: Any
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, str]
+
+
+def read_adapter_files(path: str | Path, *, allow_pickle: bool = False) -> AdapterFiles:
+    """Read an adapter folder (or its weights file) with every file-level check of
+    :func:`load_adapter`: format rules, checksums, finite values, and that the config
+    belongs to the weights (``lorakit_config_sha256``).
+
+    Raises:
+        UnsafeFormatError, AdapterFileError, NonFiniteTensorError: as :func:`load_adapter`.
+    """
+    cfg_file, weights = _locate(Path(path), allow_pickle)
+    cfg_bytes = read_bytes(cfg_file, MAX_JSON)
+    if weights.suffix == ".safetensors":
+        tensors, metadata = read_safetensors(weights)
+    else:
+        tensors, metadata = _read_pickle(weights), {}
+    want_sha = metadata.get("lorakit_config_sha256")
+    if want_sha is not None and hashlib.sha256(cfg_bytes).hexdigest() != want_sha:
+        raise AdapterFileError(
+            cfg_file,
+            f"does not belong to {weights.name} (it was edited, or a save that changed the config was "
+            "interrupted); save the adapter again",
+        )
+    return AdapterFiles(cfg_file, weights, parse_json(cfg_file, cfg_bytes), tensors, metadata)
+
+
+@dataclass(frozen=True)
+class _Match:
+    """An adapter file checked against a model: where each tensor goes (``slots``), the
+    adapted paths -> weight names (``paths``), the values to copy (``factors``, in
+    lorakit's layout), and what did not match."""
+
+    cfg: LoraConfig
+    unknown: list[str]
+    slots: dict[str, _Slot]
+    paths: dict[str, str]
+    factors: dict[str, torch.Tensor]
+    missing: list[str]
+    unexpected: list[str]
+    differ: list[str] | None
+
+
+def _match(model: nn.Module, files: AdapterFiles, *, strict: bool, allow_other_base: bool) -> _Match:
+    """Check ``files`` against ``model`` without changing it (the checks of :func:`load_adapter`)."""
+    cfg_file, weights, tensors = files.config_file, files.weights_file, files.tensors
+    cfg, unknown = from_peft_config(cfg_file, files.raw_config, strict)
+    slots, paths = _plan(model, cfg, cfg_file)
+
+    missing = sorted(set(slots) - set(tensors))
+    unexpected = sorted(set(tensors) - set(slots))
+    if len(missing) == len(slots):
+        raise KeyMismatchError(weights, missing, unexpected, "no tensor in the file matches the model")
+    if strict and (missing or unexpected):
+        raise KeyMismatchError(weights, missing, unexpected, "strict=False loads the matching keys and reports these")
+    for key, slot in slots.items():
+        if key in tensors and tuple(tensors[key].shape) != slot.shape:
+            actual = tuple(tensors[key].shape)
+            hint = ""
+            if slot.factor == "A" and actual[1:] == slot.shape[1:]:
+                hint = f"the config gives {slot.layer} rank {slot.shape[0]}, the tensor has rank {actual[0]}"
+            raise ShapeMismatchError(weights, key, slot.shape, actual, hint)
+    factors = {k: grouped_conv_A(weights, k, tensors[k], s.groups) for k, s in slots.items() if k in tensors}
+
+    differ = _base_differs(weights, model, files.metadata, paths)
+    if differ:
+        if not allow_other_base:
+            raise BaseModelMismatchError(weights, differ)
+        warnings.warn(str(BaseModelMismatchError(weights, differ)), stacklevel=3)
+    return _Match(cfg, unknown, slots, paths, factors, missing, unexpected, differ)
+
+
 def load_adapter(
     model: nn.Module,
     path: str | Path,
@@ -366,55 +450,20 @@ def load_adapter(
     p = Path(path)
     if name in list_adapters(model) or name in model.__dict__.get(_CONFIGS_ATTR, {}):
         raise ConfigError(f"cannot load {p} as adapter {name!r}: the model already has it; delete_adapter it first")
-    cfg_file, weights = _locate(p, allow_pickle)
-    cfg_bytes = read_bytes(cfg_file, MAX_JSON)
-    if weights.suffix == ".safetensors":
-        tensors, metadata = read_safetensors(weights)
-    else:
-        tensors, metadata = _read_pickle(weights), {}
-    want_sha = metadata.get("lorakit_config_sha256")
-    if want_sha is not None and hashlib.sha256(cfg_bytes).hexdigest() != want_sha:
-        raise AdapterFileError(
-            cfg_file,
-            f"does not belong to {weights.name} (it was edited, or a save that changed the config was "
-            "interrupted); save the adapter again",
-        )
-    cfg, unknown = from_peft_config(cfg_file, parse_json(cfg_file, cfg_bytes), strict)
-    slots, paths = _plan(model, cfg, cfg_file)
-
-    missing = sorted(set(slots) - set(tensors))
-    unexpected = sorted(set(tensors) - set(slots))
-    if len(missing) == len(slots):
-        raise KeyMismatchError(weights, missing, unexpected, "no tensor in the file matches the model")
-    if strict and (missing or unexpected):
-        raise KeyMismatchError(weights, missing, unexpected, "strict=False loads the matching keys and reports these")
-    for key, slot in slots.items():
-        if key in tensors and tuple(tensors[key].shape) != slot.shape:
-            actual = tuple(tensors[key].shape)
-            hint = ""
-            if slot.factor == "A" and actual[1:] == slot.shape[1:]:
-                hint = f"the config gives {slot.layer} rank {slot.shape[0]}, the tensor has rank {actual[0]}"
-            raise ShapeMismatchError(weights, key, slot.shape, actual, hint)
-    factors = {k: grouped_conv_A(weights, k, tensors[k], s.groups) for k, s in slots.items() if k in tensors}
-
-    differ = _base_differs(weights, model, metadata, paths)
-    if differ:
-        if not allow_other_base:
-            raise BaseModelMismatchError(weights, differ)
-        warnings.warn(str(BaseModelMismatchError(weights, differ)), stacklevel=2)
-
-    _apply(model, cfg, name, slots, factors)
+    files = read_adapter_files(p, allow_pickle=allow_pickle)
+    m = _match(model, files, strict=strict, allow_other_base=allow_other_base)
+    _apply(model, m.cfg, name, m.slots, m.factors)
     return LoadReport(
         adapter=name,
         path=p,
-        layers=tuple(paths),
-        loaded=len(factors),
-        missing=tuple(missing),
-        unexpected=tuple(unexpected),
-        unknown_config_keys=tuple(unknown),
-        writer=f"lorakit {metadata['lorakit_version']}" if "lorakit_version" in metadata else "unknown",
-        base_checked=differ is not None,
-        base_matches=None if differ is None else not differ,
+        layers=tuple(m.paths),
+        loaded=len(m.factors),
+        missing=tuple(m.missing),
+        unexpected=tuple(m.unexpected),
+        unknown_config_keys=tuple(m.unknown),
+        writer=f"lorakit {files.metadata['lorakit_version']}" if "lorakit_version" in files.metadata else "unknown",
+        base_checked=m.differ is not None,
+        base_matches=None if m.differ is None else not m.differ,
     )
 
 

@@ -90,3 +90,20 @@ def test_adjacent_drops_are_independent() -> None:
     dropped[pos] = True
     pair = float((dropped[:-1] & dropped[1:]).double().mean())
     assert abs(pair - p * p) < 5 * (p * p * (1 - p * p) / n) ** 0.5
+
+
+def test_compiles_with_fullgraph_and_matches_eager() -> None:
+    """No graph break in the LoRA layer (dropout 0): torch.compile(fullgraph=True) works."""
+    import lorakit
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    lorakit.inject(model, lorakit.LoraConfig(r=4, target_types=["Linear"], init="random"))
+    x = torch.randn(8, 16)
+    eager = model(x)
+    (eager_grad,) = torch.autograd.grad(eager.sum(), [model[0].lora["default"].A])
+    compiled = torch.compile(model, fullgraph=True)
+    out = compiled(x)
+    (grad,) = torch.autograd.grad(out.sum(), [model[0].lora["default"].A])
+    assert torch.allclose(out, eager, atol=1e-6)
+    assert torch.allclose(grad, eager_grad, atol=1e-6)

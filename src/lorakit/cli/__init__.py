@@ -17,14 +17,21 @@ USAGE = """usage: lorakit VERB key=value ...
 verbs:
   inspect   list the layers LoRA can adapt in a model, and the parameter budget
             lorakit inspect model=torchvision.models:resnet18 r=8 [targets=...] [target_types=...]
+  merge     load an adapter into its base model strictly, merge it, write the merged state_dict
+            lorakit merge base=pkg.module:factory adapter=DIR out=FILE.safetensors
+                          [args=...] [root=DIR] [overwrite=False] [allow_other_base=False]
+  diff      what two adapter files differ in (config keys, tensors, shapes, values)
+            lorakit diff a=DIR b=DIR [atol=0]      exit 0 identical, 1 different, 2 error
   version   print the lorakit version
 """
 
 
 def _verbs() -> dict[str, Callable[[list[str]], int]]:
+    from . import diff as diff_verb
     from . import inspect as inspect_verb
+    from . import merge as merge_verb
 
-    return {"inspect": inspect_verb.run, "version": _version}
+    return {"diff": diff_verb.run, "inspect": inspect_verb.run, "merge": merge_verb.run, "version": _version}
 
 
 def _version(argv: list[str]) -> int:
