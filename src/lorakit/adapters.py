@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .errors import AdapterNotFoundError, NonFiniteError
-from .inject import _CONFIGS_ATTR, lora_layers, release_batchnorm
+from .inject import _CONFIGS_ATTR, _GRADS_ATTR, lora_layers, release_batchnorm
 from .layers import LoraAdapter, LoraLayer, unwrap
 
 
@@ -183,6 +183,12 @@ def unload(model: nn.Module) -> nn.Module:
 
 
 def _forget(model: nn.Module) -> None:
-    """Drop model-level lorakit state once no adapter is left."""
+    """Drop model-level lorakit state once no adapter is left: the base parameters get
+    back the ``requires_grad`` they had before the first :func:`inject`, and BatchNorm
+    follows ``train()``/``eval()`` again."""
     model.__dict__.pop(_CONFIGS_ATTR, None)
+    grads = model.__dict__.pop(_GRADS_ATTR, {})
+    for name, param in model.named_parameters():
+        if name in grads:
+            param.requires_grad_(grads[name])
     release_batchnorm(model)

@@ -17,6 +17,7 @@ from .registry import LayerHandler, handler_for, registered_types
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_\-]+")
 _CONFIGS_ATTR = "lorakit_configs"
+_GRADS_ATTR = "lorakit_requires_grad"  # requires_grad of every parameter before the first inject
 
 
 @dataclass(frozen=True)
@@ -241,6 +242,8 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default", *, activ
                 layer_params=layer_params,
             )
         )
+    if _CONFIGS_ATTR not in model.__dict__:  # first adapter: remember what unload must restore
+        model.__dict__[_GRADS_ATTR] = {n: p.requires_grad for n, p in model.named_parameters()}
     configs = cast(dict[str, LoraConfig], model.__dict__.setdefault(_CONFIGS_ATTR, {}))
     configs[name] = config
 

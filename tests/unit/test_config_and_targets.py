@@ -203,3 +203,21 @@ def test_roberta_base_query_value_r8_is_the_lora_papers_03m() -> None:
     report = lorakit.inject(model, LoraConfig(r=8, targets=["query", "value"]))
     assert len(report.targets) == 24
     assert report.trainable == 294_912
+
+
+@pytest.mark.parametrize("how", ["delete", "unload", "merge_and_unload"])
+def test_removing_the_last_adapter_restores_requires_grad(how: str) -> None:
+    model = TinyLM()
+    model.layers[1].norm.weight.requires_grad_(False)  # frozen by the user: must stay frozen
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    lorakit.inject(model, LoraConfig(targets=["q_proj"]), "a")
+    lorakit.inject(model, LoraConfig(targets=["v_proj"]), "b")
+    assert not model.embed.weight.requires_grad
+    if how == "delete":
+        lorakit.delete_adapter(model, "a")
+        assert not model.embed.weight.requires_grad  # "b" is still there: the base stays frozen
+        lorakit.delete_adapter(model, "b")
+    else:
+        getattr(lorakit, how)(model)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == before
+    assert not hasattr(model, "lorakit_requires_grad")
