@@ -112,13 +112,14 @@ class LoraLayer(nn.Module):
 
     def lora_refresh(self) -> None:
         """Recompute ``_lora_live`` after any change of active/merged/disabled state."""
+        # Written to __dict__ directly: nn.Module.__setattr__ is slow, and set_adapter
+        # calls this for every layer on every switch.
         if self.lora_disabled:
-            self._lora_live = ()
+            self.__dict__["_lora_live"] = ()
         else:
-            self._lora_live = tuple(
-                cast(LoraAdapter, self.lora[n])
-                for n in self.lora_active
-                if n in self.lora and n not in self.lora_merged
+            adapters = adapter_dict(self)
+            self.__dict__["_lora_live"] = tuple(
+                adapters[n] for n in self.lora_active if n in adapters and n not in self.lora_merged
             )
 
     def lora_delta(self, names: tuple[str, ...]) -> torch.Tensor:
@@ -164,6 +165,12 @@ class LoraLayer(nn.Module):
         # name; rebuild them from the base class instead. Ultralytics pickles and
         # deep-copies whole models, so this must work.
         return (_restore, (self._lora_base_cls,), cast(Any, self).__getstate__())
+
+
+def adapter_dict(layer: LoraLayer) -> dict[str, LoraAdapter]:
+    """``layer.lora`` as its plain ``name -> adapter`` dict (skips nn.Module attribute lookups
+    on hot paths such as switching adapters)."""
+    return cast(dict[str, LoraAdapter], cast(nn.ModuleDict, layer._modules["lora"])._modules)
 
 
 _LORA_CLASSES: dict[type[nn.Module], type[LoraLayer]] = {}

