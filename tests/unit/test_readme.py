@@ -16,5 +16,6 @@ def test_readme_has_python_blocks() -> None:
 
 
 @pytest.mark.parametrize("code", BLOCKS, ids=[f"block{i}" for i in range(len(BLOCKS))])
-def test_readme_block_runs(code: str) -> None:
+def test_readme_block_runs(code: str, tmp_path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # blocks write files (runs/...) relative to the working directory
     exec(compile(code, str(README), "exec"), {"__name__": "readme"})
