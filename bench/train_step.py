@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 CONFIGS = ["full_ft", "frozen_floor", "peft_d0", "lorakit_d0", "peft_d0.05", "lorakit_d0.05"]
-MODELS = ["llama", "minilm"]
+MODELS = ["llama", "minilm", "yolo26n", "yolo26s"]
 
 
 def build(model_name: str) -> tuple[Any, Any, list[str]]:
@@ -81,6 +81,32 @@ def build(model_name: str) -> tuple[Any, Any, list[str]]:
                 r"encoder\.layer\.\d+\.(attention\.self\.(query|key|value)|attention\.output\.dense|intermediate\.dense|output\.dense)"
             ],
         )
+    if model_name.startswith("yolo"):
+        import re
+
+        from lorakit.yolo import detector_config, offline
+
+        offline.enable()
+        from ultralytics.cfg import get_cfg
+        from ultralytics.nn.tasks import DetectionModel
+
+        model = DetectionModel(f"{model_name}.yaml", nc=80, verbose=False)
+        model.args = get_cfg()
+        n, k = 8, 3
+        imgs = torch.rand(n, 3, 320, 320)
+        batch = {
+            "img": imgs,
+            "cls": torch.randint(0, 80, (n * k, 1)).float(),
+            "bboxes": torch.rand(n * k, 4) * 0.5 + 0.25,
+            "batch_idx": torch.arange(n).repeat_interleave(k).float(),
+        }
+
+        def loss_yolo() -> Any:
+            return model.loss(batch)[0].sum()
+
+        # the exact convs lorakit's detector defaults pick, as one regex for both libraries
+        names = [n for n, _, _ in __import__("lorakit").select_targets(model, detector_config(model, r=16))]
+        return model, loss_yolo, ["(" + "|".join(re.escape(n) for n in names) + ")"]
     raise SystemExit(f"unknown model {model_name!r}; choose from {MODELS}")
 
 
@@ -94,8 +120,15 @@ def prepare(config: str, model: Any, targets: list[str]) -> Any:
     if config == "frozen_floor":
         for p in model.parameters():
             p.requires_grad_(False)
-        emb = model.get_input_embeddings()
-        emb.register_forward_hook(lambda m, i, o: o.requires_grad_(True))
+        if hasattr(model, "get_input_embeddings"):
+            emb = model.get_input_embeddings()
+            emb.register_forward_hook(lambda m, i, o: o.requires_grad_(True))
+        else:  # a CNN: the first conv's output carries the gradient; BN frozen as lorakit does
+            from lorakit.inject import freeze_batchnorm
+
+            first = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+            first.register_forward_hook(lambda m, i, o: o.requires_grad_(True))
+            freeze_batchnorm(model)
         return model
     if config.startswith("peft"):
         import peft
@@ -103,12 +136,16 @@ def prepare(config: str, model: Any, targets: list[str]) -> Any:
         cfg = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules=targets[0], bias="none")
         return peft.get_peft_model(model, cfg)
     if config.startswith("lorakit"):
+        import os
+
         import lorakit
+
+        if os.environ.get("LORAKIT_CONV_MODE"):  # to compare the conv forward forms
+            lorakit.handler_for(torch.nn.Conv2d).mode = os.environ["LORAKIT_CONV_MODE"]  # type: ignore[union-attr]
 
         lorakit.inject(model, lorakit.LoraConfig(r=16, alpha=32, dropout=dropout, targets=["re:" + targets[0]]))
         return model
     raise SystemExit(f"unknown config {config!r}")
-    torch  # noqa: B018
 
 
 def child(model_name: str, config: str, warmup: int, steps: int) -> None:

@@ -291,9 +291,34 @@ class ConvHandler(LinearHandler):
     Shapes (``G`` groups, kernel ``k``): A ``(r, in/G, *k)``, B ``(out, r/G, 1, ...)``.
     delta W per group g: ``B_g (out/G x r/G) @ A_g (r/G x in/G*prod(k))``, giving
     ``(out, in/G, *k)``, the base weight's shape. Requires ``r % G == 0``.
+
+    Two equivalent forward forms, chosen per layer (``mode``):
+
+    * activation form: ``y = conv(x, W) + B(conv(x, A))``. Per output pixel it adds
+      about ``3 (r in/G K + out r/G)`` multiply-adds over forward and backward
+      (K = prod(k)), and is needed for dropout (which acts on A's input).
+    * weight form: ``y = conv(x, W + s delta W)``: one conv; the backward then needs
+      the weight gradient of the whole conv, ``out in/G K`` per output pixel, from
+      which dA and dB follow cheaply.
+
+    ``mode="auto"`` (default) takes the weight form when that count is the smaller
+    one and no dropout is active: thin and 1x1 convs, typical of small YOLOs.
+    Set ``lorakit.handler_for(nn.Conv2d).mode`` to ``"activation"`` or ``"weight"``
+    to force one.
     """
 
     kind = "conv"
+    mode = "auto"
+
+    def use_weight_form(self, module: LoraLayer) -> bool:
+        """The ``mode`` rule above, for the live adapters of ``module``."""
+        if self.mode != "auto":
+            return self.mode == "weight"
+        m = cast(nn.Conv2d, module)
+        per_group_in = m.in_channels // m.groups
+        k = math.prod(m.kernel_size)
+        r = sum(ad.r for ad in module._lora_live)
+        return m.out_channels * per_group_in * k < 3 * (r * per_group_in * k + m.out_channels * r // m.groups)
 
     def check(self, module: nn.Module, r: int, name: str) -> None:
         m = cast(nn.Conv2d, module)
@@ -311,9 +336,16 @@ class ConvHandler(LinearHandler):
 
     def forward(self, module: LoraLayer, x: torch.Tensor) -> torch.Tensor:
         m = cast(nn.Conv2d, module)
+        live = module._lora_live
+        dropping = any(ad.dropout > 0 and ad.training for ad in live)
+        if not dropping and self.use_weight_form(module):
+            w = m.weight
+            for ad in live:
+                w = w + self.delta_weight(m, ad.A, ad.B) * ad.scaling.to(w.dtype)
+            return cast(torch.Tensor, m._conv_forward(x, w, m.bias))
         y: torch.Tensor = m._conv_forward(x, m.weight, m.bias)
         conv = _CONV_FN[len(m.kernel_size)]
-        for ad in module._lora_live:
+        for ad in live:
             # A reuses the base conv's own padding/stride/dilation/groups path.
             h = m._conv_forward(ad.drop(x), ad.A, None) * ad.scaling.to(x.dtype)
             y = y + conv(h, ad.B, groups=m.groups)
