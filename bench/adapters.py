@@ -222,7 +222,9 @@ def main() -> None:
         if r.get("peft"):
             better_high = r["unit"] == "samples/s"
             r["lorakit_advantage"] = r["lorakit"] / r["peft"] if better_high else r["peft"] / r["lorakit"]
-    text = common.table(
+    common.report(
+        "adapters",
+        args,
         rows,
         [
             ("bench", "benchmark", ""),
@@ -233,11 +235,6 @@ def main() -> None:
             ("lorakit_advantage", "lorakit advantage (x)", ".2f"),
             ("per_target_us", "us per target", ".0f"),
         ],
-    )
-    print("\n" + text)
-    path = common.write_json("adapters", {"machine": common.machine(), "args": vars(args), "rows": rows, "table": text})
-    plot = common.bar_plot(
-        "adapters",
         {
             r["bench"]: {"lorakit advantage over PEFT": r["lorakit_advantage"]}
             for r in rows
@@ -246,7 +243,6 @@ def main() -> None:
         "x better than PEFT",
         "Adapters: lorakit vs PEFT (1 thread)",
     )
-    print(f"\nwrote {path}" + (f" and {plot}" if plot else ""))
 
 
 if __name__ == "__main__":

@@ -191,3 +191,21 @@ def bar_plot(name: str, groups: dict[str, dict[str, float]], ylabel: str, title:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def report(
+    name: str,
+    args: Any,
+    rows: list[dict[str, Any]],
+    cols: list[tuple[str, str, str]],
+    groups: dict[str, dict[str, float]],
+    ylabel: str,
+    title: str,
+) -> str:
+    """Print the Markdown table, write ``results/<name>.json`` and ``<name>.png``; return the table."""
+    text = table(rows, cols)
+    print("\n" + text)
+    path = write_json(name, {"machine": machine(), "args": vars(args), "rows": rows, "table": text})
+    plot = bar_plot(name, groups, ylabel, title)
+    print(f"\nwrote {path}" + (f" and {plot}" if plot else ""))
+    return text

@@ -89,7 +89,9 @@ def main() -> None:
     args = ap.parse_args()
     common.one_thread()
     rows = [r for m in args.models for r in run(m, args.rounds)]
-    text = common.table(
+    common.report(
+        "forward",
+        args,
         rows,
         [
             ("model", "model", ""),
@@ -99,11 +101,6 @@ def main() -> None:
             ("x_bare", "x bare", ".3f"),
             ("merged_vs_unmerged_max_abs", "max abs diff vs unmerged", ".1e"),
         ],
-    )
-    print("\n" + text)
-    path = common.write_json("forward", {"machine": common.machine(), "args": vars(args), "rows": rows, "table": text})
-    plot = common.bar_plot(
-        "forward",
         {
             f"{m} {s}": {r["variant"]: r["x_bare"] for r in rows if r["model"] == m and r["shape"] == s}
             for m, s in dict.fromkeys((r["model"], r["shape"]) for r in rows)
@@ -111,7 +108,6 @@ def main() -> None:
         "forward time / bare model",
         "Forward pass vs the bare model (1 thread)",
     )
-    print(f"\nwrote {path}" + (f" and {plot}" if plot else ""))
 
 
 if __name__ == "__main__":

@@ -261,16 +261,15 @@ def main() -> None:
         ("peak_rss_mib", "peak RSS MiB", ".0f"),
         ("foreign_load", "foreign load", ".2f"),
     ]
-    text = common.table(rows, cols)
-    print("\n" + text)
-    path = common.write_json(args.name, {"machine": common.machine(), "args": vars(args), "rows": rows, "table": text})
-    plot = common.bar_plot(
+    common.report(
         args.name,
+        args,
+        rows,
+        cols,
         {m: {r["config"]: r["x_floor"] or 0.0 for r in rows if r["model"] == m} for m in args.models},
         "step time / frozen floor",
         "Training step vs the frozen floor (1 thread)",
     )
-    print(f"\nwrote {path}" + (f" and {plot}" if plot else ""))
 
 
 if __name__ == "__main__":
