@@ -9,7 +9,7 @@ TORCH   := torch==2.14.1 torchvision==0.29.1
 export OMP_NUM_THREADS ?= 1
 export MKL_NUM_THREADS ?= 1
 
-.PHONY: demo test lint install clean
+.PHONY: demo test lint install bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -27,6 +27,14 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 	$(BIN)/ruff check src tests
 	$(BIN)/mypy
+
+# Benchmarks against PEFT, full fine-tuning and the frozen floor (long: ~30 min; run on a quiet machine).
+bench: $(STAMP)
+	$(BIN)/python -m pip install -q -e ".[yolo,hf,dev,bench]" $(TORCH)
+	$(BIN)/python bench/train_step.py
+	$(BIN)/python bench/forward.py
+	$(BIN)/python bench/adapters.py
+	$(BIN)/python bench/hf_minilm.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

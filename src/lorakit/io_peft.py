@@ -29,7 +29,7 @@ from torch import nn
 from .config import LoraConfig
 from .errors import ConfigError
 from .io_errors import AdapterConfigError, AdapterFileError
-from .layers import ConvHandler, EmbeddingHandler, LoraAdapter
+from .layers import ConvHandler, EmbeddingHandler, LoraAdapter, LoraLayer
 from .registry import LayerHandler
 
 PREFIX = "base_model.model."
@@ -148,7 +148,10 @@ def to_peft_config(
         "auto_mapping": None,
         "base_model_name_or_path": None,
         "bias": config.bias,
-        "fan_in_fan_out": False,
+        # PEFT wants True for (in, out)-stored layers (Conv1D) and warns otherwise.
+        "fan_in_fan_out": all(
+            cast(LoraLayer, model.get_submodule(p)).lora_handler.fan_in_fan_out for p in paths
+        ),
         "inference_mode": True,
         "init_lora_weights": config.init != "random",
         "lora_alpha": _num(alpha),

@@ -33,11 +33,14 @@ class LayerHandler:
     """How LoRA attaches to one layer type. Subclass and :func:`register` it.
 
     ``kind`` is ``"linear"`` for layers that ``targets="all-linear"`` selects.
-    ``weight_name`` is the parameter that merging changes.
+    ``weight_name`` is the parameter that merging changes. ``fan_in_fan_out`` is
+    True for layers storing their weight as (in, out) (transformers' ``Conv1D``):
+    PEFT's config records it.
     """
 
     kind: str = "other"
     weight_name: str = "weight"
+    fan_in_fan_out: bool = False
 
     def check(self, module: nn.Module, r: int, name: str) -> None:
         """Raise :class:`~lorakit.errors.TargetError` if rank ``r`` cannot work on ``module``."""

@@ -22,6 +22,9 @@ verbs:
                           [args=...] [root=DIR] [overwrite=False] [allow_other_base=False]
   diff      what two adapter files differ in (config keys, tensors, shapes, values)
             lorakit diff a=DIR b=DIR [atol=0]      exit 0 identical, 1 different, 2 error
+  hf        transformers models: LoRA training on JSONL data, generation with an adapter
+            lorakit hf train model=DIR data=FILE.jsonl out=DIR [r=16] [epochs=3] [resume=True]
+            lorakit hf generate model=DIR adapter=DIR prompt=TEXT
   version   print the lorakit version
 """
 
@@ -31,7 +34,20 @@ def _verbs() -> dict[str, Callable[[list[str]], int]]:
     from . import inspect as inspect_verb
     from . import merge as merge_verb
 
-    return {"diff": diff_verb.run, "inspect": inspect_verb.run, "merge": merge_verb.run, "version": _version}
+    return {
+        "diff": diff_verb.run,
+        "hf": _hf,
+        "inspect": inspect_verb.run,
+        "merge": merge_verb.run,
+        "version": _version,
+    }
+
+
+def _hf(argv: list[str]) -> int:
+    # Imported on use: it pulls in transformers.
+    from ..hf.cli import run
+
+    return run(argv)
 
 
 def _version(argv: list[str]) -> int:

@@ -1,0 +1,55 @@
+"""transformers integration: Conv1D layers, partial fused projections, default targets,
+Trainer support and the ``lorakit hf`` command.
+
+Importing this package registers the handler for transformers' ``Conv1D`` (GPT-2);
+lorakit's registry imports it by itself the first time it meets a ``Conv1D``
+(``lorakit.registry.LAZY``), so ``lorakit.inject(gpt2, ...)`` just works.
+
+    lorakit.hf.default_targets(model)        per-family target names (lorakit.hf.targets)
+    lorakit.hf.lora_config(model, r=16)      a LoraConfig with those, heads kept out
+    lorakit.hf.target_fused(model, "c_attn", parts=("q", "v"))    LoRA on part of a fused layer
+    lorakit.hf.AdapterCheckpointCallback     saves the adapter into each Trainer checkpoint
+    lorakit.hf.prepare_for_training(model)   gradient checkpointing that reaches the adapters
+
+Modules that need more than transformers itself (the trainer, the CLI) load lazily.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from ..registry import register
+from .conv1d import Conv1D, Conv1DHandler
+from .parts import PartsConv1D, PartsLinear, restore_fused, target_fused
+from .targets import default_targets, lora_config, output_heads
+
+register(Conv1D, Conv1DHandler())
+
+_LAZY = {
+    "AdapterCheckpointCallback": "callbacks",
+    "prepare_for_training": "callbacks",
+    "DataError": "data",
+    "ModelPathError": "data",
+}
+
+__all__ = [
+    "AdapterCheckpointCallback",
+    "Conv1DHandler",
+    "DataError",
+    "ModelPathError",
+    "PartsConv1D",
+    "PartsLinear",
+    "default_targets",
+    "lora_config",
+    "output_heads",
+    "prepare_for_training",
+    "restore_fused",
+    "target_fused",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

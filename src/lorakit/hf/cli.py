@@ -1,0 +1,94 @@
+"""``lorakit hf train|generate key=value ...``: the transformers verbs.
+
+    lorakit hf train model=PATH data=FILE.jsonl r=16 epochs=3 out=DIR [eval=FILE.jsonl] [resume=True]
+    lorakit hf generate model=PATH [adapter=DIR] prompt="..." [max_new_tokens=64] [chat=False]
+
+``train`` keys are the fields of :class:`lorakit.hf.train.TrainOptions`; see
+:mod:`lorakit.hf.train` for what ``out`` holds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any, cast
+
+from ..cli.args import ArgError, parse_args
+
+USAGE = """usage: lorakit hf SUBVERB key=value ...
+
+  train     LoRA fine-tuning of a local transformers model on JSONL data
+            lorakit hf train model=PATH data=FILE.jsonl out=DIR [r=16] [epochs=3] [eval=FILE.jsonl]
+                  [lr=1e-3] [batch_size=8] [max_len=256] [eval_every=0] [save_every=0] [resume=False] ...
+            records: {"prompt","response"} or {"messages":[...]} (causal LM, loss on the response),
+                     {"text","label"} (classification)
+  generate  greedy generation with an adapter
+            lorakit hf generate model=PATH [adapter=DIR] prompt=TEXT [max_new_tokens=64] [chat=False]
+"""
+
+GENERATE_KEYS = {"model", "adapter", "prompt", "max_new_tokens", "chat"}
+
+
+def run(argv: list[str]) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0 if argv else 2
+    sub, rest = argv[0], argv[1:]
+    if sub == "train":
+        return _train(rest)
+    if sub == "generate":
+        return _generate(rest)
+    raise ArgError(f"unknown hf subverb {sub!r}; use train or generate")
+
+
+def _train(argv: list[str]) -> int:
+    from .train import TrainOptions, train
+
+    fields = {f.name for f in dataclasses.fields(TrainOptions)}
+    args = parse_args(argv, fields, "hf train")
+    missing = [k for k in ("model", "data", "out") if k not in args]
+    if missing:
+        raise ArgError(f"hf train needs {', '.join(k + '=...' for k in missing)}")
+    for key in ("model", "data", "out", "eval"):
+        if key in args and args[key] is not None:
+            args[key] = str(args[key])
+    try:
+        opts = TrainOptions(**args)
+    except TypeError as exc:
+        raise ArgError(f"hf train: {exc}") from None
+    summary = train(opts)
+    last = summary["evals"][-1] if summary["evals"] else {}
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in last.items() if k.startswith("eval_"))
+    state = "stopped (resume=True continues)" if summary["stopped_early"] else "done"
+    print(f"{state}: {summary['steps']}/{summary['total_steps']} steps{'; ' + shown if shown else ''}; "
+          f"adapter in {Path(opts.out) / 'adapter'}")  # fmt: skip
+    return 0
+
+
+def _generate(argv: list[str]) -> int:
+    import torch
+
+    from ..io import load_adapter
+    from .train import _model_dir, load_model, load_tokenizer
+
+    args: dict[str, Any] = parse_args(argv, GENERATE_KEYS, "hf generate")
+    if "model" not in args or "prompt" not in args:
+        raise ArgError("hf generate needs model=... and prompt=...")
+    path = _model_dir(str(args["model"]))
+    tok = load_tokenizer(path)
+    model = load_model(path, "causal", None).eval()
+    if args.get("adapter") is not None:
+        load_adapter(model, str(args["adapter"]))
+    prompt = str(args["prompt"])
+    if args.get("chat") and getattr(tok, "chat_template", None):
+        prompt = str(tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True))  # fmt: skip
+    enc = tok(prompt, return_tensors="pt")
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    with torch.no_grad():
+        out = cast(Any, model).generate(**enc, max_new_tokens=int(args.get("max_new_tokens", 64)), do_sample=False,
+                             pad_token_id=pad)  # fmt: skip
+    print(tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True))
+    return 0
