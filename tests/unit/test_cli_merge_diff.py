@@ -13,8 +13,7 @@ import torch
 from torch import nn
 
 import lorakit
-from lorakit.cli import main
-from lorakit.cli import merge as merge_verb
+from lorakit.cli import main, models
 
 from .io_models import IDS, adapted_net, make_net
 
@@ -125,11 +124,11 @@ def test_merge_base_loader_hook(
         seen.append((spec, args))
         return make_net(0)
 
-    monkeypatch.setattr(merge_verb, "_LOADERS", {})
+    monkeypatch.setattr(models, "_LOADERS", {})
     out = tmp_path / "m.safetensors"
     assert main(["merge", "base=weights.fake", f"adapter={adapter}", f"out={out}"]) == 2
     assert "no loader for '.fake'" in capsys.readouterr().err
-    merge_verb.register_base_loader(".FAKE", load_fake)
+    models.register_base_loader(".FAKE", load_fake)
     assert main(["merge", "base=weights.fake", "args={'x': 1}", f"adapter={adapter}", f"out={out}"]) == 0
     assert seen == [("weights.fake", {"x": 1})]
     torch.testing.assert_close(merged_model(out)(IDS), adapted_net(0)(IDS), rtol=1e-5, atol=1e-5)

@@ -2,40 +2,15 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
 from torch import nn
 
 from ..config import LoraConfig
 from ..inject import select_targets
 from ..registry import handler_for
 from .args import ArgError, parse_args
+from .models import load_base
 
 KEYS = {"model", "r", "targets", "target_types", "exclude", "args"}
-
-
-def load_model(spec: str, args: Any = None) -> nn.Module:
-    """Build a model from ``package.module:factory`` (called with ``args`` if given).
-
-    Raises ArgError naming the spec when it cannot be imported or does not give a module.
-    """
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not module_name or not attr:
-        raise ArgError(f"model={spec!r}: expected 'package.module:factory', e.g. torchvision.models:resnet18")
-    try:
-        factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ArgError(f"model={spec!r}: cannot import: {exc}") from None
-    if args is None:
-        model = factory()
-    elif isinstance(args, dict):
-        model = factory(**args)
-    else:
-        model = factory(*(args if isinstance(args, (list, tuple)) else [args]))
-    if not isinstance(model, nn.Module):
-        raise ArgError(f"model={spec!r}: the factory returned {type(model).__name__}, not an nn.Module")
-    return model
 
 
 def layer_table(model: nn.Module, r: int, config: LoraConfig | None) -> tuple[list[tuple[str, ...]], int, int]:
@@ -79,7 +54,7 @@ def run(argv: list[str]) -> int:
     opts = parse_args(argv, KEYS, "inspect")
     if "model" not in opts:
         raise ArgError("model=... is required, e.g. model=torchvision.models:resnet18")
-    model = load_model(str(opts["model"]), opts.get("args"))
+    model = load_base(str(opts["model"]), opts.get("args"))
     r = int(opts.get("r", 8))
     config = None
     if "targets" in opts or "target_types" in opts:

@@ -9,10 +9,10 @@ as one ``.safetensors`` file, atomically. Load it into a fresh base with
 ``model.load_state_dict(safetensors.torch.load_file(out))``.
 
 Base loaders (the hook for integrations). ``base=`` is either a factory spec
-``package.module:factory`` (built by :func:`lorakit.cli.inspect.load_model`, with
+``package.module:factory`` (built by :func:`lorakit.cli.models.load_model`, with
 ``args=``), or a file whose suffix has a registered loader::
 
-    from lorakit.cli.merge import register_base_loader
+    from lorakit.cli.models import register_base_loader
     register_base_loader(".pt", load_yolo)      # load_yolo(spec: str, args) -> nn.Module
 
 :data:`LAZY_BASE_LOADERS` maps a suffix to the module that registers its loader
@@ -26,9 +26,7 @@ and ``out`` are then names inside ``DIR`` and are refused if they would leave it
 
 from __future__ import annotations
 
-import importlib
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,46 +39,10 @@ from ..adapters import merge_and_unload
 from ..io import CONFIG_FILE, WEIGHTS_FILE, load_adapter
 from ..io_format import atomic_write
 from .args import ArgError, parse_args
-from .inspect import load_model
+from .models import load_base
 from .paths import inside
 
 KEYS = {"base", "args", "adapter", "out", "root", "allow_other_base", "overwrite"}
-
-BaseLoader = Callable[[str, Any], nn.Module]
-_LOADERS: dict[str, BaseLoader] = {}
-# suffix -> module that calls register_base_loader for it when imported.
-LAZY_BASE_LOADERS: dict[str, str] = {}
-
-
-def register_base_loader(suffix: str, loader: BaseLoader) -> None:
-    """Make ``base=<file><suffix>`` load with ``loader(spec, args)`` (suffix like ``".pt"``, any case)."""
-    if not suffix.startswith(".") or len(suffix) < 2:
-        raise ValueError(f"register_base_loader: suffix must look like '.pt', got {suffix!r}")
-    _LOADERS[suffix.lower()] = loader
-
-
-def load_base(spec: str, args: Any = None) -> nn.Module:
-    """The base model for ``spec``: a registered file loader by suffix, else a factory spec.
-
-    Raises:
-        ArgError: a file suffix without a loader, or a factory spec that cannot be built.
-    """
-    suffix = Path(spec).suffix.lower()
-    if suffix and ":" not in spec:
-        if suffix not in _LOADERS and suffix in LAZY_BASE_LOADERS:
-            importlib.import_module(LAZY_BASE_LOADERS[suffix])
-        loader = _LOADERS.get(suffix)
-        if loader is None:
-            known = sorted(set(_LOADERS) | set(LAZY_BASE_LOADERS))
-            raise ArgError(
-                f"base={spec!r}: no loader for {suffix!r} files (known: {known or 'none'}); give a factory "
-                "spec 'package.module:factory', or register one with lorakit.cli.merge.register_base_loader"
-            )
-        model = loader(spec, args)
-        if not isinstance(model, nn.Module):
-            raise ArgError(f"base={spec!r}: the {suffix} loader returned {type(model).__name__}, not an nn.Module")
-        return model
-    return load_model(spec, args)
 
 
 def _flag(opts: dict[str, Any], key: str) -> bool:

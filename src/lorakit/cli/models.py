@@ -1,0 +1,85 @@
+"""Building the model a command works on: ``model=``/``base=`` specs shared by every verb.
+
+A spec is either a factory ``package.module:factory`` (called with ``args=``), or a
+file whose suffix has a registered loader. Integrations register loaders for their
+files; :data:`LAZY_BASE_LOADERS` names the module that registers one, so
+``lorakit inspect model=yolo26n.yaml`` works without importing anything by hand::
+
+    from lorakit.cli.models import register_base_loader
+    register_base_loader(".pt", load_yolo)      # load_yolo(spec: str, args) -> nn.Module
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .args import ArgError
+
+
+def load_model(spec: str, args: Any = None) -> nn.Module:
+    """Build a model from ``package.module:factory`` (called with ``args`` if given).
+
+    Raises ArgError naming the spec when it cannot be imported or does not give a module.
+    """
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ArgError(f"model={spec!r}: expected 'package.module:factory', e.g. torchvision.models:resnet18")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ArgError(f"model={spec!r}: cannot import: {exc}") from None
+    if args is None:
+        model = factory()
+    elif isinstance(args, dict):
+        model = factory(**args)
+    else:
+        model = factory(*(args if isinstance(args, (list, tuple)) else [args]))
+    if not isinstance(model, nn.Module):
+        raise ArgError(f"model={spec!r}: the factory returned {type(model).__name__}, not an nn.Module")
+    return model
+
+
+BaseLoader = Callable[[str, Any], nn.Module]
+_LOADERS: dict[str, BaseLoader] = {}
+# suffix -> module that calls register_base_loader for it when imported.
+LAZY_BASE_LOADERS: dict[str, str] = {
+    ".pt": "lorakit.yolo.cli_models",
+    ".yaml": "lorakit.yolo.cli_models",
+    ".yml": "lorakit.yolo.cli_models",
+}
+
+
+def register_base_loader(suffix: str, loader: BaseLoader) -> None:
+    """Make ``base=<file><suffix>`` load with ``loader(spec, args)`` (suffix like ``".pt"``, any case)."""
+    if not suffix.startswith(".") or len(suffix) < 2:
+        raise ValueError(f"register_base_loader: suffix must look like '.pt', got {suffix!r}")
+    _LOADERS[suffix.lower()] = loader
+
+
+def load_base(spec: str, args: Any = None) -> nn.Module:
+    """The base model for ``spec``: a registered file loader by suffix, else a factory spec.
+
+    Raises:
+        ArgError: a file suffix without a loader, or a factory spec that cannot be built.
+    """
+    suffix = Path(spec).suffix.lower()
+    if suffix and ":" not in spec:
+        if suffix not in _LOADERS and suffix in LAZY_BASE_LOADERS:
+            importlib.import_module(LAZY_BASE_LOADERS[suffix])
+        loader = _LOADERS.get(suffix)
+        if loader is None:
+            known = sorted(set(_LOADERS) | set(LAZY_BASE_LOADERS))
+            raise ArgError(
+                f"base={spec!r}: no loader for {suffix!r} files (known: {known or 'none'}); give a factory "
+                "spec 'package.module:factory', or register one with lorakit.cli.models.register_base_loader"
+            )
+        model = loader(spec, args)
+        if not isinstance(model, nn.Module):
+            raise ArgError(f"base={spec!r}: the {suffix} loader returned {type(model).__name__}, not an nn.Module")
+        return model
+    return load_model(spec, args)

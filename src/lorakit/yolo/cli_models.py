@@ -1,0 +1,43 @@
+"""Loaders for YOLO files on the command line: ``model=yolo26n.yaml`` / ``base=best.pt``.
+
+Registered with :func:`lorakit.cli.models.register_base_loader` when imported (the
+CLI imports this module itself when it meets a ``.pt``/``.yaml``/``.yml`` spec).
+Ultralytics is switched to offline mode first. A ``.pt`` checkpoint is a pickle:
+Ultralytics unpickles it, so only load checkpoints you trust.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from ..cli.args import ArgError
+from ..cli.models import register_base_loader
+from . import offline
+
+
+def load_yolo(spec: str, args: Any = None) -> nn.Module:
+    """The ``nn.Module`` (e.g. ``DetectionModel``) of a YOLO ``.yaml`` or ``.pt``.
+
+    A ``.pt`` must be a local file: Ultralytics would otherwise try to download a
+    name it knows (``yolo26n.pt``) from GitHub, even in offline mode. ``.yaml``
+    names such as ``yolo26n.yaml`` resolve to the configs Ultralytics ships.
+    """
+    if Path(spec).suffix.lower() == ".pt" and not Path(spec).is_file():
+        raise ArgError(f"model={spec!r}: no such file (lorakit never downloads weights; give a local .pt)")
+    offline.enable()
+    from ultralytics import YOLO  # type: ignore[attr-defined]
+
+    try:
+        model = YOLO(spec).model
+    except (FileNotFoundError, ConnectionError, RuntimeError) as exc:
+        raise ArgError(f"model={spec!r}: Ultralytics cannot load it ({exc}); give a local .pt or a .yaml") from None
+    if not isinstance(model, nn.Module):
+        raise ArgError(f"model={spec!r}: Ultralytics gave {type(model).__name__}, not an nn.Module")
+    return model
+
+
+for _suffix in (".pt", ".yaml", ".yml"):
+    register_base_loader(_suffix, load_yolo)
