@@ -104,7 +104,9 @@ def _train(base: SimpleNamespace, data: Path, name: str, epochs: int) -> SimpleN
         start["optimized"] = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
         start["names"] = {id(p): n for n, p in m.named_parameters()}
 
-    model = LoraYOLO(str(base.pt), r=8)
+    # BatchNorm frozen (adapt_bn=False): the invariants below (base bitwise unchanged, only LoRA factors
+    # train, disabled == base) are those of that mode; the default (adapt_bn=True) runs in test_demo.py.
+    model = LoraYOLO(str(base.pt), r=8, adapt_bn=False)
     model.add_callback("on_pretrain_routine_end", snapshot)
     model.train(data=str(data), epochs=epochs, project=str(base.root / "runs"), name=name, **TRAIN)
     return SimpleNamespace(model=model, trainer=model.trainer, start=start)
@@ -314,3 +316,23 @@ def test_resume_and_muon_refused(base: SimpleNamespace) -> None:
         LoraYOLO(str(base.pt)).train(
             data=str(base.data_a), epochs=1, optimizer="MuSGD", project=str(base.root / "runs"), name="muon", **TRAIN
         )
+
+
+def test_nan_loss_restores_the_last_saved_epoch(same_nc: SimpleNamespace) -> None:
+    # Ultralytics would reload last.pt (merged weights, no LoRA keys) into the LoRA model and fail.
+    t = same_nc.trainer
+    good = t._last_good
+    assert good is not None and good["model"]
+    params = dict(t.model.named_parameters())
+    saved = {n: params[n].detach().clone() for n in good["model"]}
+    with torch.no_grad():
+        for n in saved:
+            params[n].fill_(float("nan"))
+    t.loss, t.fitness, attempts = torch.tensor(float("nan")), None, t.nan_recovery_attempts
+    assert t._handle_nan_recovery(epoch=t.start_epoch + 1) is True
+    assert t.nan_recovery_attempts == attempts + 1
+    assert all(torch.equal(params[n], v) for n, v in saved.items())
+    ema = t.ema.ema.state_dict()
+    assert all(torch.equal(ema[k], v) for k, v in good["ema"].items())
+    t.loss = torch.tensor(1.0)
+    assert t._handle_nan_recovery(epoch=t.start_epoch + 1) is False  # finite loss: nothing to do

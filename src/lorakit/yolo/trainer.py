@@ -15,13 +15,17 @@ override                     why
 ``build_optimizer``          restores the LoRA ``requires_grad`` set, freezes BatchNorm
                              statistics (``"model."`` in ``freeze_layer_names``), and
                              builds the groups from trainable parameters only, with an
-                             explicit optimizer ("auto" -> AdamW lr 0.002; MuSGD refused:
+                             explicit optimizer ("auto" -> AdamW lr 0.007; MuSGD refused:
                              Muon would orthogonalise the LoRA factors)
 ``save_model``               writes ``last.pt``/``best.pt`` with the EMA model *merged*
                              (plain ``nn.Conv2d``: loads, fuses and exports without
                              lorakit) and the adapter next to them
 ``check_resume``             refuses ``resume``: checkpoints hold merged weights, so
                              the LoRA state cannot be restored from them
+``_handle_nan_recovery``     on a NaN/Inf loss Ultralytics reloads ``last.pt`` into the
+                             live model, which fails here (merged weights, no LoRA
+                             keys); the trainable tensors, their EMA and the optimizer
+                             state of the last saved epoch are restored from memory
 ===========================  ===========================================================
 
 ``final_eval`` needs no override: it re-validates ``best.pt`` from disk with
@@ -34,19 +38,20 @@ import dataclasses
 import importlib
 import json
 import logging
+import math
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.utils import DEFAULT_CFG, LOGGER
-from ultralytics.utils.torch_utils import unwrap_model
+from ultralytics.utils.torch_utils import ModelEMA, unwrap_model
 
 from ..adapters import merge_and_unload
 from ..config import LoraConfig
@@ -55,7 +60,11 @@ from ..inject import _CONFIGS_ATTR, InjectReport, inject
 from ..layers import LoraLayer
 from .targets import class_convs, detector_config
 
-LORA_AUTO_OPTIMIZER = ("AdamW", 0.002)  # what optimizer="auto" means for LoRA
+# What optimizer="auto" means for LoRA: 7x what full fine-tuning wanted on the synthetic A->B benchmark
+# (bench/yolo_quality.md; yolo26n, r=8, BatchNorm adapting, 15 epochs). There lr 0.007 reached 96-100 % of
+# full fine-tuning's mAP50-95 (seed-matched), 0.01 91-93 %, 0.02 collapsed, and the old 0.002 gave 62 %;
+# full fine-tuning itself peaked at lr 0.001.
+LORA_AUTO_OPTIMIZER = ("AdamW", 0.007)
 
 
 @dataclass(frozen=True)
@@ -69,7 +78,12 @@ class LoraOptions:
             detector defaults (re-initialised class convs are still added to its
             ``train_modules``); ``r``/``alpha``/``dropout``/``exclude`` must then be left at their defaults.
         adapt_bn: train BatchNorm weights and let their running statistics update
-            (default False: BN frozen, so the adapter alone reproduces the model).
+            (default True). The BatchNorm layers are then saved with the adapter
+            (``train_modules``), so base + adapter reproduce the trained model. With
+            False (BN frozen) the adapter is LoRA factors and class convs only, but
+            on the synthetic A -> B benchmark (bench/yolo_quality.md) frozen-BN LoRA
+            at lr 0.005-0.01 let activations grow without bound (class logits ~1e5,
+            an fp16 overflow); with BN updating they stayed at full fine-tuning's size.
         adapter_name: the adapter's name in the model and in saved files.
         max_fraction: see :func:`lorakit.yolo.targets.detector_config`.
     """
@@ -79,7 +93,7 @@ class LoraOptions:
     dropout: float = 0.0
     exclude: tuple[str, ...] = ()
     config: LoraConfig | None = None
-    adapt_bn: bool = False
+    adapt_bn: bool = True
     adapter_name: str = "default"
     max_fraction: float = 1.0
 
@@ -92,7 +106,15 @@ class LoraOptions:
                 raise ConfigError(f"LoraOptions: give either config= or {clash}, not both")
 
     def build(self, model: nn.Module, train_modules: list[str]) -> LoraConfig:
-        """The LoraConfig for ``model``, with ``train_modules`` trained fully and not adapted."""
+        """The LoraConfig for ``model``, with ``train_modules`` trained fully and not adapted.
+
+        With ``adapt_bn`` every BatchNorm layer is added to ``train_modules``, so the
+        adapter file carries their weights *and* running statistics: the base model
+        plus the adapter then reproduce the trained model.
+        """
+        if self.adapt_bn:
+            bn = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+            train_modules = [*train_modules, *(n for n in bn if n not in train_modules)]
         if self.config is None:
             return detector_config(
                 model,
@@ -204,6 +226,7 @@ class LoraDetectionTrainer(DetectionTrainer):  # type: ignore[misc]
         self.lora_report: InjectReport | None = None
         self.lora_config: LoraConfig | None = None
         self._lora_trainable: set[str] = set()
+        self._last_good: dict[str, Any] | None = None  # NaN recovery point, see _handle_nan_recovery
         super().__init__(cfg, overrides, _callbacks)
         if self.world_size > 1:
             raise NotImplementedError("LoraDetectionTrainer: multi-GPU (DDP) training is not supported yet")
@@ -292,4 +315,58 @@ class LoraDetectionTrainer(DetectionTrainer):  # type: ignore[misc]
             save_adapter(lora_ema, self.last_adapter, self.lora.adapter_name)
             if self.best_fitness == self.fitness:
                 save_adapter(lora_ema, self.best_adapter, self.lora.adapter_name)
+            self._last_good = self._snapshot()
         return saved
+
+    def _snapshot(self) -> dict[str, Any]:
+        """Copies of what training changes: trainable tensors, their EMA, the optimizer state (adapter-sized)."""
+        assert self.ema is not None
+        live = {n: p.detach().clone() for n, p in unwrap_model(self.model).named_parameters() if p.requires_grad}
+        ema = {k: v.detach().clone() for k, v in self.ema.ema.state_dict().items() if k in live}
+        return {
+            "model": live,
+            "ema": ema,
+            "updates": self.ema.updates,
+            "optimizer": deepcopy(self.optimizer.state_dict()),
+        }
+
+    def _handle_nan_recovery(self, epoch: int) -> bool:
+        """On a NaN/Inf loss or fitness, go back to the last saved epoch (from memory, not ``last.pt``).
+
+        Same policy as Ultralytics: nothing to do on the first epoch, at most 3 attempts,
+        then ``RuntimeError``. Returns True when the epoch must be redone.
+        """
+        loss_nan = self.loss is not None and not bool(torch.isfinite(self.loss).all())
+        fitness_nan = self.fitness is not None and not math.isfinite(float(self.fitness))
+        if not (loss_nan or fitness_nan):
+            return False
+        reason = "Loss NaN/Inf" if loss_nan else "Fitness NaN/Inf"
+        good = self._last_good
+        if epoch == self.start_epoch or good is None:
+            LOGGER.warning(f"{reason} detected but no saved epoch to go back to yet; continuing")
+            return False
+        self.nan_recovery_attempts += 1
+        if self.nan_recovery_attempts > 3:
+            raise RuntimeError(
+                f"Training failed: NaN persisted for {self.nan_recovery_attempts} epochs (LoRA: try a lower lr0)"
+            )
+        LOGGER.warning(
+            f"{reason} detected (attempt {self.nan_recovery_attempts}/3), restoring the adapter of the last saved epoch"
+        )
+        t: Any = self  # Ultralytics' trainer attributes are untyped (None in __init__)
+        t._model_train()
+        model = unwrap_model(t.model)
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n in good["model"]:
+                    p.copy_(good["model"][n])
+        t.ema = cast(Any, ModelEMA)(model)  # a fresh EMA, as Ultralytics does (validation leaves inference tensors)
+        with torch.no_grad():
+            state = t.ema.ema.state_dict()
+            for k, v in good["ema"].items():
+                state[k].copy_(v)
+        t.ema.updates = good["updates"]
+        t.optimizer.load_state_dict(deepcopy(good["optimizer"]))
+        t.optimizer.zero_grad()
+        t.scheduler.last_epoch = epoch - 1
+        return True
