@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -140,7 +140,9 @@ def _bias_keys(model: nn.Module, bias: str, adapted: set[str], skip: list[str]) 
     return out
 
 
-def save_adapter(model: nn.Module, path: str | Path, name: str = "default") -> Path:
+def save_adapter(
+    model: nn.Module, path: str | Path, name: str = "default", *, metadata: Mapping[str, str] | None = None
+) -> Path:
     """Write adapter ``name`` of ``model`` to folder ``path`` in PEFT's format.
 
     Writes ``adapter_model.safetensors`` and ``adapter_config.json`` (see the module
@@ -149,12 +151,18 @@ def save_adapter(model: nn.Module, path: str | Path, name: str = "default") -> P
     re-saving a training run replaces one file in one ``os.replace``. Saving into the
     folder the adapter was loaded from is safe (loads never memory-map).
 
+    Args:
+        metadata: extra string entries for the safetensors header (an integration's own
+            facts, e.g. a detector's class names); read back by :func:`read_adapter_files`.
+            Keys lorakit itself writes (``format``, ``lorakit_version``, ...) are refused.
+
     Returns:
         The folder.
 
     Raises:
         AdapterNotFoundError: the model has no adapter ``name``.
-        ConfigError: the adapter's layers or scaling cannot be written in PEFT's format.
+        ConfigError: the adapter's layers or scaling cannot be written in PEFT's format, or
+            ``metadata`` uses a reserved key or a non-string value.
         NonFiniteError: the adapter holds NaN/Inf (a broken adapter is never saved).
         OSError: the folder or a file cannot be written (the message names it).
     """
@@ -198,14 +206,18 @@ def save_adapter(model: nn.Module, path: str | Path, name: str = "default") -> P
     tensors = {k: v.to("cpu", copy=True).contiguous() for k, v in tensors.items()}
 
     cfg_text = json.dumps(to_peft_config(model, config, adapted, train), indent=2, sort_keys=True).encode()
-    metadata = {
+    own = {
         "format": "pt",
         "lorakit_version": __version__,
         "lorakit_checksums": json.dumps({k: checksum(v) for k, v in tensors.items()}, sort_keys=True),
         "lorakit_base": json.dumps(base, sort_keys=True),
         "lorakit_config_sha256": hashlib.sha256(cfg_text).hexdigest(),
     }
-    data = safetensors.torch.save(tensors, metadata=metadata)
+    extra = dict(metadata or {})
+    bad = [k for k, v in extra.items() if k in own or not isinstance(k, str) or not isinstance(v, str)]
+    if bad:
+        raise ConfigError(f"cannot save adapter {name!r} to {folder}: metadata keys {bad} are reserved or not str->str")
+    data = safetensors.torch.save(tensors, metadata={**extra, **own})
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -244,6 +244,19 @@ def test_save_errors(tmp_path: Path) -> None:
     assert not (tmp_path / W).exists()
 
 
+def test_extra_metadata_round_trips_and_reserved_keys_are_refused(tmp_path: Path) -> None:
+    m = adapted_net()
+    save_adapter(m, tmp_path, metadata={"my_integration": '{"names": ["a"]}'})
+    files = lorakit.io.read_adapter_files(tmp_path)
+    assert files.metadata["my_integration"] == '{"names": ["a"]}' and "lorakit_checksums" in files.metadata
+    load_adapter(make_net(), tmp_path)  # still a valid adapter
+    before = (tmp_path / W).read_bytes()
+    for bad in ({"lorakit_version": "9"}, {"format": "np"}, {"k": 1}):
+        with pytest.raises(lorakit.ConfigError, match="reserved or not str"):
+            save_adapter(m, tmp_path, metadata=bad)  # type: ignore[dict-item]
+    assert (tmp_path / W).read_bytes() == before
+
+
 @pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root ignores folder permissions")
 def test_read_only_folder_keeps_previous_adapter(tmp_path: Path) -> None:
     save_adapter(adapted_net(seed=0), tmp_path)

@@ -10,13 +10,27 @@
     model.export(format="onnx")                         # merged, zero LoRA overhead
 
 After ``train`` the object holds the merged ``best.pt`` exactly as ``YOLO``
-would; that file loads in plain Ultralytics without lorakit. Only detection
-is supported in this version.
+would; that file loads in plain Ultralytics without lorakit.
+
+Serving several adapters on one base::
+
+    model = LoraYOLO("base.pt", adapter="runs/detect/train/weights/best_adapter")
+    model.load_adapter("other_adapter", name="other")   # same base, its own head and BatchNorm
+    model.set_adapter("other"); model.predict("img.jpg")
+    with model.adapter_disabled():                     # the base model's exact predictions
+        model.predict("img.jpg")
+    model.save_merged("other_merged.pt")              # plain Ultralytics checkpoint
+
+``predict``, ``val``, ``track``, ``benchmark`` and ``export`` run on a merged copy
+of the active adapter (Ultralytics fuses Conv+BN on those paths, which needs
+plain convs); the copy is cached until the adapter changes.
 """
 
 from __future__ import annotations
 
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from copy import deepcopy
 from functools import partial
 from pathlib import Path
@@ -25,10 +39,15 @@ from typing import Any
 from torch import nn
 from ultralytics import YOLO  # type: ignore[attr-defined]
 
+from .. import adapters as core
 from ..adapters import merge_and_unload
 from ..config import LoraConfig
+from ..errors import AdapterNotFoundError, ConfigError
+from ..io import LoadReport, _train_paths, load_adapter, read_adapter_files
+from ..io_peft import from_peft_config
 from ..layers import LoraLayer
 from .trainer import LoraDetectionTrainer, LoraOptions
+from .variants import Variant, fresh_variant
 
 
 class LoraYOLO(YOLO):  # type: ignore[misc]
@@ -36,6 +55,7 @@ class LoraYOLO(YOLO):  # type: ignore[misc]
 
     Args:
         model: a ``.pt`` checkpoint or ``.yaml`` config, as for ``YOLO``.
+        adapter: an adapter folder to load on it (as :meth:`load_adapter`, named after the folder).
         r, alpha, dropout, exclude, config, adapt_bn, adapter_name, max_fraction:
             the LoRA settings, see :class:`~lorakit.yolo.trainer.LoraOptions`.
         task, verbose: as for ``YOLO``.
@@ -49,6 +69,7 @@ class LoraYOLO(YOLO):  # type: ignore[misc]
         self,
         model: str | Path = "yolo26n.pt",
         *,
+        adapter: str | Path | None = None,
         r: int = 8,
         alpha: float | None = None,
         dropout: float = 0.0,
@@ -74,6 +95,196 @@ class LoraYOLO(YOLO):  # type: ignore[misc]
         if not isinstance(self, LoraYOLO):  # YOLO.__init__ switched the class (World/YOLOE/RT-DETR)
             raise NotImplementedError(f"LoraYOLO supports YOLO detectors only, got {type(self).__name__}")
         self.lora = lora
+        self._base: Variant | None = None  # the base's own versions of the modules adapters replace
+        self._variants: dict[str, Variant] = {}
+        self._disabled = False
+        self._view: tuple[Any, nn.Module] | None = None  # (state key, merged copy) for inference
+        self._generation = 0
+        if adapter is not None:
+            self.load_adapter(adapter)
+
+    # ------------------------------------------------------------------ adapters on a loaded base
+
+    @property
+    def adapters(self) -> list[str]:
+        """Names of the adapters loaded with :meth:`load_adapter`, in load order."""
+        return list(self._variants)
+
+    @property
+    def active_adapter(self) -> str | None:
+        """The adapter predictions use, or ``None`` (the base model)."""
+        active = core.active_adapters(self._lora_model()) if self._variants else ()
+        return active[0] if active else None
+
+    def _lora_model(self) -> nn.Module:
+        if not isinstance(self.model, nn.Module):
+            raise TypeError(f"LoraYOLO: adapters need a PyTorch model, not {type(self.model).__name__}")
+        return self.model
+
+    def _install(self, name: str | None) -> None:
+        """Put the base's modules back, then adapter ``name``'s (``None``: the base alone)."""
+        model = self._lora_model()
+        assert self._base is not None
+        self._base.install(model)
+        if name is not None:
+            self._variants[name].install(model)
+        self._changed()
+
+    def _changed(self) -> None:
+        self._generation += 1
+        self._view = None
+        self.predictor = None  # it holds a fused copy of the previous state
+
+    def load_adapter(
+        self, path: str | Path, name: str | None = None, *, activate: bool = True, allow_other_base: bool = False
+    ) -> LoadReport:
+        """Load an adapter folder (written by a LoRA run, or PEFT-format) onto this base model.
+
+        The adapter's fully trained modules (a new class count's class convs, its
+        BatchNorm layers) go into copies of the base's, so the base and every other
+        loaded adapter keep theirs; the class names come from the file.
+
+        Args:
+            path: the adapter folder, e.g. ``runs/detect/train/weights/best_adapter``.
+            name: its name here (default: the folder's name).
+            activate: make it the active adapter (default).
+            allow_other_base: as :func:`lorakit.io.load_adapter`.
+
+        Raises:
+            ConfigError: the name is taken, or the model was trained here (merged weights
+                are not a base); the errors of :func:`lorakit.io.load_adapter` (file, keys,
+                shapes, other base). The model is unchanged on any error.
+        """
+        path = Path(path)
+        name = name or path.name
+        model = self._lora_model()
+        if name in self._variants:
+            raise ConfigError(f"LoraYOLO.load_adapter({str(path)!r}): an adapter named {name!r} is loaded already")
+        files = read_adapter_files(path)
+        cfg, _ = from_peft_config(files.config_file, files.raw_config, strict=False)
+        paths = _train_paths(model, cfg.train_modules)
+        previous = self.active_adapter
+        base = self._base or Variant.capture(model, [])
+        if self._base is not None:
+            base.install(model)
+        for p in paths:  # first sight of a path: the module there now is the base's own
+            if p not in base.modules:
+                base.modules[p] = model.get_submodule(p)
+        variant = fresh_variant(model, base, paths, files)
+        variant.install(model)
+        try:
+            report = load_adapter(model, path, name, allow_other_base=allow_other_base)
+        except BaseException:
+            base.install(model)
+            if previous is not None:
+                self._variants[previous].install(model)
+            raise
+        self._base = base
+        self._variants[name] = variant
+        if activate:
+            self._install(name)
+        else:
+            self._install(previous)
+            core.set_adapter(model, [previous] if previous else [])
+        return report
+
+    def set_adapter(self, name: str | None) -> None:
+        """Make ``name`` the active adapter (``None``: none, the base model)."""
+        if name is not None and name not in self._variants:
+            raise AdapterNotFoundError(f"LoraYOLO.set_adapter: no adapter {name!r}; loaded: {self.adapters}")
+        if not self._variants:
+            if name is None:
+                return
+            raise AdapterNotFoundError("LoraYOLO.set_adapter: no adapter loaded (load_adapter first)")
+        self._install(name)
+        core.set_adapter(self._lora_model(), [name] if name else [])
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove adapter ``name`` (the base becomes active if it was)."""
+        if name not in self._variants:
+            raise AdapterNotFoundError(f"LoraYOLO.delete_adapter: no adapter {name!r}; loaded: {self.adapters}")
+        active = self.active_adapter
+        self._install(None if active == name else active)
+        core.delete_adapter(self._lora_model(), name)
+        del self._variants[name]
+        self._changed()
+
+    @contextmanager
+    def adapter_disabled(self) -> Iterator[LoraYOLO]:
+        """Inside the block the model is exactly the base: LoRA off and the base's own modules and names."""
+        if not self._variants:
+            yield self
+            return
+        active = self.active_adapter
+        self._install(None)
+        self._disabled = True
+        try:
+            with core.disabled(self._lora_model()):
+                yield self
+        finally:
+            self._disabled = False
+            self._install(active)
+
+    def merged_model(self) -> nn.Module:
+        """A plain Ultralytics model (no LoRA layer) of the current state: the active adapter
+        merged in, or the base itself when none is active or inside :meth:`adapter_disabled`.
+        Cached until the state changes; do not modify it."""
+        model = self._lora_model()
+        if not any(isinstance(m, LoraLayer) for m in model.modules()):
+            return model
+        key = (self._generation, self._disabled, self.active_adapter)
+        if self._view is None or self._view[0] != key:
+            copy = deepcopy(model)
+            if self._disabled or key[2] is None:
+                core.unload(copy)
+            else:
+                merge_and_unload(copy)
+            self._view = (key, copy)
+        return self._view[1]
+
+    @contextmanager
+    def _merged(self) -> Iterator[None]:
+        """``self.model`` is the merged copy inside the block (Ultralytics' inference paths fuse it)."""
+        model = self.model
+        view = self.merged_model() if isinstance(model, nn.Module) else model
+        if view is model:
+            yield
+            return
+        self.model = view
+        try:
+            yield
+        finally:
+            self.model = model
+
+    def predict(self, *args: Any, **kwargs: Any) -> Any:
+        """``YOLO.predict`` with the active adapter merged (the base inside :meth:`adapter_disabled`)."""
+        with self._merged():
+            return super().predict(*args, **kwargs)
+
+    def val(self, *args: Any, **kwargs: Any) -> Any:
+        """``YOLO.val`` with the active adapter merged."""
+        with self._merged():
+            return super().val(*args, **kwargs)
+
+    def track(self, *args: Any, **kwargs: Any) -> Any:
+        """``YOLO.track`` with the active adapter merged."""
+        with self._merged():
+            return super().track(*args, **kwargs)
+
+    def benchmark(self, *args: Any, **kwargs: Any) -> Any:
+        """``YOLO.benchmark`` with the active adapter merged."""
+        with self._merged():
+            return super().benchmark(*args, **kwargs)
+
+    def save_merged(self, path: str | Path) -> Path:
+        """Write the current state (active adapter merged) as a plain Ultralytics ``.pt``.
+
+        The file loads with ``ultralytics.YOLO(path)`` without lorakit installed.
+        """
+        path = Path(path)
+        with self._merged():
+            self.save(path)
+        return path
 
     def train(self, trainer: Any = None, **kwargs: Any) -> Any:  # type: ignore[override]
         """Train a LoRA adapter; arguments as ``YOLO.train``. Returns the metrics.
@@ -83,6 +294,11 @@ class LoraYOLO(YOLO):  # type: ignore[misc]
         ``resume`` are refused. ``trainer`` may name a subclass of
         :class:`LoraDetectionTrainer`.
         """
+        if self._variants:
+            raise ConfigError(
+                "LoraYOLO.train: adapters are loaded on this model; training starts a new adapter from the "
+                "base, so use a LoraYOLO(base) without loaded adapters"
+            )
         if self.task != "detect":
             raise NotImplementedError(f"LoraYOLO.train supports task='detect' only, got {self.task!r}")
         if kwargs.get("resume"):
@@ -120,12 +336,6 @@ class LoraYOLO(YOLO):  # type: ignore[misc]
         return path
 
     def export(self, **kwargs: Any) -> Any:
-        """``YOLO.export`` on the merged model (a LoRA model is merged on a copy first)."""
-        model = self.model
-        if isinstance(model, nn.Module) and any(isinstance(m, LoraLayer) for m in model.modules()):
-            self.model = merge_and_unload(deepcopy(model))
-            try:
-                return super().export(**kwargs)
-            finally:
-                self.model = model
-        return super().export(**kwargs)
+        """``YOLO.export`` on the merged model (the active adapter merged into a copy): zero LoRA overhead."""
+        with self._merged():
+            return super().export(**kwargs)

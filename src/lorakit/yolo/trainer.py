@@ -35,11 +35,9 @@ override                     why
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import logging
 import math
-import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from copy import deepcopy
@@ -56,7 +54,7 @@ from ultralytics.utils.torch_utils import ModelEMA, unwrap_model
 from ..adapters import merge_and_unload
 from ..config import LoraConfig
 from ..errors import ConfigError
-from ..inject import _CONFIGS_ATTR, InjectReport, inject
+from ..inject import InjectReport, inject
 from ..layers import LoraLayer
 from .targets import class_convs, detector_config
 
@@ -135,43 +133,38 @@ class LoraOptions:
         )
 
 
-def save_adapter(model: nn.Module, path: str | Path, name: str = "default") -> Path:
+YOLO_METADATA = "lorakit_yolo"  # safetensors header key: what a base needs besides the tensors (class names)
+
+
+def yolo_metadata(model: nn.Module, task: str | None = None) -> dict[str, Any]:
+    """The facts a base model needs to take this adapter besides its tensors.
+
+    ``task``, the class ``names`` (the head's class convs are in the file, their names
+    are not) and, for pose models, ``kpt_shape``.
+    """
+    layers = getattr(model, "model", None)
+    head = layers[-1] if isinstance(layers, nn.Sequential) else None
+    names = getattr(model, "names", None) or {}
+    meta: dict[str, Any] = {
+        "task": task or getattr(model, "task", None),
+        "names": {str(k): v for k, v in names.items()},
+    }
+    if head is not None and getattr(head, "kpt_shape", None) is not None:
+        meta["kpt_shape"] = [int(k) for k in cast(Any, head).kpt_shape]
+    return meta
+
+
+def save_adapter(model: nn.Module, path: str | Path, name: str = "default", task: str | None = None) -> Path:
     """Write adapter ``name`` of ``model`` (plus its ``train_modules``) to the folder ``path``.
 
-    Uses ``lorakit.io.save_adapter`` when that module exists; until then a
-    stand-in writes ``adapter_model.safetensors`` (lorakit keys) and
-    ``lorakit_config.json``. TODO(lead): point this at ``lorakit.io`` only.
+    :func:`lorakit.io.save_adapter` with the detector's class names and task in the
+    safetensors header (key ``lorakit_yolo``), so that
+    :meth:`LoraYOLO.load_adapter <lorakit.yolo.LoraYOLO.load_adapter>` can give a base
+    model the adapter's classes.
     """
-    path = Path(path)
-    try:
-        io = importlib.import_module("lorakit.io")
-    except ModuleNotFoundError:
-        io = None
-    if io is not None:
-        io.save_adapter(model, path, name=name)
-        return path
-    return _save_adapter_standin(model, path, name)
+    from ..io import save_adapter as save
 
-
-def _save_adapter_standin(model: nn.Module, path: Path, name: str) -> Path:
-    # STAND-IN until lorakit.io lands: not the PEFT format.
-    from safetensors.torch import save_file
-
-    config: LoraConfig = model.__dict__[_CONFIGS_ATTR][name]
-    trained = {f"{m}." for m in config.train_modules}
-    state = {
-        k: v.detach().float().cpu().contiguous()
-        for k, v in model.state_dict().items()
-        if f".lora.{name}." in k or any(k.startswith(t) for t in trained)
-    }
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(state, str(tmp / "adapter_model.safetensors"))
-    (tmp / "lorakit_config.json").write_text(json.dumps({"adapter": name, **config.to_dict()}, indent=2))
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
-    return path
+    return save(model, path, name, metadata={YOLO_METADATA: json.dumps(yolo_metadata(model, task), sort_keys=True)})
 
 
 class _DropRequiresGradWarnings(logging.Filter):
@@ -189,30 +182,38 @@ def _muted_unfreeze_warnings() -> Iterator[None]:
         LOGGER.removeFilter(flt)
 
 
-def _new_class_convs(model: nn.Module, weights: Any) -> list[str]:
-    """Class convs that did not come from ``weights`` (none given, or another shape): trained fully."""
-    convs = class_convs(model)
+def new_head_modules(model: nn.Module, weights: Any, heads: list[str]) -> list[str]:
+    """Those of ``heads`` that did not come from ``weights`` (none given, or another shape): trained fully."""
     if not weights:
-        return convs
+        return heads
     src = (weights.get("ema") or weights.get("model")) if isinstance(weights, dict) else weights
     src_sd = src.state_dict() if isinstance(src, nn.Module) else {}
     sd = model.state_dict()
-    return [p for p in convs if f"{p}.weight" not in src_sd or src_sd[f"{p}.weight"].shape != sd[f"{p}.weight"].shape]
+    return [p for p in heads if f"{p}.weight" not in src_sd or src_sd[f"{p}.weight"].shape != sd[f"{p}.weight"].shape]
 
 
-class LoraDetectionTrainer(DetectionTrainer):  # type: ignore[misc]
-    """Ultralytics ``DetectionTrainer`` that trains a LoRA adapter (see the module docstring).
+class LoraTrainerMixin:
+    """The LoRA overrides (see the module docstring), for any Ultralytics task trainer.
 
-    Use through :class:`~lorakit.yolo.LoraYOLO`, or directly::
-
-        YOLO("base.pt").train(data=..., trainer=LoraDetectionTrainer)          # default LoraOptions
-        YOLO("base.pt").train(data=..., trainer=functools.partial(LoraDetectionTrainer, lora=LoraOptions(r=16)))
-
-    After training: ``weights/last.pt`` and ``best.pt`` are plain merged
-    Ultralytics checkpoints; ``weights/last_adapter`` and ``best_adapter`` hold
-    the adapter; ``self.lora_report`` says what was adapted; ``self.model`` (live)
-    and ``self.ema.ema`` still carry the unmerged LoRA layers.
+    Put it first: ``class LoraSegmentationTrainer(LoraTrainerMixin, SegmentationTrainer)``.
+    A task whose output head has other re-initialised convs than the detector's
+    class convs overrides :meth:`head_modules`.
     """
+
+    # Ultralytics' BaseTrainer attributes this mixin reads (set there, untyped)
+    args: Any
+    model: Any
+    ema: Any
+    optimizer: Any
+    scheduler: Any
+    wdir: Path
+    world_size: int
+    freeze_layer_names: list[str]
+    best_fitness: Any
+    fitness: Any
+    loss: Any
+    start_epoch: int
+    nan_recovery_attempts: int
 
     def __init__(
         self,
@@ -227,7 +228,7 @@ class LoraDetectionTrainer(DetectionTrainer):  # type: ignore[misc]
         self.lora_config: LoraConfig | None = None
         self._lora_trainable: set[str] = set()
         self._last_good: dict[str, Any] | None = None  # NaN recovery point, see _handle_nan_recovery
-        super().__init__(cfg, overrides, _callbacks)
+        super().__init__(cfg, overrides, _callbacks)  # type: ignore[call-arg]
         if self.world_size > 1:
             raise NotImplementedError("LoraDetectionTrainer: multi-GPU (DDP) training is not supported yet")
         self.last_adapter = self.wdir / "last_adapter"
@@ -240,14 +241,14 @@ class LoraDetectionTrainer(DetectionTrainer):  # type: ignore[misc]
                 "optimizer state cannot be restored. Start a new run from last.pt (a new adapter on top of "
                 "the merged weights) instead."
             )
-        super().check_resume(overrides)  # type: ignore[no-untyped-call]
+        super().check_resume(overrides)  # type: ignore[misc]
 
     def get_model(self, cfg: Any = None, weights: Any = None, verbose: bool = True) -> nn.Module:
         """Build and load the model as Ultralytics does, then inject LoRA (pretrained weights are the base)."""
-        model: nn.Module = super().get_model(cfg=cfg, weights=weights, verbose=verbose)
+        model: nn.Module = super().get_model(cfg=cfg, weights=weights, verbose=verbose)  # type: ignore[misc]
         if any(isinstance(m, LoraLayer) for m in model.modules()):  # pragma: no cover - super() builds fresh
             raise RuntimeError("get_model: the freshly built model already has LoRA layers")
-        new_convs = _new_class_convs(model, weights)
+        new_convs = new_head_modules(model, weights, self.head_modules(model))
         config = self.lora.build(model, new_convs)
         report = inject(model, config, self.lora.adapter_name)
         if self.lora.adapt_bn:
@@ -265,9 +266,14 @@ class LoraDetectionTrainer(DetectionTrainer):  # type: ignore[misc]
             )
         return model
 
+    def head_modules(self, model: nn.Module) -> list[str]:
+        """Output-head modules that are trained fully when ``weights`` do not supply them
+        (a new class count re-initialises them): the detector's class convs, both heads."""
+        return class_convs(model)
+
     def _setup_train(self) -> None:
         with _muted_unfreeze_warnings():
-            super()._setup_train()  # type: ignore[no-untyped-call]
+            super()._setup_train()  # type: ignore[misc]
 
     def build_optimizer(
         self,
@@ -292,7 +298,7 @@ class LoraDetectionTrainer(DetectionTrainer):  # type: ignore[misc]
             LOGGER.info(f"LoRA: optimizer=auto means {name}(lr={lr}) here")
         if str(name).lower() == "musgd":
             raise ConfigError("optimizer=MuSGD is not supported with LoRA (Muon would orthogonalise A and B)")
-        optimizer: torch.optim.Optimizer = super().build_optimizer(  # type: ignore[no-untyped-call]
+        optimizer: torch.optim.Optimizer = super().build_optimizer(  # type: ignore[misc]
             model, name, lr, momentum, decay, iterations
         )
         for group in optimizer.param_groups:
@@ -308,13 +314,14 @@ class LoraDetectionTrainer(DetectionTrainer):  # type: ignore[misc]
         lora_ema = self.ema.ema
         self.ema.ema = merge_and_unload(deepcopy(lora_ema))
         try:
-            saved = bool(super().save_model())  # type: ignore[no-untyped-call]
+            saved = bool(super().save_model())  # type: ignore[misc]
         finally:
             self.ema.ema = lora_ema
         if saved:
-            save_adapter(lora_ema, self.last_adapter, self.lora.adapter_name)
+            task = self.args.task
+            save_adapter(lora_ema, self.last_adapter, self.lora.adapter_name, task)
             if self.best_fitness == self.fitness:
-                save_adapter(lora_ema, self.best_adapter, self.lora.adapter_name)
+                save_adapter(lora_ema, self.best_adapter, self.lora.adapter_name, task)
             self._last_good = self._snapshot()
         return saved
 
@@ -370,3 +377,18 @@ class LoraDetectionTrainer(DetectionTrainer):  # type: ignore[misc]
         t.optimizer.zero_grad()
         t.scheduler.last_epoch = epoch - 1
         return True
+
+
+class LoraDetectionTrainer(LoraTrainerMixin, DetectionTrainer):  # type: ignore[misc]
+    """Ultralytics ``DetectionTrainer`` that trains a LoRA adapter (see the module docstring).
+
+    Use through :class:`~lorakit.yolo.LoraYOLO`, or directly::
+
+        YOLO("base.pt").train(data=..., trainer=LoraDetectionTrainer)          # default LoraOptions
+        YOLO("base.pt").train(data=..., trainer=functools.partial(LoraDetectionTrainer, lora=LoraOptions(r=16)))
+
+    After training: ``weights/last.pt`` and ``best.pt`` are plain merged
+    Ultralytics checkpoints; ``weights/last_adapter`` and ``best_adapter`` hold
+    the adapter; ``self.lora_report`` says what was adapted; ``self.model`` (live)
+    and ``self.ema.ema`` still carry the unmerged LoRA layers.
+    """

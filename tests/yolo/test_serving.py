@@ -1,0 +1,189 @@
+"""Adapters on a loaded base: ``LoraYOLO(base, adapter=...)``, switching, disabling, merged files.
+
+Two adapters are trained on one random-weight 2-class yolo26n base with the default
+``adapt_bn=True`` (BatchNorm weights and statistics live in the adapter): ``same``
+on domain A (2 classes) and ``new`` on domain B (3 classes: new class convs).
+"""
+
+from __future__ import annotations
+
+from copy import deepcopy
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import lorakit
+
+pytestmark = pytest.mark.slow
+IMGSZ = 64
+TRAIN = {
+    "imgsz": IMGSZ,
+    "batch": 8,
+    "nbs": 8,
+    "warmup_epochs": 0,
+    "workers": 0,
+    "plots": False,
+    "device": "cpu",
+    "verbose": False,
+    "seed": 0,
+    "epochs": 1,
+}
+
+
+def _raw(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Both heads' raw outputs, flattened (eval mode)."""
+    with torch.no_grad():
+        y = model(x)
+    out: list[torch.Tensor] = []
+
+    def walk(v: Any) -> None:
+        if isinstance(v, torch.Tensor):
+            out.append(v.flatten())
+        elif isinstance(v, dict):
+            for k in sorted(v):
+                walk(v[k])
+        elif isinstance(v, (list, tuple)):
+            for t in v:
+                walk(t)
+
+    walk(y)
+    return torch.cat(out)
+
+
+def _x(seed: int = 0) -> torch.Tensor:
+    return torch.rand(2, 3, IMGSZ, IMGSZ, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    from ultralytics import YOLO
+    from ultralytics.nn.tasks import DetectionModel
+
+    from lorakit.yolo import LoraYOLO, make_dataset
+
+    root = tmp_path_factory.mktemp("serving")
+    torch.manual_seed(0)
+    y = YOLO("yolo26n.yaml")
+    y.model = DetectionModel("yolo26n.yaml", nc=2, verbose=False)
+    y.save(root / "base.pt")
+    torch.manual_seed(1)
+    y.model = DetectionModel("yolo26n.yaml", nc=2, verbose=False)
+    y.save(root / "other_base.pt")
+    out = SimpleNamespace(root=root, pt=root / "base.pt", other_pt=root / "other_base.pt")
+    for name, domain, seed in (("same", "A", 0), ("new", "B", 1)):
+        data = make_dataset(root / domain, domain=domain, n_train=16, n_val=8, imgsz=IMGSZ, seed=seed)
+        model = LoraYOLO(str(out.pt), r=4)
+        model.train(data=str(data), project=str(root / "runs"), name=name, **TRAIN)
+        t = model.trainer
+        setattr(out, name, SimpleNamespace(adapter=t.best_adapter, ema=t.ema.ema.float().eval(), best=t.best))
+    return out
+
+
+def test_base_plus_adapter_reproduces_the_trained_model(runs: SimpleNamespace) -> None:
+    from lorakit.yolo import LoraYOLO
+
+    for name in ("same", "new"):
+        run = getattr(runs, name)
+        m = LoraYOLO(str(runs.pt), adapter=run.adapter)
+        assert m.adapters == ["best_adapter"] and m.active_adapter == "best_adapter"
+        live = m.model.eval()
+        x = _x()
+        torch.testing.assert_close(_raw(live, x), _raw(run.ema, x), atol=1e-5, rtol=1e-5)
+        # BatchNorm statistics came from the adapter: the base's differ, so this is not vacuous
+        bn = next(p for p, mod in live.named_modules() if isinstance(mod, nn.BatchNorm2d))
+        base_bn = LoraYOLO(str(runs.pt)).model.get_submodule(bn)
+        assert not torch.equal(live.get_submodule(bn).running_mean, base_bn.running_mean)
+        torch.testing.assert_close(_raw(m.merged_model(), x), _raw(run.ema, x), atol=1e-4, rtol=1e-4)
+
+
+def test_switch_between_adapters_on_one_base(runs: SimpleNamespace) -> None:
+    from lorakit.yolo import LoraYOLO
+
+    m = LoraYOLO(str(runs.pt))
+    m.load_adapter(runs.same.adapter, name="same")
+    m.load_adapter(runs.new.adapter, name="new", activate=False)
+    assert m.adapters == ["same", "new"] and m.active_adapter == "same"
+    x = _x(1)
+    first = {}
+    for name in ("same", "new", "same", "new"):
+        m.set_adapter(name)
+        run = getattr(runs, name)
+        y = _raw(m.model.eval(), x)
+        torch.testing.assert_close(y, _raw(run.ema, x), atol=1e-5, rtol=1e-5)
+        if name in first:
+            assert torch.equal(first[name], y)  # switching back gives the same model bitwise
+        first[name] = y
+        assert m.merged_model().names == run.ema.names
+        res = m.predict(x[:1], imgsz=IMGSZ, verbose=False)
+        assert res[0].names == run.ema.names
+    assert len(m.names) == 3 and len(LoraYOLO(str(runs.pt)).names) == 2
+
+
+def test_disabled_gives_the_base_predictions_exactly(runs: SimpleNamespace) -> None:
+    from ultralytics import YOLO
+
+    from lorakit.yolo import LoraYOLO
+
+    m = LoraYOLO(str(runs.pt), adapter=runs.new.adapter)
+    base = YOLO(str(runs.pt))
+    x = _x(2)
+    ref = base.predict(x, imgsz=IMGSZ, conf=0.0, verbose=False)
+    with m.adapter_disabled():
+        got = m.predict(x, imgsz=IMGSZ, conf=0.0, verbose=False)
+        assert torch.equal(_raw(m.model.eval(), x), _raw(base.model.float().eval(), x))
+    on = m.predict(x, imgsz=IMGSZ, conf=0.0, verbose=False)
+    assert len(ref) == len(got) == len(on) == 2
+    for r_ref, r_got, r_on in zip(ref, got, on, strict=True):
+        assert r_got.names == r_ref.names
+        assert torch.equal(r_got.boxes.data, r_ref.boxes.data)
+        assert not torch.equal(r_on.boxes.data, r_ref.boxes.data)
+
+
+def test_save_merged_is_a_plain_checkpoint(runs: SimpleNamespace, tmp_path: Path) -> None:
+    from ultralytics import YOLO
+
+    from lorakit.yolo import LoraYOLO
+
+    m = LoraYOLO(str(runs.pt), adapter=runs.new.adapter)
+    f = m.save_merged(tmp_path / "merged.pt")
+    assert b"lorakit" not in f.read_bytes()
+    plain = YOLO(str(f))
+    assert not any(isinstance(mod, lorakit.LoraLayer) for mod in plain.model.modules())
+    assert plain.names == runs.new.ema.names
+    x = _x(3)
+    # the file is fp16, as Ultralytics saves every checkpoint
+    torch.testing.assert_close(_raw(plain.model.float().eval(), x), _raw(runs.new.ema, x), atol=2e-2, rtol=2e-2)
+
+
+def test_delete_and_bad_input_leave_the_model_unchanged(runs: SimpleNamespace) -> None:
+    from lorakit.io_errors import BaseModelMismatchError
+    from lorakit.yolo import LoraYOLO
+
+    m = LoraYOLO(str(runs.pt), adapter=runs.same.adapter)
+    x = _x(4)
+    before = _raw(m.model.eval(), x)
+    with pytest.raises(lorakit.ConfigError, match="loaded already"):
+        m.load_adapter(runs.new.adapter, name="best_adapter")
+    with pytest.raises(lorakit.AdapterNotFoundError):
+        m.set_adapter("nope")
+    with pytest.raises(lorakit.ConfigError, match="adapters are loaded"):
+        m.train(data="unused.yaml")
+    assert torch.equal(_raw(m.model.eval(), x), before) and m.adapters == ["best_adapter"]
+
+    other = LoraYOLO(str(runs.other_pt))
+    ref = _raw(other.model.eval(), x)
+    state = deepcopy(other.model.state_dict())
+    with pytest.raises(BaseModelMismatchError):
+        other.load_adapter(runs.new.adapter)
+    assert other.adapters == [] and torch.equal(_raw(other.model.eval(), x), ref)
+    assert other.model.state_dict().keys() == state.keys()
+    assert all(torch.equal(v, state[k]) for k, v in other.model.state_dict().items())
+
+    m.delete_adapter("best_adapter")
+    assert m.adapters == [] and m.active_adapter is None
+    base = LoraYOLO(str(runs.pt))
+    assert torch.equal(_raw(m.model.eval(), x), _raw(base.model.eval(), x))
