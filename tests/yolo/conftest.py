@@ -12,8 +12,12 @@ since the previous check, including during a module fixture's setup.
 
 from __future__ import annotations
 
+import os
 import socket
-from collections.abc import Iterator
+import subprocess
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -61,3 +65,44 @@ def no_network(network_guard: list[str]) -> Iterator[None]:
     network_guard.clear()
     if calls:
         pytest.fail(f"network access attempted: {calls}")
+
+
+# Run by ``plain_ultralytics``: loads each checkpoint with lorakit unimportable and the network refused,
+# checks that no lorakit/LoRA class was pickled, and predicts once with plain Ultralytics.
+_LOAD_PLAIN = """
+import socket, sys
+def refuse(*a, **k):
+    raise SystemExit(f"network access attempted: {a}")
+socket.getaddrinfo = refuse
+socket.socket.connect = refuse
+sys.modules["lorakit"] = None  # any import of lorakit now raises ImportError
+import torch
+imgsz, paths = int(sys.argv[1]), sys.argv[2:]
+for path in paths:
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    bad = [type(m) for m in ckpt["model"].modules()]
+    bad = [c for c in bad if "lorakit" in c.__module__ or c.__name__.startswith("Lora")]
+    assert not bad, (path, bad)
+from ultralytics import YOLO
+for path in paths:
+    res = YOLO(path).predict(torch.rand(1, 3, imgsz, imgsz), imgsz=imgsz, verbose=False)
+    assert len(res) == 1, path
+print("PLAIN-OK")
+"""
+
+
+@pytest.fixture(scope="session")
+def plain_ultralytics(yolo_offline: str) -> Callable[..., None]:
+    """``check(paths, imgsz=64)``: the checkpoints load and predict in plain Ultralytics, in a subprocess
+    where importing lorakit fails (so a pickled lorakit class would show) and the network is refused."""
+
+    def check(paths: Iterable[str | os.PathLike[str]], imgsz: int = 64) -> None:
+        args = [str(p) for p in paths]
+        for p in args:
+            assert b"lorakit" not in Path(p).read_bytes(), p
+        proc = subprocess.run(
+            [sys.executable, "-c", _LOAD_PLAIN, str(imgsz), *args], capture_output=True, text=True, timeout=300
+        )
+        assert proc.returncode == 0 and "PLAIN-OK" in proc.stdout, proc.stderr[-3000:]
+
+    return check

@@ -300,15 +300,85 @@ def test_new_class_count_trains_class_convs_fully(base: SimpleNamespace, new_nc:
             assert torch.equal(sd[k], v), k
 
 
-def test_resume_and_muon_refused(base: SimpleNamespace) -> None:
+def test_muon_refused(base: SimpleNamespace) -> None:
     from lorakit.yolo import LoraYOLO
 
-    with pytest.raises(NotImplementedError, match="resume"):
-        LoraYOLO(str(base.pt)).train(data=str(base.data_a), epochs=1, resume=True, **TRAIN)
     with pytest.raises(lorakit.ConfigError, match="MuSGD"):
         LoraYOLO(str(base.pt)).train(
             data=str(base.data_a), epochs=1, optimizer="MuSGD", project=str(base.root / "runs"), name="muon", **TRAIN
         )
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def _state(trainer: Any) -> dict[str, Any]:
+    return {
+        "live": {k: v.detach().clone() for k, v in trainer.model.state_dict().items()},
+        "ema": {k: v.detach().clone() for k, v in trainer.ema.ema.state_dict().items()},
+        "updates": trainer.ema.updates,
+        "optimizer": deepcopy(trainer.optimizer.state_dict()),
+        "start_epoch": trainer.start_epoch,
+    }
+
+
+def test_resume_continues_the_lora_run(base: SimpleNamespace) -> None:
+    from ultralytics import YOLO
+
+    from lorakit.yolo import LoraYOLO
+
+    saved: dict[str, Any] = {}
+
+    def interrupt_after_first_epoch(trainer: Any) -> None:  # after last.pt and the LoRA state are written
+        saved.update(_state(trainer))
+        raise _Interrupt
+
+    # default adapt_bn=True: BatchNorm weights and statistics are part of what must come back
+    model = LoraYOLO(str(base.pt), r=4)
+    model.add_callback("on_model_save", interrupt_after_first_epoch)
+    with pytest.raises(_Interrupt):
+        model.train(data=str(base.data_b), epochs=2, project=str(base.root / "runs"), name="resume", **TRAIN)
+    last = model.trainer.last
+    assert (last.parent / "lora_resume" / "epoch0.safetensors").is_file()
+
+    restored: dict[str, Any] = {}
+    resumed = LoraYOLO(str(last))
+    resumed.add_callback("on_pretrain_routine_end", lambda t: restored.update(_state(t)))
+    resumed.train(resume=True)
+    assert restored["start_epoch"] == 1 and restored["updates"] == saved["updates"] > 0
+    for part in ("live", "ema"):  # base weights, LoRA factors, BN statistics: all bitwise as they were
+        assert restored[part].keys() == saved[part].keys()
+        assert any(".lora." in k for k in saved[part])
+        for k, v in saved[part].items():
+            assert torch.equal(restored[part][k], v), (part, k)
+    opt_saved, opt_restored = saved["optimizer"]["state"], restored["optimizer"]["state"]
+    assert opt_saved.keys() == opt_restored.keys() and len(opt_saved) > 0
+    for i, st in opt_saved.items():  # Ultralytics keeps step and Adam's moments in fp32 in last.pt
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(opt_restored[i][key], st[key]), (i, key)
+    t = resumed.trainer
+    assert t.epoch == 1 and t.best_adapter.is_dir()
+    assert not (t.wdir / "lora_resume").exists()  # finished: nothing left to resume
+    assert not any(isinstance(m, lorakit.LoraLayer) for m in YOLO(str(t.last)).model.modules())
+
+
+def test_resume_without_lora_state_is_a_clear_error(base: SimpleNamespace, tmp_path: Path) -> None:
+    import shutil
+
+    from lorakit.yolo import LoraYOLO
+
+    def interrupt(trainer: Any) -> None:
+        raise _Interrupt
+
+    model = LoraYOLO(str(base.pt), r=4)
+    model.add_callback("on_model_save", interrupt)
+    with pytest.raises(_Interrupt):
+        model.train(data=str(base.data_a), epochs=2, project=str(base.root / "runs"), name="no_state", **TRAIN)
+    last = model.trainer.last
+    shutil.rmtree(last.parent / "lora_resume")
+    with pytest.raises(lorakit.ConfigError, match="base.safetensors is missing"):
+        LoraYOLO(str(last)).train(resume=True)
 
 
 def test_nan_loss_restores_the_last_saved_epoch(same_nc: SimpleNamespace) -> None:

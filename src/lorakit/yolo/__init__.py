@@ -20,23 +20,35 @@ from typing import Any
 
 from . import offline
 from .data import make_dataset
+from .data_tasks import make_task_dataset
 
 _LAZY = {
     "LoraYOLO": "model",
     "LoraDetectionTrainer": "trainer",
+    "LoraSegmentationTrainer": "tasks",
+    "LoraPoseTrainer": "tasks",
+    "LoraOBBTrainer": "tasks",
+    "LoraClassificationTrainer": "tasks",
+    "trainer_for": "tasks",
     "LoraOptions": "trainer",
     "save_adapter": "trainer",
     "detector_config": "targets",
 }
 
 __all__ = [
+    "LoraClassificationTrainer",
     "LoraDetectionTrainer",
+    "LoraOBBTrainer",
     "LoraOptions",
+    "LoraPoseTrainer",
+    "LoraSegmentationTrainer",
     "LoraYOLO",
     "detector_config",
     "make_dataset",
+    "make_task_dataset",
     "offline",
     "save_adapter",
+    "trainer_for",
 ]
 
 

@@ -46,7 +46,8 @@ from ..errors import AdapterNotFoundError, ConfigError
 from ..io import LoadReport, _train_paths, load_adapter, read_adapter_files
 from ..io_peft import from_peft_config
 from ..layers import LoraLayer
-from .trainer import LoraDetectionTrainer, LoraOptions
+from .tasks import trainer_for
+from .trainer import LoraOptions, LoraTrainerMixin
 from .variants import Variant, fresh_variant
 
 
@@ -289,32 +290,29 @@ class LoraYOLO(YOLO):  # type: ignore[misc]
     def train(self, trainer: Any = None, **kwargs: Any) -> Any:  # type: ignore[override]
         """Train a LoRA adapter; arguments as ``YOLO.train``. Returns the metrics.
 
-        ``optimizer="auto"`` (the default) means AdamW with lr 0.007 (LoRA wants
-        about 7x the learning rate of full fine-tuning); MuSGD and
-        ``resume`` are refused. ``trainer`` may name a subclass of
-        :class:`LoraDetectionTrainer`.
+        The trainer is the task's (:func:`~lorakit.yolo.tasks.trainer_for`: detect,
+        segment, pose, obb, classify). ``optimizer="auto"`` (the default) means AdamW with lr 0.007 (LoRA wants
+        about 7x the learning rate of full fine-tuning); MuSGD is refused.
+        ``resume=True`` on ``LoraYOLO("runs/.../weights/last.pt")`` continues an
+        interrupted LoRA run with its adapter, EMA and optimizer state (the LoRA
+        settings are the run's own). ``trainer`` may name another class built on
+        :class:`~lorakit.yolo.trainer.LoraTrainerMixin`.
         """
         if self._variants:
             raise ConfigError(
                 "LoraYOLO.train: adapters are loaded on this model; training starts a new adapter from the "
                 "base, so use a LoraYOLO(base) without loaded adapters"
             )
-        if self.task != "detect":
-            raise NotImplementedError(f"LoraYOLO.train supports task='detect' only, got {self.task!r}")
-        if kwargs.get("resume"):
-            raise NotImplementedError(
-                "resume is not supported with LoRA (checkpoints hold merged weights); start a new run from last.pt"
-            )
-        cls = trainer or LoraDetectionTrainer
-        if not (isinstance(cls, type) and issubclass(cls, LoraDetectionTrainer)):
-            raise TypeError(f"LoraYOLO.train: trainer must subclass LoraDetectionTrainer, got {cls!r}")
+        cls = trainer or trainer_for(str(self.task))
+        if not (isinstance(cls, type) and issubclass(cls, LoraTrainerMixin)):
+            raise TypeError(f"LoraYOLO.train: trainer must subclass LoraTrainerMixin, got {cls!r}")
         return super().train(trainer=partial(cls, lora=self.lora), **kwargs)
 
     @property
     def adapter_dir(self) -> Path | None:
         """The adapter folder of the last run (best epoch if one was saved), or ``None`` before training."""
         t = self.trainer
-        if not isinstance(t, LoraDetectionTrainer):
+        if not isinstance(t, LoraTrainerMixin):
             return None
         for p in (t.best_adapter, t.last_adapter):
             if p.exists():

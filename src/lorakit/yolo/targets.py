@@ -23,11 +23,20 @@ export, and ``one2one_cv2``/``one2one_cv3``, used by ``nms=False`` export) are
 adapted the same way. When the class count changes, the re-initialised class
 convs (:func:`class_convs`) are trained fully instead (frozen random class
 convs give ~0 mAP).
+
+The other tasks' models are adapted by the same rules. Their heads have more
+outputs whose shape follows the dataset or the task, listed by
+:func:`head_modules` (``TASK_HEADS``): segment adds the mask-coefficient convs
+and the semantic-segmentation output of ``proto`` (one channel per class), OBB
+the angle convs, pose every layer of the keypoint branch (its width follows
+``kpt_shape``), classify the final ``nn.Linear``. The classifier is the one
+model with ``nn.Linear`` layers worth adapting (``Classify.linear`` with a
+large class count), so linears are targets too, under the same thin-layer rule.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from torch import nn
 
@@ -63,20 +72,29 @@ def class_convs(model: nn.Module) -> list[str]:
     return paths
 
 
-def lora_fraction(conv: nn.Conv2d, r: int) -> float:
-    """Rank-``r`` LoRA parameters of ``conv`` over its weight count: ``r (cin/g k^2 + cout/g) / (cout cin/g k^2)``."""
-    k = conv.weight[0, 0].numel()
-    g = conv.groups
-    lora = r * (conv.in_channels // g * k + conv.out_channels // g)
-    return lora / conv.weight.numel()
+def lora_fraction(layer: nn.Conv2d | nn.Linear, r: int) -> float:
+    """Rank-``r`` LoRA parameters of ``layer`` over its weight count: ``r (cin/g k^2 + cout/g) / (cout cin/g k^2)``.
+
+    A linear layer is a 1x1 conv with ``g = 1``: ``r (in + out) / (out in)``.
+    """
+    if isinstance(layer, nn.Linear):
+        return r * (layer.in_features + layer.out_features) / layer.weight.numel()
+    k = layer.weight[0, 0].numel()
+    g = layer.groups
+    lora = r * (layer.in_channels // g * k + layer.out_channels // g)
+    return lora / layer.weight.numel()
 
 
 def default_exclusions(model: nn.Module, r: int, max_fraction: float = 1.0) -> dict[str, str]:
-    """``{path: reason}`` of the convs :func:`detector_config` leaves out (see the module docstring)."""
+    """``{path: reason}`` of the convs and linears :func:`detector_config` leaves out (see the module docstring)."""
     yaml = getattr(model, "yaml", None)
     image_ch = int(yaml.get("channels", 3)) if isinstance(yaml, dict) else 3
     out: dict[str, str] = {}
     for name, m in model.named_modules():
+        if isinstance(m, nn.Linear):
+            if lora_fraction(m, r) > max_fraction:
+                out[name] = f"thin layer (LoRA would be {lora_fraction(m, r):.0%} of its {m.weight.numel()} weights)"
+            continue
         if not isinstance(m, nn.Conv2d):
             continue
         if ".dfl" in f".{name}":
@@ -101,14 +119,14 @@ def detector_config(
     max_fraction: float = 1.0,
     batchnorm: str = "frozen",
 ) -> LoraConfig:
-    """The default :class:`LoraConfig` for an Ultralytics detector.
+    """The default :class:`LoraConfig` for an Ultralytics model of any task.
 
-    Targets every ``nn.Conv2d`` except those :func:`default_exclusions` names
-    (grouped/depthwise, the stem, thin layers, DFL) and the
+    Targets every ``nn.Conv2d`` and ``nn.Linear`` except those :func:`default_exclusions`
+    names (grouped/depthwise, the stem, thin layers, DFL) and the
     ``train_modules`` (trained fully, so not adapted). Both YOLO26 heads are included.
 
     Args:
-        model: the built detector (a ``DetectionModel``).
+        model: the built model (``DetectionModel`` or a task model: segment, pose, OBB, classify).
         r, alpha, dropout: as in :class:`LoraConfig`.
         exclude: extra path patterns never adapted.
         train_modules: modules trained fully (e.g. re-initialised class convs).
@@ -121,8 +139,113 @@ def detector_config(
         r=r,
         alpha=alpha,
         dropout=dropout,
-        target_types=("Conv2d",),
+        target_types=("Conv2d", "Linear"),
         exclude=(*exclude, *auto, *train_modules),
         train_modules=train_modules,
         batchnorm=batchnorm,
     )
+
+
+def _paths(model: nn.Module, modules: Iterable[nn.Module]) -> list[str]:
+    names = {id(m): n for n, m in model.named_modules()}
+    return [names[id(m)] for m in modules]
+
+
+def _branches(head: nn.Module, attrs: Iterable[str]) -> list[nn.Module]:
+    """The per-level branches ``head.<attr>[i]`` of the ``ModuleList`` attributes that exist."""
+    out: list[nn.Module] = []
+    for attr in attrs:
+        branches = getattr(head, attr, None)
+        if isinstance(branches, nn.ModuleList):
+            out.extend(branches)
+    return out
+
+
+def _tails(head: nn.Module, attrs: Iterable[str]) -> list[nn.Module]:
+    """The final ``nn.Conv2d`` of each branch (``Sequential(..., Conv2d)`` or a bare ``Conv2d``)."""
+    tails: list[nn.Module] = []
+    for branch in _branches(head, attrs):
+        last = branch[-1] if isinstance(branch, nn.Sequential) else branch
+        if isinstance(last, nn.Conv2d):
+            tails.append(last)
+    return tails
+
+
+def _weighted_leaves(modules: Iterable[nn.Module]) -> list[nn.Module]:
+    """Every conv, linear and BatchNorm inside ``modules``: the layers that hold a ``weight`` of their own."""
+    kinds = (nn.Conv2d, nn.Linear, nn.modules.batchnorm._BatchNorm)
+    return [m for top in modules for m in top.modules() if isinstance(m, kinds)]
+
+
+def segment_heads(model: nn.Module) -> list[str]:
+    """Class convs, mask-coefficient convs (``cv4[i][-1]``, both heads) and ``proto.semseg[-1]``.
+
+    ``proto.semseg`` (YOLO26) is a training-only semantic-segmentation branch
+    with one output channel per class, so it is re-initialised with the class convs.
+    """
+    head = head_of(model)
+    if head is None:
+        return []
+    extra = _tails(head, ("cv4", "one2one_cv4"))
+    semseg = getattr(getattr(head, "proto", None), "semseg", None)
+    if isinstance(semseg, nn.Sequential) and isinstance(semseg[-1], nn.Conv2d):
+        extra.append(semseg[-1])
+    return class_convs(model) + _paths(model, extra)
+
+
+def obb_heads(model: nn.Module) -> list[str]:
+    """Class convs and angle convs (``cv4[i][-1]``, both heads)."""
+    head = head_of(model)
+    if head is None:
+        return []
+    return class_convs(model) + _paths(model, _tails(head, ("cv4", "one2one_cv4")))
+
+
+def pose_heads(model: nn.Module) -> list[str]:
+    """Class convs and every conv/BatchNorm of the keypoint branch, both heads.
+
+    The whole branch, not just its output: its width is ``max(ch / 4, k (d + 2))``
+    (YOLO26; ``max(ch / 4, k d)`` before) for ``kpt_shape = (k, d)``, so a new
+    keypoint shape can re-initialise every layer of ``cv4`` as well as the
+    ``cv4_kpts``/``cv4_sigma`` outputs. Those still supplied by the weights
+    (same shape) are adapted, not trained, by the trainer.
+    """
+    head = head_of(model)
+    if head is None:
+        return []
+    attrs = ("cv4", "one2one_cv4", "cv4_kpts", "one2one_cv4_kpts", "cv4_sigma", "one2one_cv4_sigma")
+    return class_convs(model) + _paths(model, _weighted_leaves(_branches(head, attrs)))
+
+
+def classify_heads(model: nn.Module) -> list[str]:
+    """The classifier's final ``nn.Linear`` (``Classify.linear``; or the last linear of a torchvision head)."""
+    head = head_of(model)
+    if head is None:
+        return []
+    linear = getattr(head, "linear", None)
+    if isinstance(linear, nn.Linear):
+        return _paths(model, [linear])
+    linears = [m for m in head.modules() if isinstance(m, nn.Linear)]
+    return _paths(model, linears[-1:])
+
+
+TASK_HEADS: dict[str, Callable[[nn.Module], list[str]]] = {
+    "detect": class_convs,
+    "segment": segment_heads,
+    "pose": pose_heads,
+    "obb": obb_heads,
+    "classify": classify_heads,
+}
+
+
+def head_modules(model: nn.Module, task: str) -> list[str]:
+    """Output-head layers of a ``task`` model whose shape follows the dataset (classes, keypoints) or the task.
+
+    The trainer trains those that the loaded weights do not supply fully, and adapts the rest.
+
+    Raises:
+        NotImplementedError: ``task`` is not one of ``TASK_HEADS`` (detect, segment, pose, obb, classify).
+    """
+    if task not in TASK_HEADS:
+        raise NotImplementedError(f"LoRA head modules: task {task!r} is not supported; supported: {sorted(TASK_HEADS)}")
+    return TASK_HEADS[task](model)

@@ -20,8 +20,10 @@ override                     why
 ``save_model``               writes ``last.pt``/``best.pt`` with the EMA model *merged*
                              (plain ``nn.Conv2d``: loads, fuses and exports without
                              lorakit) and the adapter next to them
-``check_resume``             refuses ``resume``: checkpoints hold merged weights, so
-                             the LoRA state cannot be restored from them
+``check_resume``,            ``resume=True``: ``last.pt`` holds merged weights, so the
+``get_model``,               base, the LoRA tensors and their EMA come from
+``_load_checkpoint_state``   ``weights/lora_resume/`` (:mod:`.resume`); the optimizer
+                             state from ``last.pt`` as usual
 ``_handle_nan_recovery``     on a NaN/Inf loss Ultralytics reloads ``last.pt`` into the
                              live model, which fails here (merged weights, no LoRA
                              keys); the trainable tensors, their EMA and the optimizer
@@ -56,6 +58,7 @@ from ..config import LoraConfig
 from ..errors import ConfigError
 from ..inject import InjectReport, inject
 from ..layers import LoraLayer
+from . import resume
 from .targets import class_convs, detector_config
 
 # What optimizer="auto" means for LoRA: 7x what full fine-tuning wanted on the synthetic A->B benchmark
@@ -183,13 +186,22 @@ def _muted_unfreeze_warnings() -> Iterator[None]:
 
 
 def new_head_modules(model: nn.Module, weights: Any, heads: list[str]) -> list[str]:
-    """Those of ``heads`` that did not come from ``weights`` (none given, or another shape): trained fully."""
+    """Those of ``heads`` that did not come from ``weights`` (none given, or any tensor of another shape).
+
+    Every state entry under a head path is compared, so a path may name a leaf conv or
+    a whole block (an Ultralytics ``Conv`` has no ``.weight`` of its own).
+    """
     if not weights:
         return heads
     src = (weights.get("ema") or weights.get("model")) if isinstance(weights, dict) else weights
     src_sd = src.state_dict() if isinstance(src, nn.Module) else {}
     sd = model.state_dict()
-    return [p for p in heads if f"{p}.weight" not in src_sd or src_sd[f"{p}.weight"].shape != sd[f"{p}.weight"].shape]
+
+    def loaded(path: str) -> bool:
+        keys = [k for k in sd if k.startswith(f"{path}.")]
+        return bool(keys) and all(k in src_sd and src_sd[k].shape == sd[k].shape for k in keys)
+
+    return [p for p in heads if not loaded(p)]
 
 
 class LoraTrainerMixin:
@@ -213,6 +225,7 @@ class LoraTrainerMixin:
     fitness: Any
     loss: Any
     start_epoch: int
+    epoch: int
     nan_recovery_attempts: int
 
     def __init__(
@@ -228,43 +241,83 @@ class LoraTrainerMixin:
         self.lora_config: LoraConfig | None = None
         self._lora_trainable: set[str] = set()
         self._last_good: dict[str, Any] | None = None  # NaN recovery point, see _handle_nan_recovery
+        self._resume: resume.ResumeState | None = None  # set by check_resume when resuming
         super().__init__(cfg, overrides, _callbacks)  # type: ignore[call-arg]
         if self.world_size > 1:
-            raise NotImplementedError("LoraDetectionTrainer: multi-GPU (DDP) training is not supported yet")
+            raise NotImplementedError(f"{type(self).__name__}: multi-GPU (DDP) training is not supported yet")
         self.last_adapter = self.wdir / "last_adapter"
         self.best_adapter = self.wdir / "best_adapter"
 
     def check_resume(self, overrides: dict[str, Any]) -> None:
-        if overrides.get("resume"):
-            raise NotImplementedError(
-                "resume is not supported with LoRA: last.pt holds merged weights, so the adapter and its "
-                "optimizer state cannot be restored. Start a new run from last.pt (a new adapter on top of "
-                "the merged weights) instead."
-            )
+        """Ultralytics' resume checks, then the LoRA state saved beside ``last.pt`` (see :mod:`.resume`).
+
+        The run's own LoRA settings are used; options given now are ignored, as
+        Ultralytics ignores most training arguments on resume.
+        """
         super().check_resume(overrides)  # type: ignore[misc]
+        if not getattr(self, "resume", False):
+            return
+        from ultralytics.nn.tasks import load_checkpoint
+
+        last = Path(self.args.resume)
+        ckpt = cast(Any, load_checkpoint)(last)[1]
+        state = resume.read(last, int(ckpt.get("epoch", -1)))
+        self._resume = state
+        self.lora = LoraOptions(config=state.config, adapt_bn=state.adapt_bn, adapter_name=state.adapter_name)
+        LOGGER.info(f"LoRA: resuming adapter {state.adapter_name!r} from epoch {state.epoch + 1} ({last})")
 
     def get_model(self, cfg: Any = None, weights: Any = None, verbose: bool = True) -> nn.Module:
-        """Build and load the model as Ultralytics does, then inject LoRA (pretrained weights are the base)."""
-        model: nn.Module = super().get_model(cfg=cfg, weights=weights, verbose=verbose)  # type: ignore[misc]
+        """Build and load the model as Ultralytics does, then inject LoRA (pretrained weights are the base).
+
+        On resume the model is rebuilt from the saved base state (``weights`` is the
+        merged ``last.pt`` and cannot give it back) and the saved LoRA tensors.
+        """
+        state = self._resume
+        model: nn.Module = super().get_model(  # type: ignore[misc]
+            cfg=cfg, weights=None if state else weights, verbose=verbose and not state
+        )
         if any(isinstance(m, LoraLayer) for m in model.modules()):  # pragma: no cover - super() builds fresh
             raise RuntimeError("get_model: the freshly built model already has LoRA layers")
-        new_convs = new_head_modules(model, weights, self.head_modules(model))
-        config = self.lora.build(model, new_convs)
+        if state is None:
+            new_convs = new_head_modules(model, weights, self.head_modules(model))
+            config = self.lora.build(model, new_convs)
+        else:
+            resume.copy_into(model, state.base, f"{resume.FOLDER}/{resume.BASE_FILE}")
+            config, new_convs = state.config, []
         report = inject(model, config, self.lora.adapter_name)
         if self.lora.adapt_bn:
             for m in model.modules():
                 if isinstance(m, nn.BatchNorm2d):
                     m.requires_grad_(True)
+        if state is None:
+            resume.write_base(self.wdir, model)
+        else:
+            resume.copy_into(model, state.live, f"{resume.FOLDER}/epoch{state.epoch}.safetensors")
         self.lora_config, self.lora_report = config, report
         self._lora_trainable = {n for n, p in model.named_parameters() if p.requires_grad}
         if verbose:
             trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
             LOGGER.info(
-                f"LoRA: {len(report.targets)} convs adapted (r={config.r}), {len(new_convs)} class convs trained "
+                f"LoRA: {len(report.targets)} layers adapted (r={config.r}), {len(new_convs)} new head modules trained "
                 f"fully{', BatchNorm trained' if self.lora.adapt_bn else ''}; trainable {trainable:,} of "
                 f"{report.total:,} parameters"
             )
         return model
+
+    def _load_checkpoint_state(self, ckpt: dict[str, Any]) -> None:
+        """Ultralytics' resume of optimizer, scaler and stopper; the EMA comes from the LoRA state
+        (``last.pt``'s EMA is merged and does not fit the LoRA model)."""
+        super()._load_checkpoint_state({**ckpt, "ema": None})  # type: ignore[misc]
+        state = self._resume
+        if state is not None and self.ema is not None:
+            self.ema = cast(Any, ModelEMA)(self.model)  # as Ultralytics does: validation leaves inference tensors
+            resume.copy_into(self.ema.ema, state.ema, f"{resume.FOLDER}/epoch{state.epoch}.safetensors (EMA)")
+            self.ema.updates = ckpt["updates"]
+
+    def final_eval(self) -> None:
+        """Ultralytics' final validation of ``best.pt``; then the resume state goes (the run is finished)."""
+        super().final_eval()  # type: ignore[misc]
+        resume.remove(self.wdir)
 
     def head_modules(self, model: nn.Module) -> list[str]:
         """Output-head modules that are trained fully when ``weights`` do not supply them
@@ -322,6 +375,16 @@ class LoraTrainerMixin:
             save_adapter(lora_ema, self.last_adapter, self.lora.adapter_name, task)
             if self.best_fitness == self.fitness:
                 save_adapter(lora_ema, self.best_adapter, self.lora.adapter_name, task)
+            assert self.lora_config is not None
+            resume.write_epoch(
+                self.wdir,
+                self.epoch,
+                unwrap_model(self.model),
+                lora_ema,
+                self.lora_config,
+                self.lora.adapter_name,
+                self.lora.adapt_bn,
+            )
             self._last_good = self._snapshot()
         return saved
 
