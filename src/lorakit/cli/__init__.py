@@ -25,6 +25,11 @@ verbs:
   hf        transformers models: LoRA training on JSONL data, generation with an adapter
             lorakit hf train model=DIR data=FILE.jsonl out=DIR [r=16] [epochs=3] [resume=True]
             lorakit hf generate model=DIR adapter=DIR prompt=TEXT
+  yolo      Ultralytics YOLO (detect, segment, pose, obb, classify) as `yolo` users type: LoRA training,
+            and base + adapter served
+            lorakit yolo train model=base.pt data=data.yaml [epochs=100] [imgsz=640] [r=8] [any YOLO setting]
+            lorakit yolo val|predict|export model=base.pt adapter=DIR [data=...|source=...|format=onnx]
+            lorakit yolo merge model=base.pt adapter=DIR out=merged.pt [overwrite=False]
   version   print the lorakit version
 """
 
@@ -40,12 +45,20 @@ def _verbs() -> dict[str, Callable[[list[str]], int]]:
         "inspect": inspect_verb.run,
         "merge": merge_verb.run,
         "version": _version,
+        "yolo": _yolo,
     }
 
 
 def _hf(argv: list[str]) -> int:
     # Imported on use: it pulls in transformers.
     from ..hf.cli import run
+
+    return run(argv)
+
+
+def _yolo(argv: list[str]) -> int:
+    # Imported on use: it pulls in ultralytics (after switching it to offline mode).
+    from ..yolo.cli import run
 
     return run(argv)
 

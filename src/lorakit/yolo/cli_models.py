@@ -18,15 +18,24 @@ from ..cli.models import register_base_loader
 from . import offline
 
 
-def load_yolo(spec: str, args: Any = None) -> nn.Module:
-    """The ``nn.Module`` (e.g. ``DetectionModel``) of a YOLO ``.yaml`` or ``.pt``.
+def require_local(spec: str, key: str = "model") -> None:
+    """Refuse a ``.pt`` spec that is not a local file, before Ultralytics sees it.
 
-    A ``.pt`` must be a local file: Ultralytics would otherwise try to download a
-    name it knows (``yolo26n.pt``) from GitHub, even in offline mode. ``.yaml``
-    names such as ``yolo26n.yaml`` resolve to the configs Ultralytics ships.
+    Ultralytics would otherwise try to download a name it knows (``yolo26n.pt``)
+    from GitHub, even in offline mode. ``.yaml`` names such as ``yolo26n.yaml``
+    pass: they resolve to the configs Ultralytics ships.
+
+    Raises:
+        ArgError: naming ``key=spec``.
     """
     if Path(spec).suffix.lower() == ".pt" and not Path(spec).is_file():
-        raise ArgError(f"model={spec!r}: no such file (lorakit never downloads weights; give a local .pt)")
+        raise ArgError(f"{key}={spec!r}: no such file (lorakit never downloads weights; give a local .pt)")
+
+
+def load_yolo(spec: str, args: Any = None) -> nn.Module:
+    """The ``nn.Module`` (e.g. ``DetectionModel``) of a YOLO ``.yaml`` or a local ``.pt``
+    (see :func:`require_local`)."""
+    require_local(spec)
     offline.enable()
     from ultralytics import YOLO  # type: ignore[attr-defined]
 
