@@ -15,7 +15,7 @@ from torch import nn
 
 from .errors import AdapterNotFoundError, NonFiniteError
 from .inject import _CONFIGS_ATTR, _GRADS_ATTR, lora_layers, release_batchnorm
-from .layers import LoraAdapter, LoraLayer, adapter_dict, unwrap
+from .layers import STRUCTURE, LoraAdapter, LoraLayer, adapter_dict, unwrap, watch_structure
 
 
 def list_adapters(model: nn.Module) -> list[str]:
@@ -60,6 +60,26 @@ def _fast_lora_layers(model: nn.Module) -> list[LoraLayer]:
     return list(found.values())
 
 
+_CACHE_ATTR = "_lorakit_layer_cache"
+
+
+def _layers(model: nn.Module) -> list[LoraLayer]:
+    """:func:`_fast_lora_layers`, cached on ``model`` until any module tree changes.
+
+    The cache is stamped with :data:`lorakit.layers.STRUCTURE`, which torch's global
+    module-registration hook and wrap/unwrap bump; so a stale list is never used, even
+    after a user replaces a submodule. (Only a raw ``del model.x`` goes unseen: the
+    removed layer then just keeps receiving switches, harmlessly.)
+    """
+    watch_structure()
+    cached = model.__dict__.get(_CACHE_ATTR)
+    if cached is not None and cached[0] == STRUCTURE[0]:
+        return cast(list[LoraLayer], cached[1])
+    layers = _fast_lora_layers(model)
+    model.__dict__[_CACHE_ATTR] = (STRUCTURE[0], layers)
+    return layers
+
+
 def set_adapter(model: nn.Module, names: str | Iterable[str]) -> None:
     """Activate ``names`` (one name or several, whose deltas then add up).
 
@@ -71,18 +91,24 @@ def set_adapter(model: nn.Module, names: str | Iterable[str]) -> None:
     Raises:
         AdapterNotFoundError: a name the model does not have.
     """
-    # One walk over the model and plain attribute writes: this is on the serving
-    # path (switching per request), so it stays well under a millisecond.
-    layers = _fast_lora_layers(model)
+    # A cached layer list and plain attribute writes: this is on the serving path
+    # (switching per request), so it stays well under a millisecond.
+    layers = _layers(model)
     active = _names(model, names, layers)
     for layer in layers:
-        layer.__dict__["lora_active"] = active
-        for key, adapter in adapter_dict(layer).items():
+        d = layer.__dict__
+        d["lora_active"] = active
+        adapters = adapter_dict(layer)
+        for key, adapter in adapters.items():
             flag = key in active
             for p in adapter._parameters.values():
                 if p is not None and p.requires_grad != flag:
                     p.requires_grad_(flag)
-        layer.lora_refresh()
+        if d["lora_disabled"]:
+            d["_lora_live"] = ()
+        else:  # lora_refresh(), inlined
+            merged = d["lora_merged"]
+            d["_lora_live"] = tuple(adapters[n] for n in active if n in adapters and n not in merged)
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:

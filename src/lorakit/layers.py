@@ -167,6 +167,29 @@ class LoraLayer(nn.Module):
         return (_restore, (self._lora_base_cls,), cast(Any, self).__getstate__())
 
 
+# A process-wide count of module-tree changes: torch's global registration hook bumps it
+# whenever any module gets a submodule (setattr, add_module, set_submodule, Sequential/
+# ModuleList/ModuleDict assignment), and wrap/unwrap bump it for the class swap. A cached
+# list of a model's LoRA layers stamped with this count is current while the count is
+# unchanged (see ``adapters._layers``). Installed on first use: one int increment per
+# module registration in the process.
+STRUCTURE = [0]
+_hook: Any = None
+
+
+def bump_structure(*_: object) -> None:
+    """Mark every cached LoRA-layer list stale (also the global module-registration hook)."""
+    STRUCTURE[0] += 1
+
+
+def watch_structure() -> None:
+    """Install the global module-registration hook that keeps layer caches honest (once)."""
+    global _hook
+    if _hook is None:
+        _hook = torch.nn.modules.module.register_module_module_registration_hook(bump_structure)
+        bump_structure()
+
+
 def adapter_dict(layer: LoraLayer) -> dict[str, LoraAdapter]:
     """``layer.lora`` as its plain ``name -> adapter`` dict (skips nn.Module attribute lookups
     on hot paths such as switching adapters)."""
@@ -200,6 +223,7 @@ def wrap(module: nn.Module) -> LoraLayer:
     if isinstance(module, LoraLayer):
         return module
     module.__class__ = lora_class_for(type(module))
+    bump_structure()
     layer = cast(LoraLayer, module)
     layer.lora = nn.ModuleDict()
     layer.lora_active = ()
@@ -222,6 +246,7 @@ def unwrap(layer: LoraLayer) -> nn.Module:
     base_cls = layer._lora_base_cls
     module: nn.Module = layer
     module.__class__ = base_cls
+    bump_structure()
     return module
 
 
