@@ -67,3 +67,11 @@ def test_train_modules_are_trained_not_adapted(detector: nn.Module) -> None:
     for p in heads:
         m = model.get_submodule(p)
         assert type(m) is nn.Conv2d and all(q.requires_grad for q in m.parameters())
+
+
+@pytest.mark.parametrize("bad", [{"r": 0}, {"dropout": 1.5}, {"alpha": -1.0}])
+def test_lora_options_refuse_bad_values_before_any_run(bad: dict) -> None:
+    from lorakit.yolo import LoraOptions
+
+    with pytest.raises(lorakit.ConfigError, match=next(iter(bad))):
+        LoraOptions(**bad)

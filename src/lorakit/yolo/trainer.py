@@ -105,6 +105,8 @@ class LoraOptions:
             clash = [n for n in ("r", "alpha", "dropout", "exclude") if getattr(self, n) != fields[n]]
             if clash:
                 raise ConfigError(f"LoraOptions: give either config= or {clash}, not both")
+        else:  # fail now, not inside the trainer after Ultralytics has made the run folder
+            LoraConfig(r=self.r, alpha=self.alpha, dropout=self.dropout, exclude=self.exclude, targets="all-linear")
 
     def build(self, model: nn.Module, train_modules: list[str]) -> LoraConfig:
         """The LoraConfig for ``model``, with ``train_modules`` trained fully and not adapted.
