@@ -50,6 +50,11 @@ class MixedPlan:
     A: torch.Tensor  # (K+1, r_max, *A_shape[1:])
     B: torch.Tensor  # (K+1, *B_shape with rank dim r_max)
     scaling: torch.Tensor  # (K+1,), 0 for the "no adapter" slot
+    # Linear only, the concatenated form (see linear_mixed): A_cat (K r_max, in),
+    # B_cat (out, K r_max), mask (N, K) = s_k where sample n uses slot k, else 0.
+    A_cat: torch.Tensor | None = None
+    B_cat: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
 
 
 def _plan(layer: LoraLayer, names: tuple[str, ...], index: torch.Tensor) -> MixedPlan:
@@ -68,7 +73,16 @@ def _plan(layer: LoraLayer, names: tuple[str, ...], index: torch.Tensor) -> Mixe
             if ad is not None:
                 handler.pad_rank(layer, ad.A, ad.B, A[k], B[k])
                 s[k] = ad.scaling
-    return MixedPlan(index=index.to(weight.device), A=A, B=B, scaling=s)
+    index = index.to(weight.device)
+    if handler.kind != "linear":
+        return MixedPlan(index=index, A=A, B=B, scaling=s)
+    k = len(names)
+    mask = torch.zeros((index.shape[0], k), dtype=weight.dtype, device=weight.device)
+    used = index < k
+    mask[used.nonzero().squeeze(1), index[used]] = s[index[used]]
+    a_cat = A[:k].reshape(k * r_max, A.shape[-1])
+    b_cat = B[:k].permute(1, 0, 2).reshape(B.shape[1], k * r_max)
+    return MixedPlan(index=index, A=A, B=B, scaling=s, A_cat=a_cat, B_cat=b_cat, mask=mask)
 
 
 @contextmanager
@@ -109,9 +123,37 @@ def check_batch(plan: MixedPlan, x: torch.Tensor) -> int:
     return n
 
 
+# The concatenated form is taken while tokens * K <= this * N (see linear_mixed).
+CONCAT_ROWS_PER_SAMPLE = 128
+
+
 def linear_mixed(x: torch.Tensor, y: torch.Tensor, plan: MixedPlan) -> torch.Tensor:
-    """``y[n] += s_n * x[n] A_n^T B_n^T`` with one gather and two bmm's."""
+    """``y[n] += s_n * x[n] A_n^T B_n^T`` for N samples of T/N tokens each, K adapters.
+
+    Two forms, whichever costs less:
+
+    * concatenated: ``H = x A_cat^T`` (T, K r) against *every* adapter's A, zero
+      all blocks but the sample's own (times its scaling), then ``y += H B_cat^T``:
+      two plain GEMMs and no copies, but K times the r-wide work;
+    * gathered: each sample's A and B gathered (N copies, ``N r (in + out)``
+      numbers) and two bmm's: exact work, but the gather dominates small batches.
+
+    Measured on 512 x 512 / 512 x 1376 layers (1 thread, r=16): at a decode step
+    (32 samples x 1 token) the concatenated form took 0.08-1.3 ms for K = 1-32 against
+    1.7-3.2 ms gathered; at 32 x 32 tokens it won for K=1 (1.1 vs 2.8 ms) and lost
+    from K=8 on (4.2 vs 2.8 ms). Hence concatenated while ``T K <= 128 N``.
+    """
     n = check_batch(plan, x)
+    if plan.A_cat is not None and plan.B_cat is not None and plan.mask is not None:
+        k = plan.mask.shape[1]
+        tokens = x.numel() // x.shape[-1]
+        if k == 0:
+            return y
+        if tokens * k <= CONCAT_ROWS_PER_SAMPLE * n:
+            r = plan.A_cat.shape[0] // k
+            h = F.linear(x, plan.A_cat).view(n, -1, k, r).mul_(plan.mask.view(n, 1, k, 1))
+            out = y.shape[-1]
+            return torch.addmm(y.reshape(-1, out), h.view(tokens, k * r), plan.B_cat.t()).view(y.shape)
     xs = x.reshape(n, -1, x.shape[-1])
     A = plan.A[plan.index]  # (N, r, in)
     B = plan.B[plan.index]  # (N, out, r)

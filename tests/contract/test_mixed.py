@@ -53,6 +53,39 @@ def test_mixed_batch_equals_per_sample(case: Case) -> None:
     assert not torch.allclose(ya, model(x[:1]))
 
 
+@pytest.mark.parametrize("seq", [1, 300])  # K=3, N=8: 8*3 <= 128*8 concatenated; 2400*3 > 1024 gathered
+def test_both_linear_mixed_forms_equal_per_sample(seq: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    from torch import nn
+
+    import lorakit.mixed as mixed_mod
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 4)).eval()
+    for name, r in [("a", 2), ("b", 4), ("c", 3)]:
+        lorakit.inject(model, LoraConfig(r=r, alpha=2.0 * r, targets=["0", "2"], init="random"), name)
+    x = torch.randn(len(NAMES), seq, 6)
+    calls = {"gathered": 0}
+    bmm = torch.bmm
+
+    def counting_bmm(*args, **kwargs):
+        calls["gathered"] += 1
+        return bmm(*args, **kwargs)
+
+    monkeypatch.setattr(mixed_mod.torch, "bmm", counting_bmm)
+    with torch.no_grad():
+        with lorakit.mixed_batch(model, NAMES):
+            mixed = model(x)
+        assert (calls["gathered"] > 0) == (seq == 300)
+        for i, name in enumerate(NAMES):
+            if name is None:
+                with lorakit.disabled(model):
+                    alone = model(x[i : i + 1])
+            else:
+                lorakit.set_adapter(model, name)
+                alone = model(x[i : i + 1])
+            torch.testing.assert_close(mixed[i : i + 1], alone, atol=1e-5, rtol=1e-5)
+
+
 def test_mixed_batch_errors() -> None:
     case = CASES[0]
     model = _model_with_three_adapters(case)

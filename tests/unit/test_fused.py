@@ -107,3 +107,29 @@ def test_compiles_with_fullgraph_and_matches_eager() -> None:
     (grad,) = torch.autograd.grad(out.sum(), [model[0].lora["default"].A])
     assert torch.allclose(out, eager, atol=1e-6)
     assert torch.allclose(grad, eager_grad, atol=1e-6)
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 300])  # 1 and 7: activation form; 300 * 56 > 2 * 32 * 24: weight form
+def test_inference_forms_equal_merged_and_zero_b_is_bitwise_base(tokens: int) -> None:
+    import copy
+
+    from torch import nn
+
+    import lorakit
+
+    torch.manual_seed(0)
+    base = nn.Linear(32, 24)
+    x = torch.randn(2, tokens, 32)
+    zero = copy.deepcopy(base)
+    lorakit.inject(zero, lorakit.LoraConfig(r=4, targets=("re:.*",), target_types=(nn.Linear,)))
+    live = copy.deepcopy(base)
+    lorakit.inject(live, lorakit.LoraConfig(r=4, alpha=8, targets=("re:.*",), target_types=(nn.Linear,), init="random"))
+    merged = lorakit.merge_and_unload(copy.deepcopy(live))
+    with torch.no_grad():
+        assert torch.equal(zero(x), base(x))
+        torch.testing.assert_close(live(x), merged(x), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(live(x), base(x))
+    with torch.inference_mode():
+        torch.testing.assert_close(live(x), merged(x), atol=1e-5, rtol=1e-5)
+    y = live(x)  # grad mode: the fused autograd node, same values
+    torch.testing.assert_close(y.detach(), merged(x).detach(), atol=1e-5, rtol=1e-5)
