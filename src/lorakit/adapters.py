@@ -6,6 +6,7 @@ never merge or unmerge anything.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import cast
@@ -60,11 +61,13 @@ def _fast_lora_layers(model: nn.Module) -> list[LoraLayer]:
     return list(found.values())
 
 
-_CACHE_ATTR = "_lorakit_layer_cache"
+# model -> (STRUCTURE stamp, its LoRA layers). Kept beside the model, not in its __dict__:
+# nothing of it is pickled or deep-copied with the model (merged checkpoints stay plain).
+_LAYER_CACHE: weakref.WeakKeyDictionary[nn.Module, tuple[int, list[LoraLayer]]] = weakref.WeakKeyDictionary()
 
 
 def _layers(model: nn.Module) -> list[LoraLayer]:
-    """:func:`_fast_lora_layers`, cached on ``model`` until any module tree changes.
+    """:func:`_fast_lora_layers`, cached per model until any module tree changes.
 
     The cache is stamped with :data:`lorakit.layers.STRUCTURE`, which torch's global
     module-registration hook and wrap/unwrap bump; so a stale list is never used, even
@@ -72,11 +75,11 @@ def _layers(model: nn.Module) -> list[LoraLayer]:
     removed layer then just keeps receiving switches, harmlessly.)
     """
     watch_structure()
-    cached = model.__dict__.get(_CACHE_ATTR)
+    cached = _LAYER_CACHE.get(model)
     if cached is not None and cached[0] == STRUCTURE[0]:
-        return cast(list[LoraLayer], cached[1])
+        return cached[1]
     layers = _fast_lora_layers(model)
-    model.__dict__[_CACHE_ATTR] = (STRUCTURE[0], layers)
+    _LAYER_CACHE[model] = (STRUCTURE[0], layers)
     return layers
 
 

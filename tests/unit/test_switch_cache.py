@@ -63,3 +63,12 @@ def test_new_and_removed_layers_and_copies() -> None:
     lorakit.unload(model)
     with pytest.raises(lorakit.AdapterNotFoundError):
         lorakit.set_adapter(model, "a")
+
+
+def test_the_cache_never_travels_with_the_model() -> None:
+    model = _net()
+    _inject_two(model)
+    lorakit.set_adapter(model, "b")
+    assert b"_layer_cache" not in pickle.dumps(model)
+    plain = lorakit.merge_and_unload(model)
+    assert b"lorakit" not in pickle.dumps(plain)  # a merged model pickles with no lorakit trace
