@@ -10,11 +10,11 @@ from __future__ import annotations
 from copy import deepcopy
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
 
 import pytest
 import torch
 from torch import nn
+from yolo_helpers import final_outputs
 
 import lorakit
 
@@ -32,26 +32,6 @@ TRAIN = {
     "seed": 0,
     "epochs": 1,
 }
-
-
-def _raw(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Both heads' raw outputs, flattened (eval mode)."""
-    with torch.no_grad():
-        y = model(x)
-    out: list[torch.Tensor] = []
-
-    def walk(v: Any) -> None:
-        if isinstance(v, torch.Tensor):
-            out.append(v.flatten())
-        elif isinstance(v, dict):
-            for k in sorted(v):
-                walk(v[k])
-        elif isinstance(v, (list, tuple)):
-            for t in v:
-                walk(t)
-
-    walk(y)
-    return torch.cat(out)
 
 
 def _x(seed: int = 0) -> torch.Tensor:
@@ -92,12 +72,12 @@ def test_base_plus_adapter_reproduces_the_trained_model(runs: SimpleNamespace) -
         assert m.adapters == ["best_adapter"] and m.active_adapter == "best_adapter"
         live = m.model.eval()
         x = _x()
-        torch.testing.assert_close(_raw(live, x), _raw(run.ema, x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(final_outputs(live, x), final_outputs(run.ema, x), atol=1e-5, rtol=1e-5)
         # BatchNorm statistics came from the adapter: the base's differ, so this is not vacuous
         bn = next(p for p, mod in live.named_modules() if isinstance(mod, nn.BatchNorm2d))
         base_bn = LoraYOLO(str(runs.pt)).model.get_submodule(bn)
         assert not torch.equal(live.get_submodule(bn).running_mean, base_bn.running_mean)
-        torch.testing.assert_close(_raw(m.merged_model(), x), _raw(run.ema, x), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(final_outputs(m.merged_model(), x), final_outputs(run.ema, x), atol=1e-4, rtol=1e-4)
 
 
 def test_switch_between_adapters_on_one_base(runs: SimpleNamespace) -> None:
@@ -112,8 +92,8 @@ def test_switch_between_adapters_on_one_base(runs: SimpleNamespace) -> None:
     for name in ("same", "new", "same", "new"):
         m.set_adapter(name)
         run = getattr(runs, name)
-        y = _raw(m.model.eval(), x)
-        torch.testing.assert_close(y, _raw(run.ema, x), atol=1e-5, rtol=1e-5)
+        y = final_outputs(m.model.eval(), x)
+        torch.testing.assert_close(y, final_outputs(run.ema, x), atol=1e-5, rtol=1e-5)
         if name in first:
             assert torch.equal(first[name], y)  # switching back gives the same model bitwise
         first[name] = y
@@ -134,7 +114,7 @@ def test_disabled_gives_the_base_predictions_exactly(runs: SimpleNamespace) -> N
     ref = base.predict(x, imgsz=IMGSZ, conf=0.0, verbose=False)
     with m.adapter_disabled():
         got = m.predict(x, imgsz=IMGSZ, conf=0.0, verbose=False)
-        assert torch.equal(_raw(m.model.eval(), x), _raw(base.model.float().eval(), x))
+        assert torch.equal(final_outputs(m.model.eval(), x), final_outputs(base.model.float().eval(), x))
     on = m.predict(x, imgsz=IMGSZ, conf=0.0, verbose=False)
     assert len(ref) == len(got) == len(on) == 2
     for r_ref, r_got, r_on in zip(ref, got, on, strict=True):
@@ -156,7 +136,9 @@ def test_save_merged_is_a_plain_checkpoint(runs: SimpleNamespace, tmp_path: Path
     assert plain.names == runs.new.ema.names
     x = _x(3)
     # the file is fp16, as Ultralytics saves every checkpoint
-    torch.testing.assert_close(_raw(plain.model.float().eval(), x), _raw(runs.new.ema, x), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(
+        final_outputs(plain.model.float().eval(), x), final_outputs(runs.new.ema, x), atol=2e-2, rtol=2e-2
+    )
 
 
 def test_delete_and_bad_input_leave_the_model_unchanged(runs: SimpleNamespace) -> None:
@@ -165,25 +147,25 @@ def test_delete_and_bad_input_leave_the_model_unchanged(runs: SimpleNamespace) -
 
     m = LoraYOLO(str(runs.pt), adapter=runs.same.adapter)
     x = _x(4)
-    before = _raw(m.model.eval(), x)
+    before = final_outputs(m.model.eval(), x)
     with pytest.raises(lorakit.ConfigError, match="loaded already"):
         m.load_adapter(runs.new.adapter, name="best_adapter")
     with pytest.raises(lorakit.AdapterNotFoundError):
         m.set_adapter("nope")
     with pytest.raises(lorakit.ConfigError, match="adapters are loaded"):
         m.train(data="unused.yaml")
-    assert torch.equal(_raw(m.model.eval(), x), before) and m.adapters == ["best_adapter"]
+    assert torch.equal(final_outputs(m.model.eval(), x), before) and m.adapters == ["best_adapter"]
 
     other = LoraYOLO(str(runs.other_pt))
-    ref = _raw(other.model.eval(), x)
+    ref = final_outputs(other.model.eval(), x)
     state = deepcopy(other.model.state_dict())
     with pytest.raises(BaseModelMismatchError):
         other.load_adapter(runs.new.adapter)
-    assert other.adapters == [] and torch.equal(_raw(other.model.eval(), x), ref)
+    assert other.adapters == [] and torch.equal(final_outputs(other.model.eval(), x), ref)
     assert other.model.state_dict().keys() == state.keys()
     assert all(torch.equal(v, state[k]) for k, v in other.model.state_dict().items())
 
     m.delete_adapter("best_adapter")
     assert m.adapters == [] and m.active_adapter is None
     base = LoraYOLO(str(runs.pt))
-    assert torch.equal(_raw(m.model.eval(), x), _raw(base.model.eval(), x))
+    assert torch.equal(final_outputs(m.model.eval(), x), final_outputs(base.model.eval(), x))

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
+from yolo_helpers import layer_outputs
 
 import lorakit
 
@@ -30,34 +31,6 @@ IMGSZ = {"segment": 64, "pose": 64, "obb": 64, "classify": 32}
 # nbs=batch and no warmup: every batch is an optimizer step at full lr (else 2 batches make ~0 steps)
 TRAIN = {"epochs": 1, "batch": 8, "nbs": 8, "warmup_epochs": 0, "workers": 0, "plots": False, "device": "cpu"}
 TRAIN |= {"verbose": False, "seed": 0}
-
-
-def _tensors(y: Any) -> list[torch.Tensor]:
-    if isinstance(y, torch.Tensor):
-        return [y]
-    if isinstance(y, dict):
-        y = [y[k] for k in sorted(y)]
-    return [t for v in y for t in _tensors(v)] if isinstance(y, (list, tuple)) else []
-
-
-def _out(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Every conv's and linear's output and every tensor of the eval output, flattened into one vector.
-
-    Random-weight final predictions barely depend on the weights (activations shrink with depth),
-    so comparing them alone could hide a wrong merge; the per-layer activations do not.
-    """
-    acts: list[torch.Tensor] = []
-    hooks = [
-        m.register_forward_hook(lambda _m, _i, o: acts.append(o.flatten()))
-        for m in model.modules()
-        if isinstance(m, (nn.Conv2d, nn.Linear))
-    ]
-    try:
-        final = _tensors(model(x))
-    finally:
-        for h in hooks:
-            h.remove()
-    return torch.cat(acts + [t.flatten() for t in final])
 
 
 def _x(task: str, seed: int = 0) -> torch.Tensor:
@@ -284,12 +257,12 @@ def test_disabled_adapter_is_the_base(lab: Lab, task: str) -> None:
     r = lab.run(task)
     x = _x(task, 1)
     with torch.no_grad():
-        y_ref = _out(lab.base_model(task), x)
+        y_ref = layer_outputs(lab.base_model(task), x)
         for model in (r.trainer.model, r.trainer.ema.ema):
             model = deepcopy(model).float().eval()
             with lorakit.disabled(model):
-                assert torch.equal(_out(model, x), y_ref)
-            assert not torch.equal(_out(model, x), y_ref)
+                assert torch.equal(layer_outputs(model, x), y_ref)
+            assert not torch.equal(layer_outputs(model, x), y_ref)
 
 
 @pytest.mark.parametrize("task", TASKS)
@@ -306,7 +279,7 @@ def test_merged_equals_unmerged(lab: Lab, task: str) -> None:
         with torch.no_grad():
             merged = lorakit.merge_and_unload(deepcopy(model))
             assert not any(isinstance(m, lorakit.LoraLayer) for m in merged.modules())
-            torch.testing.assert_close(_out(merged, x), _out(model, x), atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(layer_outputs(merged, x), layer_outputs(model, x), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("task", TASKS)
@@ -320,7 +293,7 @@ def test_adapter_reproduces_the_ema(lab: Lab, task: str) -> None:
     ema = deepcopy(t.ema.ema).float().eval()
     fresh.eval()
     with torch.no_grad():
-        torch.testing.assert_close(_out(fresh, _x(task)), _out(ema, _x(task)), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(layer_outputs(fresh, _x(task)), layer_outputs(ema, _x(task)), atol=1e-5, rtol=1e-5)
 
 
 def test_checkpoints_are_merged_and_plain(lab: Lab, plain_ultralytics: Callable[..., None]) -> None:
@@ -363,7 +336,9 @@ def test_new_class_count_trains_the_head_fully(lab: Lab) -> None:
     ema = deepcopy(t.ema.ema).float().eval()
     fresh.eval()
     with torch.no_grad():
-        torch.testing.assert_close(_out(fresh, _x("segment")), _out(ema, _x("segment")), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            layer_outputs(fresh, _x("segment")), layer_outputs(ema, _x("segment")), atol=1e-5, rtol=1e-5
+        )
 
 
 @pytest.mark.parametrize("task", TASKS)
@@ -397,9 +372,9 @@ def test_loraYOLO_serves_each_task_from_base_plus_adapter(lab: Lab, task: str) -
     x = _x(task)
     ema = deepcopy(t.ema.ema).float().eval()
     with torch.no_grad():
-        torch.testing.assert_close(_out(m.model.eval(), x), _out(ema, x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(layer_outputs(m.model.eval(), x), layer_outputs(ema, x), atol=1e-5, rtol=1e-5)
         with m.adapter_disabled():
-            assert torch.equal(_out(m.model.eval(), x), _out(lab.base_model(task), x))
+            assert torch.equal(layer_outputs(m.model.eval(), x), layer_outputs(lab.base_model(task), x))
     assert len(m.predict(x[:1], imgsz=IMGSZ[task], verbose=False)) == 1
 
 
@@ -412,9 +387,9 @@ def test_loraYOLO_gives_a_base_the_adapters_new_class_count(lab: Lab) -> None:
     x = _x("segment")
     ema = deepcopy(t.ema.ema).float().eval()
     with torch.no_grad():
-        torch.testing.assert_close(_out(m.model.eval(), x), _out(ema, x), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(layer_outputs(m.model.eval(), x), layer_outputs(ema, x), atol=1e-5, rtol=1e-5)
         with m.adapter_disabled():  # the base's own 2-class head is back
             assert len(m.names) == 2 and m.model.model[-1].nc == 2
-            assert torch.equal(_out(m.model.eval(), x), _out(lab.base_model("segment"), x))
+            assert torch.equal(layer_outputs(m.model.eval(), x), layer_outputs(lab.base_model("segment"), x))
     res = m.predict(x[:1], imgsz=IMGSZ["segment"], conf=0.0, verbose=False)
     assert res[0].names == t.ema.ema.names

@@ -1,0 +1,44 @@
+"""Output comparisons shared by the YOLO tests (imported as ``yolo_helpers``: tests/yolo is on sys.path)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def tensors(y: Any) -> list[torch.Tensor]:
+    """Every tensor in a model's (nested list/tuple/dict) output, in a fixed order."""
+    if isinstance(y, torch.Tensor):
+        return [y]
+    if isinstance(y, dict):
+        y = [y[k] for k in sorted(y)]
+    return [t for v in y for t in tensors(v)] if isinstance(y, (list, tuple)) else []
+
+
+def final_outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The model's outputs (both heads in eval mode), flattened into one vector, without autograd."""
+    with torch.no_grad():
+        return torch.cat([t.flatten() for t in tensors(model(x))])
+
+
+def layer_outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Every conv's and linear's output and every tensor of the output, flattened into one vector.
+
+    Random-weight final predictions barely depend on the weights (activations shrink with
+    depth and the scores saturate), so comparing them alone could hide a wrong merge; the
+    per-layer activations do not.
+    """
+    acts: list[torch.Tensor] = []
+    hooks = [
+        m.register_forward_hook(lambda _m, _i, o: acts.append(o.flatten()))
+        for m in model.modules()
+        if isinstance(m, (nn.Conv2d, nn.Linear))
+    ]
+    try:
+        final = tensors(model(x))
+    finally:
+        for h in hooks:
+            h.remove()
+    return torch.cat(acts + [t.flatten() for t in final])
