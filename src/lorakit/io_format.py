@@ -20,7 +20,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -214,18 +214,21 @@ def same_base(saved: Mapping[str, Any], current: Mapping[str, Any]) -> bool:
 # -- atomic writes -------------------------------------------------------------------------
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a mix.
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary path beside ``path`` for a writer that wants a file name (``torch.save``,
+    Ultralytics' ``Model.save``); when the block ends cleanly the file is fsynced and renamed
+    over ``path``, so readers see the old file or the new one, never a mix.
 
-    Temp file in the same folder, fsync, ``os.replace``, fsync of the folder. On failure the
-    temp file is removed and ``OSError`` is raised naming ``path``.
+    Then the folder is fsynced. On any failure the temp file is removed; an ``OSError`` is
+    raised again naming ``path``.
     """
-    tmp = None
+    tmp: str | None = None
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        os.close(fd)
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
@@ -237,6 +240,12 @@ def atomic_write(path: Path, data: bytes) -> None:
         if tmp is not None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -209,6 +209,11 @@ def test_adapter_files(tmp_path: Path, base: SimpleNamespace, same_nc: SimpleNam
     assert t.best_adapter.is_dir() and t.last_adapter.is_dir()
     out = m.save_adapter(tmp_path / "adapter")
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in m.adapter_dir.iterdir())
+    (out / "adapter_model.safetensors").write_bytes(b"stale")  # saving again replaces every file
+    m.save_adapter(out)
+    for f in m.adapter_dir.iterdir():
+        assert (out / f.name).read_bytes() == f.read_bytes()
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temp file left
     from lorakit.io import load_adapter, read_adapter_files
 
     fresh = _base_model(base)  # load_adapter injects the saved config, then copies the tensors

@@ -27,8 +27,6 @@ from __future__ import annotations
 
 import difflib
 import glob
-import os
-import tempfile
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -355,30 +353,9 @@ def _merge(argv: list[str]) -> int:
         raise ArgError(f"out={str(out)!r} is the base model itself; the adapter could no longer be loaded on it")
     spec, adapter = str(opts["model"]), str(opts["adapter"])
     model = _open(opts)
-    _atomic_save(model, out)
-    print(f"merged {adapter} into {spec}: wrote {out} ({out.stat().st_size:,} bytes), a plain Ultralytics .pt")
-    return 0
-
-
-def _atomic_save(model: LoraYOLO, out: Path) -> None:
-    """``save_merged`` to a temp file in ``out``'s folder, then ``os.replace``: readers of
-    ``out`` see the old file or the new one, never half a checkpoint."""
-    from ..io_format import _fsync_dir
-
-    fd, name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    tmp: Path | None = Path(name)
     try:
-        assert tmp is not None
-        model.save_merged(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-        tmp = None
-        _fsync_dir(out.parent)
+        model.save_merged(out)  # atomic: temp file, fsync, rename
     except OSError as exc:
         raise ArgError(f"out={str(out)!r}: cannot write it: {exc.strerror or exc}") from None
-    finally:
-        if tmp is not None:
-            tmp.unlink(missing_ok=True)
+    print(f"merged {adapter} into {spec}: wrote {out} ({out.stat().st_size:,} bytes), a plain Ultralytics .pt")
+    return 0

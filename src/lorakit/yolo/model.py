@@ -28,7 +28,6 @@ plain convs); the copy is cached until the adapter changes.
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from copy import deepcopy
@@ -44,6 +43,7 @@ from ..adapters import merge_and_unload
 from ..config import LoraConfig
 from ..errors import AdapterNotFoundError, ConfigError
 from ..io import LoadReport, _train_paths, load_adapter, read_adapter_files
+from ..io_format import atomic_path, atomic_write
 from ..io_peft import from_peft_config
 from ..layers import LoraLayer
 from .tasks import trainer_for
@@ -280,11 +280,16 @@ class LoraYOLO(YOLO):  # type: ignore[misc]
     def save_merged(self, path: str | Path) -> Path:
         """Write the current state (active adapter merged) as a plain Ultralytics ``.pt``.
 
-        The file loads with ``ultralytics.YOLO(path)`` without lorakit installed.
+        The file loads with ``ultralytics.YOLO(path)`` without lorakit installed. It is
+        written atomically (temp file, fsync, rename): a reader or a crash sees the old
+        file or the new one, never half a checkpoint.
+
+        Raises:
+            OSError: the file cannot be written (the message names it).
         """
         path = Path(path)
-        with self._merged():
-            self.save(path)
+        with self._merged(), atomic_path(path) as tmp:
+            self.save(tmp)
         return path
 
     def train(self, trainer: Any = None, **kwargs: Any) -> Any:  # type: ignore[override]
@@ -322,15 +327,23 @@ class LoraYOLO(YOLO):  # type: ignore[misc]
     def save_adapter(self, path: str | Path) -> Path:
         """Copy the trained adapter folder (best epoch) to ``path``; return ``path``.
 
+        Each file is written atomically, as :func:`lorakit.io.save_adapter` writes them: an
+        adapter already at ``path`` is replaced file by file, never left half-written.
+
         Raises:
             RuntimeError: nothing has been trained yet.
+            OSError: a file cannot be written (the message names it).
         """
         src = self.adapter_dir
         if src is None:
             raise RuntimeError("LoraYOLO.save_adapter: no adapter yet; call train() first")
         path = Path(path)
-        shutil.rmtree(path, ignore_errors=True)
-        shutil.copytree(src, path)
+        path.mkdir(parents=True, exist_ok=True)
+        # weights first, then the config, as lorakit.io.save_adapter does: a crash between the two
+        # leaves a pair whose config hash disagrees, which load_adapter reports instead of mixing them
+        for f in sorted(src.iterdir(), key=lambda f: (f.suffix != ".safetensors", f.name)):
+            if f.is_file():
+                atomic_write(path / f.name, f.read_bytes())
         return path
 
     def export(self, **kwargs: Any) -> Any:
