@@ -14,24 +14,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 from torch import nn
-from yolo_helpers import final_outputs
+from yolo_helpers import TINY_TRAIN, final_outputs, save_random_detector
 
 import lorakit
 
 pytestmark = pytest.mark.slow
 IMGSZ = 64
-TRAIN = {
-    "imgsz": IMGSZ,
-    "batch": 8,
-    "nbs": 8,
-    "warmup_epochs": 0,
-    "workers": 0,
-    "plots": False,
-    "device": "cpu",
-    "verbose": False,
-    "seed": 0,
-    "epochs": 1,
-}
+TRAIN = {"imgsz": IMGSZ, "epochs": 1, **TINY_TRAIN}
 
 
 def _x(seed: int = 0) -> torch.Tensor:
@@ -40,19 +29,11 @@ def _x(seed: int = 0) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
-    from ultralytics import YOLO
-    from ultralytics.nn.tasks import DetectionModel
-
     from lorakit.yolo import LoraYOLO, make_dataset
 
     root = tmp_path_factory.mktemp("serving")
-    torch.manual_seed(0)
-    y = YOLO("yolo26n.yaml")
-    y.model = DetectionModel("yolo26n.yaml", nc=2, verbose=False)
-    y.save(root / "base.pt")
-    torch.manual_seed(1)
-    y.model = DetectionModel("yolo26n.yaml", nc=2, verbose=False)
-    y.save(root / "other_base.pt")
+    save_random_detector(root / "base.pt", seed=0)
+    save_random_detector(root / "other_base.pt", seed=1)
     out = SimpleNamespace(root=root, pt=root / "base.pt", other_pt=root / "other_base.pt")
     for name, domain, seed in (("same", "A", 0), ("new", "B", 1)):
         data = make_dataset(root / domain, domain=domain, n_train=16, n_val=8, imgsz=IMGSZ, seed=seed)

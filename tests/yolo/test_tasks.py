@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
-from yolo_helpers import layer_outputs
+from yolo_helpers import TINY_TRAIN, layer_outputs
 
 import lorakit
 
@@ -29,8 +29,7 @@ TASKS = ("segment", "pose", "obb", "classify")
 YAMLS = {t: f"yolo26n-{s}.yaml" for t, s in (("segment", "seg"), ("pose", "pose"), ("obb", "obb"), ("classify", "cls"))}
 IMGSZ = {"segment": 64, "pose": 64, "obb": 64, "classify": 32}
 # nbs=batch and no warmup: every batch is an optimizer step at full lr (else 2 batches make ~0 steps)
-TRAIN = {"epochs": 1, "batch": 8, "nbs": 8, "warmup_epochs": 0, "workers": 0, "plots": False, "device": "cpu"}
-TRAIN |= {"verbose": False, "seed": 0}
+TRAIN = {"epochs": 1, **TINY_TRAIN}
 
 
 def _x(task: str, seed: int = 0) -> torch.Tensor:

@@ -16,24 +16,13 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
-from yolo_helpers import layer_outputs
+from yolo_helpers import TINY_TRAIN, layer_outputs, save_random_detector
 
 import lorakit
 
 pytestmark = pytest.mark.slow
 IMGSZ = 64
-# nbs=batch and no warmup, so every batch is an optimizer step at full lr (else 4 batches make ~0 steps)
-TRAIN = {
-    "imgsz": IMGSZ,
-    "batch": 8,
-    "nbs": 8,
-    "warmup_epochs": 0,
-    "workers": 0,
-    "plots": False,
-    "device": "cpu",
-    "verbose": False,
-    "seed": 0,
-}
+TRAIN = {"imgsz": IMGSZ, **TINY_TRAIN}
 
 
 def _x(seed: int = 0) -> torch.Tensor:
@@ -43,16 +32,10 @@ def _x(seed: int = 0) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def base(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     """A random-weight 2-class yolo26n saved as a .pt (stands in for pretrained weights) and both datasets."""
-    from ultralytics import YOLO
-    from ultralytics.nn.tasks import DetectionModel
-
     from lorakit.yolo import make_dataset
 
     root = tmp_path_factory.mktemp("yolo_run")
-    torch.manual_seed(0)
-    y = YOLO("yolo26n.yaml")
-    y.model = DetectionModel("yolo26n.yaml", nc=2, verbose=False)
-    y.save(root / "base.pt")
+    save_random_detector(root / "base.pt", seed=0)
     return SimpleNamespace(
         root=root,
         pt=root / "base.pt",

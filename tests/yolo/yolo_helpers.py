@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -42,3 +43,29 @@ def layer_outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
         for h in hooks:
             h.remove()
     return torch.cat(acts + [t.flatten() for t in final])
+
+
+# Tiny CPU training: nbs=batch and no warmup, so every batch is an optimizer step at full lr
+# (else a few batches make ~0 steps).
+TINY_TRAIN = {
+    "batch": 8,
+    "nbs": 8,
+    "warmup_epochs": 0,
+    "workers": 0,
+    "plots": False,
+    "device": "cpu",
+    "verbose": False,
+    "seed": 0,
+}
+
+
+def save_random_detector(path: Path, seed: int, nc: int = 2) -> Path:
+    """A random-weight yolo26n with ``nc`` classes saved as a ``.pt`` (stands in for pretrained weights)."""
+    from ultralytics import YOLO
+    from ultralytics.nn.tasks import DetectionModel
+
+    torch.manual_seed(seed)
+    y = YOLO("yolo26n.yaml")
+    y.model = DetectionModel("yolo26n.yaml", nc=nc, verbose=False)
+    y.save(path)
+    return path
