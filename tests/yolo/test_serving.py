@@ -38,9 +38,11 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     for name, domain, seed in (("same", "A", 0), ("new", "B", 1)):
         data = make_dataset(root / domain, domain=domain, n_train=16, n_val=8, imgsz=IMGSZ, seed=seed)
         model = LoraYOLO(str(out.pt), r=4)
-        model.train(data=str(data), project=str(root / "runs"), name=name, **TRAIN)
+        # one run with Ultralytics' plots on: they must work with LoRA, offline
+        model.train(data=str(data), project=str(root / "runs"), name=name, **{**TRAIN, "plots": name == "new"})
         t = model.trainer
-        setattr(out, name, SimpleNamespace(adapter=t.best_adapter, ema=t.ema.ema.float().eval(), best=t.best))
+        ema = t.ema.ema.float().eval()
+        setattr(out, name, SimpleNamespace(adapter=t.best_adapter, ema=ema, best=t.best, dir=t.save_dir))
     return out
 
 
@@ -150,3 +152,10 @@ def test_delete_and_bad_input_leave_the_model_unchanged(runs: SimpleNamespace) -
     assert m.adapters == [] and m.active_adapter is None
     base = LoraYOLO(str(runs.pt))
     assert torch.equal(final_outputs(m.model.eval(), x), final_outputs(base.model.eval(), x))
+
+
+def test_ultralytics_logs_and_plots_work_with_lora(runs: SimpleNamespace) -> None:
+    made = {p.name for p in runs.new.dir.iterdir()}
+    assert {"results.csv", "results.png", "confusion_matrix.png", "labels.jpg", "train_batch0.jpg"} <= made
+    rows = (runs.new.dir / "results.csv").read_text().strip().splitlines()
+    assert len(rows) == 1 + TRAIN["epochs"] and "metrics/mAP50-95(B)" in rows[0]
