@@ -148,6 +148,15 @@ def test_delete_and_bad_input_leave_the_model_unchanged(runs: SimpleNamespace) -
     assert other.model.state_dict().keys() == state.keys()
     assert all(torch.equal(v, state[k]) for k, v in other.model.state_dict().items())
 
+    # a failed load while another adapter is active leaves that adapter, its head and its outputs as they were
+    other.load_adapter(runs.same.adapter, name="same", allow_other_base=True)
+    with_same = final_outputs(other.model.eval(), x)
+    names = dict(other.names)
+    with pytest.raises(BaseModelMismatchError):
+        other.load_adapter(runs.new.adapter)  # 3 classes: its head would replace the active one's
+    assert other.adapters == ["same"] and other.active_adapter == "same" and other.names == names
+    assert torch.equal(final_outputs(other.model.eval(), x), with_same)
+
     m.delete_adapter("best_adapter")
     assert m.adapters == [] and m.active_adapter is None
     base = LoraYOLO(str(runs.pt))
@@ -159,3 +168,36 @@ def test_ultralytics_logs_and_plots_work_with_lora(runs: SimpleNamespace) -> Non
     assert {"results.csv", "results.png", "confusion_matrix.png", "labels.jpg", "train_batch0.jpg"} <= made
     rows = (runs.new.dir / "results.csv").read_text().strip().splitlines()
     assert len(rows) == 1 + TRAIN["epochs"] and "metrics/mAP50-95(B)" in rows[0]
+
+
+def test_an_unfit_head_is_refused_before_anything_changes(runs: SimpleNamespace, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    import safetensors
+    import safetensors.torch
+
+    from lorakit.io_format import checksum
+    from lorakit.yolo import LoraYOLO
+
+    bad = tmp_path / "bad_head"
+    shutil.copytree(runs.new.adapter, bad)
+    weights = bad / "adapter_model.safetensors"
+    with safetensors.safe_open(str(weights), "pt") as f:
+        meta = dict(f.metadata())
+    tensors = safetensors.torch.load_file(str(weights))
+    key = next(k for k in tensors if k.endswith("cv3.0.2.weight") and ".lora" not in k)
+    out, cin = tensors[key].shape[:2]
+    tensors[key] = torch.randn(out, cin + 1, 1, 1)  # a class conv reading other features: not this base's head
+    sums = json.loads(meta["lorakit_checksums"])
+    sums[key] = checksum(tensors[key])
+    meta["lorakit_checksums"] = json.dumps(sums, sort_keys=True)
+    safetensors.torch.save_file(tensors, str(weights), metadata=meta)
+
+    m = LoraYOLO(str(runs.pt), adapter=runs.same.adapter)
+    x = _x(5)
+    before, names = final_outputs(m.model.eval(), x), dict(m.names)
+    with pytest.raises(lorakit.ConfigError, match="only the output count"):
+        m.load_adapter(bad)
+    assert m.adapters == ["best_adapter"] and m.active_adapter == "best_adapter" and m.names == names
+    assert torch.equal(final_outputs(m.model.eval(), x), before)

@@ -166,14 +166,13 @@ class LoraYOLO(YOLO):  # type: ignore[misc]
         paths = _train_paths(model, cfg.train_modules)
         previous = self.active_adapter
         base = self._base or Variant.capture(model, [])
-        if self._base is not None:
-            base.install(model)
-        for p in paths:  # first sight of a path: the module there now is the base's own
+        for p in paths:  # a path no adapter has replaced yet still holds the base's own module
             if p not in base.modules:
                 base.modules[p] = model.get_submodule(p)
-        variant = fresh_variant(model, base, paths, files)
-        variant.install(model)
+        variant = fresh_variant(model, base, paths, files)  # may raise: nothing is installed yet
         try:
+            base.install(model)
+            variant.install(model)
             report = load_adapter(model, path, name, allow_other_base=allow_other_base)
         except BaseException:
             base.install(model)
