@@ -30,6 +30,15 @@ def _batch(case: Case, n: int) -> torch.Tensor:
     return torch.cat(parts)[:n]
 
 
+def _alone(model: torch.nn.Module, x: torch.Tensor, i: int, name: str | None) -> torch.Tensor:
+    """Sample ``i`` run by itself with adapter ``name`` (``None``: the base model)."""
+    if name is None:
+        with lorakit.disabled(model):
+            return model(x[i : i + 1])
+    lorakit.set_adapter(model, name)
+    return model(x[i : i + 1])
+
+
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_mixed_batch_equals_per_sample(case: Case) -> None:
     model = _model_with_three_adapters(case)
@@ -38,12 +47,7 @@ def test_mixed_batch_equals_per_sample(case: Case) -> None:
         with lorakit.mixed_batch(model, NAMES):
             mixed = model(x)
         for i, name in enumerate(NAMES):
-            if name is None:
-                with lorakit.disabled(model):
-                    alone = model(x[i : i + 1])
-            else:
-                lorakit.set_adapter(model, name)
-                alone = model(x[i : i + 1])
+            alone = _alone(model, x, i, name)
             scale = alone.abs().max().clamp_min(1e-6)
             assert float((mixed[i : i + 1] - alone).abs().max() / scale) < 1e-5, (i, name)
     # the adapters really differ, so a mix-up would show
@@ -77,12 +81,7 @@ def test_both_linear_mixed_forms_equal_per_sample(seq: int, monkeypatch: pytest.
             mixed = model(x)
         assert (calls["gathered"] > 0) == (seq == 300)
         for i, name in enumerate(NAMES):
-            if name is None:
-                with lorakit.disabled(model):
-                    alone = model(x[i : i + 1])
-            else:
-                lorakit.set_adapter(model, name)
-                alone = model(x[i : i + 1])
+            alone = _alone(model, x, i, name)
             torch.testing.assert_close(mixed[i : i + 1], alone, atol=1e-5, rtol=1e-5)
 
 

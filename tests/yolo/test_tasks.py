@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
-from yolo_helpers import TINY_TRAIN, layer_outputs
+from yolo_helpers import TINY_TRAIN, layer_outputs, start_snapshot
 
 import lorakit
 
@@ -88,16 +88,9 @@ class Lab:
         )
         start: dict[str, Any] = {}
 
-        def snapshot(trainer: Any) -> None:  # after the optimizer, EMA and freezing are set up
-            m = trainer.model
-            start["state"] = {k: v.detach().clone() for k, v in m.state_dict().items()}
-            start["requires_grad"] = {n for n, p in m.named_parameters() if p.requires_grad}
-            start["optimized"] = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
-            start["names"] = {id(p): n for n, p in m.named_parameters()}
-
         y = YOLO(str(self.base_pt(task)))
         assert y.task == task
-        y.add_callback("on_pretrain_routine_end", snapshot)
+        y.add_callback("on_pretrain_routine_end", start_snapshot(start))
         trainer = partial(trainer_for(task), lora=LoraOptions(r=8, adapt_bn=False))
         name = f"{task}-{domain}"
         y.train(data=str(data), trainer=trainer, imgsz=IMGSZ[task], project=str(self.root / "runs"), name=name, **TRAIN)

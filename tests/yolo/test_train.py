@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
-from yolo_helpers import TINY_TRAIN, layer_outputs, save_random_detector
+from yolo_helpers import TINY_TRAIN, layer_outputs, save_random_detector, start_snapshot
 
 import lorakit
 
@@ -49,17 +49,10 @@ def _train(base: SimpleNamespace, data: Path, name: str, epochs: int) -> SimpleN
 
     start: dict[str, Any] = {}
 
-    def snapshot(trainer: Any) -> None:  # after the optimizer, EMA and freezing are set up
-        m = trainer.model
-        start["state"] = {k: v.detach().clone() for k, v in m.state_dict().items()}
-        start["requires_grad"] = {n for n, p in m.named_parameters() if p.requires_grad}
-        start["optimized"] = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
-        start["names"] = {id(p): n for n, p in m.named_parameters()}
-
     # BatchNorm frozen (adapt_bn=False): the invariants below (base bitwise unchanged, only LoRA factors
     # train, disabled == base) are those of that mode; the default (adapt_bn=True) runs in test_demo.py.
     model = LoraYOLO(str(base.pt), r=8, adapt_bn=False)
-    model.add_callback("on_pretrain_routine_end", snapshot)
+    model.add_callback("on_pretrain_routine_end", start_snapshot(start))
     model.train(data=str(data), epochs=epochs, project=str(base.root / "runs"), name=name, **TRAIN)
     return SimpleNamespace(model=model, trainer=model.trainer, start=start)
 

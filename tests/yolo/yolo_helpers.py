@@ -69,3 +69,18 @@ def save_random_detector(path: Path, seed: int, nc: int = 2) -> Path:
     y.model = DetectionModel("yolo26n.yaml", nc=nc, verbose=False)
     y.save(path)
     return path
+
+
+def start_snapshot(start: dict[str, Any]) -> Any:
+    """An ``on_pretrain_routine_end`` callback (after the optimizer, EMA and freezing are set up)
+    that records into ``start`` the model's state, its trainable names, the optimized tensors' ids
+    and an id -> name map."""
+
+    def snapshot(trainer: Any) -> None:
+        m = trainer.model
+        start["state"] = {k: v.detach().clone() for k, v in m.state_dict().items()}
+        start["requires_grad"] = {n for n, p in m.named_parameters() if p.requires_grad}
+        start["optimized"] = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+        start["names"] = {id(p): n for n, p in m.named_parameters()}
+
+    return snapshot
