@@ -206,32 +206,36 @@ def main() -> None:
 
     rows: list[dict[str, Any]] = []
     for model_name in args.models:
-        for config in args.configs:
-            runs = []
-            for rep in range(args.repeats):
+        # Repeats go round-robin over the configs, so a slow spell of this shared machine
+        # lands on every config instead of on one config's repeats.
+        runs: dict[str, list[dict[str, Any]]] = {c: [] for c in args.configs}
+        for rep in range(args.repeats):
+            for config in args.configs:
                 print(f"[{model_name} {config} rep {rep + 1}/{args.repeats}] ...", flush=True)
-                runs.append(
-                    common.run_child(
-                        Path(__file__),
-                        [
-                            "--models",
-                            model_name,
-                            "--configs",
-                            config,
-                            "--warmup",
-                            str(args.warmup),
-                            "--steps",
-                            str(args.steps),
-                        ],
-                    )
+                run = common.run_child(
+                    Path(__file__),
+                    [
+                        "--models",
+                        model_name,
+                        "--configs",
+                        config,
+                        "--warmup",
+                        str(args.warmup),
+                        "--steps",
+                        str(args.steps),
+                    ],
                 )
-            runs.sort(key=lambda r: r["step"])
-            row = dict(runs[len(runs) // 2])
-            row["foreign_load"] = max(r["foreign_load"] for r in runs)
+                runs[config].append(run)
+                print(f"    step {run['step']:.3f} s  foreign load {run['foreign_load']:.2f}", flush=True)
+        for config in args.configs:
+            got = sorted(runs[config], key=lambda r: r["step"])
+            row = dict(got[len(got) // 2])
+            row["foreign_load"] = max(r["foreign_load"] for r in got)
+            row["step_runs"] = [round(r["step"], 4) for r in runs[config]]
             rows.append(row)
             print(
-                f"    step {row['step']:.3f} s  saved {row['saved_mib']:.1f} MiB  peak {row['peak_rss_mib']:.0f} MiB  "
-                f"foreign load {row['foreign_load']:.2f}",
+                f"{model_name} {config}: step {row['step']:.3f} s  saved {row['saved_mib']:.1f} MiB  "
+                f"peak {row['peak_rss_mib']:.0f} MiB  foreign load {row['foreign_load']:.2f}",
                 flush=True,
             )
 
