@@ -52,6 +52,7 @@ from .io_format import (
     MAX_JSON,
     atomic_write,
     checksum,
+    digest_of,
     fingerprint,
     parse_json,
     read_bytes,
@@ -327,8 +328,11 @@ def _base_differs(file: Path, model: nn.Module, metadata: dict[str, str], found:
     differ = []
     for p, weight_name in found.items():
         fp = saved.get(p)
-        current = fingerprint(_base_weight(model.get_submodule(p), weight_name))
-        if not isinstance(fp, dict) or not same_base(fp, current):
+        if not isinstance(fp, dict):
+            differ.append(p)
+            continue
+        current = fingerprint(_base_weight(model.get_submodule(p), weight_name), digest_of(fp))
+        if not same_base(fp, current):
             differ.append(p)
     return differ
 

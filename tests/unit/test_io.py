@@ -25,6 +25,7 @@ from lorakit.io_errors import (
     KeyMismatchError,
     ShapeMismatchError,
 )
+from lorakit.io_format import checksum
 
 from .io_models import IDS, adapted_net, make_net, state_hash
 
@@ -131,6 +132,35 @@ def test_other_base_is_refused_and_model_unchanged(tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match="different base model"):
         report = load_adapter(other, tmp_path, allow_other_base=True)
     assert report.base_checked and report.base_matches is False and not report.complete
+
+
+def test_base_check_needs_every_byte_and_reads_older_sha256_fingerprints(tmp_path: Path) -> None:
+    """The CRC-32 sees a change of one element (which the 16 samples miss), and a file
+    written before the switch to CRC-32 (sha256 fingerprints) is still checked."""
+    save_adapter(adapted_net(seed=0), tmp_path)
+    raw = safetensors.torch.load((tmp_path / W).read_bytes())
+    with open(tmp_path / W, "rb") as f:
+        meta = json.loads(f.read(int.from_bytes(f.read(8), "little")))["__metadata__"]
+    base = json.loads(meta["lorakit_base"])
+    assert all(set(fp) == {"dtype", "shape", "crc32", "samples", "norm"} for fp in base.values())
+
+    nudged = make_net(seed=0)
+    with torch.no_grad():
+        nudged.lin.weight.view(-1)[1] += 1e-3  # not one of the sampled positions
+    with pytest.raises(BaseModelMismatchError):
+        load_adapter(nudged, tmp_path)
+
+    def older(sha_of: torch.nn.Module) -> None:
+        for path, fp in base.items():
+            fp.pop("crc32", None)
+            fp["sha256"] = checksum(sha_of.get_submodule(path).weight)
+        safetensors.torch.save_file(raw, tmp_path / W, metadata={**meta, "lorakit_base": json.dumps(base)})
+
+    older(make_net(seed=0))
+    assert load_adapter(make_net(seed=0), tmp_path).base_matches
+    older(make_net(seed=1))
+    with pytest.raises(BaseModelMismatchError):
+        load_adapter(make_net(seed=0), tmp_path)
 
 
 def test_base_check_tolerates_a_dtype_cast_of_the_same_weights(tmp_path: Path) -> None:
