@@ -37,6 +37,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m pip install -q -e ".[yolo,hf,dev,bench]" $(TORCH)
 	$(BIN)/python bench/train_step.py
+	$(BIN)/python bench/train_interleaved.py
 	$(BIN)/python bench/forward.py
 	$(BIN)/python bench/adapters.py
 	$(BIN)/python bench/hf_minilm.py
