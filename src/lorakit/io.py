@@ -52,7 +52,6 @@ from .io_format import (
     MAX_JSON,
     atomic_write,
     checksum,
-    digest_of,
     fingerprint,
     parse_json,
     read_bytes,
@@ -328,11 +327,7 @@ def _base_differs(file: Path, model: nn.Module, metadata: dict[str, str], found:
     differ = []
     for p, weight_name in found.items():
         fp = saved.get(p)
-        if not isinstance(fp, dict):
-            differ.append(p)
-            continue
-        current = fingerprint(_base_weight(model.get_submodule(p), weight_name), digest_of(fp))
-        if not same_base(fp, current):
+        if not isinstance(fp, dict) or not same_base(fp, _base_weight(model.get_submodule(p), weight_name)):
             differ.append(p)
     return differ
 

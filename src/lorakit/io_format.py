@@ -194,42 +194,48 @@ def _crc32(t: torch.Tensor) -> str:
     return f"{zlib.crc32(flat.view(torch.uint8).numpy().data) if flat.numel() else 0:08x}"
 
 
-def fingerprint(weight: torch.Tensor, digest: str = "crc32") -> dict[str, Any]:
-    """dtype, shape, ``digest`` ("crc32" or "sha256") of the bytes, 16 samples and the norm."""
-    w = weight.detach()
-    flat = w.reshape(-1)
+def _samples(flat: torch.Tensor) -> list[float]:
     idx = torch.linspace(0, max(flat.numel() - 1, 0), _SAMPLES).round().long().to(flat.device)
-    samples = flat[idx].double().cpu().tolist() if flat.numel() else []
+    return flat[idx].double().cpu().tolist() if flat.numel() else []
+
+
+def _norm(w: torch.Tensor) -> float:
+    # accumulated in float64 without a float64 copy of the weight
+    return float(torch.linalg.vector_norm(w, dtype=torch.float64))
+
+
+def fingerprint(weight: torch.Tensor) -> dict[str, Any]:
+    """dtype, shape, CRC-32 of the bytes, 16 evenly spaced samples and the float64 norm."""
+    w = weight.detach()
     return {
         "dtype": str(w.dtype).removeprefix("torch."),
         "shape": list(w.shape),
-        digest: _crc32(w) if digest == "crc32" else checksum(w),
-        "samples": samples,
-        # accumulated in float64 without a float64 copy of the weight
-        "norm": float(torch.linalg.vector_norm(w, dtype=torch.float64)),
+        "crc32": _crc32(w),
+        "samples": _samples(w.reshape(-1)),
+        "norm": _norm(w),
     }
 
 
-def digest_of(saved: Mapping[str, Any]) -> str:
-    """The digest a saved fingerprint carries: "crc32", or "sha256" for older files."""
-    return "sha256" if "crc32" not in saved and "sha256" in saved else "crc32"
+def same_base(saved: Mapping[str, Any], weight: torch.Tensor) -> bool:
+    """True when ``weight`` is the weight the fingerprint ``saved`` was taken of.
 
-
-def same_base(saved: Mapping[str, Any], current: Mapping[str, Any]) -> bool:
-    """True when ``current`` (a :func:`fingerprint` taken with ``digest_of(saved)``) is the
-    weight ``saved`` was taken of."""
-    if list(saved.get("shape", [])) != current["shape"]:
+    Computes only what the comparison needs: the digest when the dtype is the same
+    ("crc32", or "sha256" in files from before the switch), else samples and norm.
+    """
+    w = weight.detach()
+    if list(saved.get("shape", [])) != list(w.shape):
         return False
-    if saved.get("dtype") == current["dtype"]:
-        key = digest_of(saved)
-        return key in current and bool(saved.get(key) == current[key])
-    n = math.prod(current["shape"]) or 1
-    rms = current["norm"] / math.sqrt(n)
+    if saved.get("dtype") == str(w.dtype).removeprefix("torch."):
+        if "crc32" in saved:
+            return bool(saved["crc32"] == _crc32(w))
+        return "sha256" in saved and bool(saved["sha256"] == checksum(w))
+    norm = _norm(w)
+    rms = norm / math.sqrt(w.numel() or 1)
     tol = 0.01 * rms + 1e-12
-    a, b = saved.get("samples", []), current["samples"]
+    a, b = saved.get("samples", []), _samples(w.reshape(-1))
     if not isinstance(a, list) or len(a) != len(b):
         return False
-    norm_ok = abs(float(saved.get("norm", -1.0)) - current["norm"]) <= 0.01 * current["norm"] + 1e-12
+    norm_ok = abs(float(saved.get("norm", -1.0)) - norm) <= 0.01 * norm + 1e-12
     return norm_ok and all(isinstance(x, (int, float)) and abs(x - y) <= tol for x, y in zip(a, b, strict=True))
 
 
