@@ -1,11 +1,13 @@
-"""Training step, interleaved: the frozen floor, PEFT LoRA and lorakit LoRA in one process.
+"""Training step, interleaved: the frozen floor, PEFT LoRA and lorakit LoRA (optionally full
+fine-tuning) in one process.
 
     python bench/train_interleaved.py                          # llama + minilm, dropout 0 and 0.05
     python bench/train_interleaved.py --models minilm --rounds 6
+    python bench/train_interleaved.py --models yolo26s --dropouts 0 --configs full_ft frozen_floor lorakit
 
 train_step.py runs every config in its own process, which gives each its own memory
 figures; but on this shared machine a process can land in a slow spell, and the same
-config's step time moved by up to 15 % from one process to the next. Here the three
+config's step time moved by up to 15 % from one process to the next. Here the configs'
 models are built side by side (same seed, so the same base weights) and each round runs
 one training step of each (forward, backward, fused AdamW), in an order that reverses
 every round. Ratios are taken within a round, then the median over rounds is reported
@@ -29,6 +31,12 @@ import common  # noqa: E402
 import train_step  # noqa: E402
 
 CONFIGS = ("frozen_floor", "peft", "lorakit")
+RATIOS = {  # reported when both configs ran
+    "lorakit_x_floor": ("lorakit", "frozen_floor"),
+    "peft_x_floor": ("peft", "frozen_floor"),
+    "lorakit_x_peft": ("lorakit", "peft"),
+    "lorakit_x_full": ("lorakit", "full_ft"),
+}
 
 
 def _stepper(model_name: str, config: str, dropout: float) -> Any:
@@ -36,7 +44,7 @@ def _stepper(model_name: str, config: str, dropout: float) -> Any:
     import torch
 
     model, loss_fn, targets = train_step.build(model_name)
-    name = config if config == "frozen_floor" else f"{config}_d{dropout:g}"
+    name = config if config in ("frozen_floor", "full_ft") else f"{config}_d{dropout:g}"
     model = train_step.prepare(name, model, targets)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -58,37 +66,33 @@ def _quartiles(xs: list[float]) -> tuple[float, float, float]:
     return q1, med, q3
 
 
-def run(model_name: str, dropout: float, warmup: int, rounds: int) -> dict[str, Any]:
-    steps = {c: _stepper(model_name, c, dropout) for c in CONFIGS}
+def run(model_name: str, dropout: float, configs: list[str], warmup: int, rounds: int) -> dict[str, Any]:
+    steps = {c: _stepper(model_name, c, dropout) for c in configs}
     for _ in range(warmup):
-        for c in CONFIGS:
+        for c in configs:
             steps[c]()
-    times: dict[str, list[float]] = {c: [] for c in CONFIGS}
+    times: dict[str, list[float]] = {c: [] for c in configs}
     for i in range(rounds):
-        for c in CONFIGS if i % 2 == 0 else reversed(CONFIGS):
+        for c in configs if i % 2 == 0 else reversed(configs):
             times[c].append(steps[c]())
-        print(f"  round {i + 1}/{rounds}: " + "  ".join(f"{c} {times[c][-1]:.3f}" for c in CONFIGS), flush=True)
-
-    def ratio(a: str, b: str) -> tuple[float, float, float]:
-        return _quartiles([x / y for x, y in zip(times[a], times[b], strict=True)])
+        print(f"  round {i + 1}/{rounds}: " + "  ".join(f"{c} {times[c][-1]:.3f}" for c in configs), flush=True)
 
     row: dict[str, Any] = {"model": model_name, "dropout": dropout, "rounds": rounds}
-    for c in CONFIGS:
+    for c in configs:
         row[f"{c}_s"] = statistics.median(times[c])
-    for key, (a, b) in {
-        "lorakit_x_floor": ("lorakit", "frozen_floor"),
-        "peft_x_floor": ("peft", "frozen_floor"),
-        "lorakit_x_peft": ("lorakit", "peft"),
-    }.items():
-        q1, med, q3 = ratio(a, b)
-        row[key], row[key + "_q1"], row[key + "_q3"] = med, q1, q3
-    row["times"] = {c: [round(t, 4) for t in times[c]] for c in CONFIGS}
+    for key, (a, b) in RATIOS.items():
+        if a in times and b in times:
+            q1, med, q3 = _quartiles([x / y for x, y in zip(times[a], times[b], strict=True)])
+            row[key], row[key + "_q1"], row[key + "_q3"] = med, q1, q3
+            row[key + "_iqr"] = f"{q1:.3f}-{q3:.3f}"
+    row["times"] = {c: [round(t, 4) for t in times[c]] for c in configs}
     return row
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", nargs="+", default=["llama", "minilm"], choices=["llama", "minilm"])
+    ap.add_argument("--models", nargs="+", default=["llama", "minilm"], choices=train_step.MODELS)
+    ap.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=["full_ft", *CONFIGS])
     ap.add_argument("--dropouts", nargs="+", type=float, default=[0.0, 0.05])
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=10)
@@ -99,10 +103,7 @@ def main() -> None:
     for model_name in args.models:
         for dropout in args.dropouts:
             print(f"[{model_name} dropout {dropout:g}]", flush=True)
-            rows.append(run(model_name, dropout, args.warmup, args.rounds))
-    for r in rows:
-        for key in ("lorakit_x_floor", "peft_x_floor", "lorakit_x_peft"):
-            r[key + "_iqr"] = f"{r[key + '_q1']:.3f}-{r[key + '_q3']:.3f}"
+            rows.append(run(model_name, dropout, args.configs, args.warmup, args.rounds))
     cols = [
         ("model", "model", ""),
         ("dropout", "dropout", "g"),
@@ -114,9 +115,16 @@ def main() -> None:
         ("peft_x_floor", "PEFT x floor", ".3f"),
         ("lorakit_x_peft", "lorakit x PEFT", ".3f"),
         ("lorakit_x_peft_iqr", "(quartiles)", ""),
+        ("full_ft_s", "full FT s", ".3f"),
+        ("lorakit_x_full", "lorakit x full", ".3f"),
+        ("lorakit_x_full_iqr", "(quartiles)", ""),
     ]
+    cols = [c for c in cols if any(c[0] in r for r in rows)]
     groups = {
-        f"{r['model']} d{r['dropout']:g}": {"PEFT": r["peft_x_floor"], "lorakit": r["lorakit_x_floor"]} for r in rows
+        f"{r['model']} d{r['dropout']:g}": {
+            k: r[key] for k, key in (("PEFT", "peft_x_floor"), ("lorakit", "lorakit_x_floor")) if key in r
+        }
+        for r in rows
     }
     title = "Interleaved training step (1 thread)"
     common.report(args.name, args, rows, cols, groups, "step time / frozen floor", title)
