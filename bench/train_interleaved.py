@@ -41,14 +41,9 @@ RATIOS = {  # reported when both configs ran
 
 def _stepper(model_name: str, config: str, dropout: float) -> Any:
     """A function running one training step of a fresh (model, config); returns its seconds."""
-    import torch
-
     model, loss_fn, targets = train_step.build(model_name)
     name = config if config in ("frozen_floor", "full_ft") else f"{config}_d{dropout:g}"
-    model = train_step.prepare(name, model, targets)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=True) if params else None
+    _, opt = train_step.for_training(train_step.prepare(name, model, targets))
 
     def step() -> float:
         t0 = time.perf_counter()

@@ -148,18 +148,23 @@ def prepare(config: str, model: Any, targets: list[str]) -> Any:
     raise SystemExit(f"unknown config {config!r}")
 
 
+def for_training(model: Any) -> tuple[list[Any], Any]:
+    """Put ``model`` in train mode; its trainable parameters and their fused AdamW (None if none)."""
+    import torch
+
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    return params, torch.optim.AdamW(params, lr=1e-4, fused=True) if params else None
+
+
 def child(model_name: str, config: str, warmup: int, steps: int) -> None:
     common.one_thread()
     import json
 
-    import torch
-
     model, loss_fn, targets = build(model_name)
     rss_built = common.rss_mib()
     model = prepare(config, model, targets)
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4, fused=True) if params else None
+    params, opt = for_training(model)
 
     with common.count_saved(common.state_storages(model)) as saved:
         loss = loss_fn()
