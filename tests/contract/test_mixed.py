@@ -57,32 +57,43 @@ def test_mixed_batch_equals_per_sample(case: Case) -> None:
     assert not torch.allclose(ya, model(x[:1]))
 
 
-@pytest.mark.parametrize("seq", [1, 300])  # K=3, N=8: 8*3 <= 128*8 concatenated; 2400*3 > 1024 gathered
-def test_both_linear_mixed_forms_equal_per_sample(seq: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    from torch import nn
+SKEWED = ["a", "a", "a", "a", "a", None, "b", "c"]  # a needs two grid rows, b and c are padded
+ONE = ["b", None, "b", None]
 
-    import lorakit.mixed as mixed_mod
+
+@pytest.mark.parametrize("names", [NAMES, SKEWED, ONE], ids=["balanced", "skewed", "one-adapter"])
+@pytest.mark.parametrize("seq", [0, 1, 7])  # 0: 2-D input (N, in)
+def test_linear_mixed_forms_equal_per_sample(names: list[str | None], seq: int) -> None:
+    from torch import nn
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 4)).eval()
     for name, r in [("a", 2), ("b", 4), ("c", 3)]:
         lorakit.inject(model, LoraConfig(r=r, alpha=2.0 * r, targets=["0", "2"], init="random"), name)
-    x = torch.randn(len(NAMES), seq, 6)
-    calls = {"gathered": 0}
-    bmm = torch.bmm
-
-    def counting_bmm(*args, **kwargs):
-        calls["gathered"] += 1
-        return bmm(*args, **kwargs)
-
-    monkeypatch.setattr(mixed_mod.torch, "bmm", counting_bmm)
+    x = torch.randn(len(names), seq, 6) if seq else torch.randn(len(names), 6)
     with torch.no_grad():
-        with lorakit.mixed_batch(model, NAMES):
+        with lorakit.mixed_batch(model, names):
             mixed = model(x)
-        assert (calls["gathered"] > 0) == (seq == 300)
-        for i, name in enumerate(NAMES):
+            plan = model[0]._lora_mixed
+        assert (plan.A_cat is not None) == (names is ONE)
+        for i, name in enumerate(names):
             alone = _alone(model, x, i, name)
             torch.testing.assert_close(mixed[i : i + 1], alone, atol=1e-5, rtol=1e-5)
+
+
+def test_grid_groups_samples_by_adapter() -> None:
+    from lorakit.mixed import _grid
+
+    # slots: 0 (five samples), 1, 2 (one each), 3 = no adapter; balanced size ceil(7/3) = 3
+    index = torch.tensor([0, 0, 1, 0, 3, 0, 2, 0])
+    grid = _grid(index, 3)
+    assert (grid.rows, grid.size) == (4, 3)
+    assert grid.slot.tolist() == [0, 0, 1, 2]
+    rows = grid.samples.view(4, 3).tolist()
+    keep = grid.keep.view(4, 3).tolist()
+    real = [[s for s, k in zip(r, kr, strict=True) if k] for r, kr in zip(rows, keep, strict=True)]
+    assert real == [[0, 1, 3], [5, 7], [2], [6]]
+    assert _grid(torch.tensor([1, 0, 1, 0]), 2).keep is None  # balanced: no padding
 
 
 def test_mixed_batch_errors() -> None:
