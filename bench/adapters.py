@@ -8,9 +8,15 @@
    LLaMA-style model and on yolo26n (Conv2d targets), vs PEFT.
 3. mixed batch: eval throughput (samples/s) of one batch where each sample names its
    own adapter, with 1, 8 and 32 distinct adapters, vs PEFT's ``adapter_names=``, at
-   32 x 32 tokens (prefill) and 32 x 1 (a decode step); outputs compared to each other.
+   32 x 32 tokens (prefill: each forward enters its own ``mixed_batch`` block, so the
+   block's set-up is included) and 32 x 1 (a decode step: timed inside one block, as a
+   generation loop runs it; the block's entry is reported on its own row); outputs
+   compared to each other.
 4. injection scaling: ``inject`` time on models with 1k-8k Linear targets (it should
    grow linearly: the last column is time per target).
+
+In 1-3 lorakit and PEFT calls alternate (switches in turns of 20), so machine noise hits
+both alike.
 
 Writes bench/results/adapters.json and adapters.png.
 """
@@ -18,6 +24,7 @@ Writes bench/results/adapters.json and adapters.png.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import statistics
 import sys
@@ -39,6 +46,21 @@ def _median_time(fn: Any, repeats: int) -> float:
         fn()
         ts.append(time.perf_counter() - t0)
     return statistics.median(ts)
+
+
+def _alternating_medians(fns: list[Any], repeats: int, block: int = 1) -> list[float]:
+    """Median time per call of each function, in turns of ``block`` calls, so machine noise
+    hits them alike; ``repeats`` turns each."""
+    for fn in fns:
+        fn()
+    ts: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, t in zip(fns, ts, strict=True):
+            for _ in range(block):
+                t0 = time.perf_counter()
+                fn()
+                t.append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in ts]
 
 
 def _random_adapter(model: Any, cfg: Any, name: str, seed: int) -> None:
@@ -73,31 +95,33 @@ def bench_load_switch(rows: list[dict[str, Any]], repeats: int) -> None:
             lorakit.load_adapter(model, Path(tmp) / "a", "x")
             lorakit.delete_adapter(model, "x")
 
-        t_lk = _median_time(lk_load, repeats)
         pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), Path(tmp) / "b", adapter_name="b")
 
         def pf_load() -> None:
             pm.load_adapter(Path(tmp) / "a", adapter_name="x")
             pm.delete_adapter("x")
 
-        t_pf = _median_time(pf_load, repeats)
+        t_lk, t_pf = _alternating_medians([lk_load, pf_load], repeats)
         rows.append({"bench": "load adapter", "model": "llama", "lorakit": t_lk, "peft": t_pf, "unit": "s"})
         print(f"load: lorakit {t_lk * 1e3:.1f} ms, PEFT {t_pf * 1e3:.1f} ms")
 
         lorakit.load_adapter(model, Path(tmp) / "a", "a")
         lorakit.load_adapter(model, Path(tmp) / "b", "b")
         pm.load_adapter(Path(tmp) / "a", adapter_name="a")
-        state = {"i": 0}
+        state = {"lk": 0, "pf": 0}
 
         def lk_switch() -> None:
-            state["i"] ^= 1
-            lorakit.set_adapter(model, "ab"[state["i"]])
+            state["lk"] ^= 1
+            lorakit.set_adapter(model, "ab"[state["lk"]])
 
         def pf_switch() -> None:
-            state["i"] ^= 1
-            pm.set_adapter("ab"[state["i"]])
+            state["pf"] ^= 1
+            pm.set_adapter("ab"[state["pf"]])
 
-        t_lk, t_pf = _median_time(lk_switch, repeats * 20), _median_time(pf_switch, repeats * 20)
+        # turns of 20 switches: one PEFT switch walks every module (about 10 ms of Python)
+        # and leaves the caches cold for a sub-millisecond one, so call-by-call alternation
+        # would time lorakit on a cold cache (0.76 ms in one run here, 0.44 ms in turns in the next)
+        t_lk, t_pf = _alternating_medians([lk_switch, pf_switch], repeats, block=20)
         rows.append({"bench": "switch adapter", "model": "llama", "lorakit": t_lk, "peft": t_pf, "unit": "s"})
         print(f"switch llama: lorakit {t_lk * 1e6:.0f} us, PEFT {t_pf * 1e6:.0f} us")
         # switching touched no base weight
@@ -161,8 +185,14 @@ def bench_mixed(rows: list[dict[str, Any]], counts: list[int], repeats: int) -> 
             pm.eval()
             for seq in (32, 1):
                 ids = torch.randint(0, 32000, (n, seq), generator=torch.Generator().manual_seed(seq))
+                block = contextlib.ExitStack()
+                if seq == 1:  # decode: the block spans the generation loop
+                    block.enter_context(torch.no_grad())
+                    block.enter_context(lorakit.mixed_batch(lk, per_sample))
 
-                def lk_run(lk: Any = lk, per_sample: list[str] = per_sample, ids: Any = ids) -> Any:
+                def lk_run(lk: Any = lk, per_sample: list[str] = per_sample, ids: Any = ids, seq: int = seq) -> Any:
+                    if seq == 1:
+                        return lk(input_ids=ids).logits
                     with torch.no_grad(), lorakit.mixed_batch(lk, per_sample):
                         return lk(input_ids=ids).logits
 
@@ -170,9 +200,10 @@ def bench_mixed(rows: list[dict[str, Any]], counts: list[int], repeats: int) -> 
                     with torch.no_grad():
                         return pm(input_ids=ids, adapter_names=per_sample).logits
 
-                diff = float((lk_run() - pf_run()).abs().max())
-                reps = repeats if seq > 1 else repeats * 10
-                t_lk, t_pf = _median_time(lk_run, reps), _median_time(pf_run, reps)
+                with block:
+                    diff = float((lk_run() - pf_run()).abs().max())
+                    reps = repeats if seq > 1 else repeats * 10
+                    t_lk, t_pf = _alternating_medians([lk_run, pf_run], reps)
                 rows.append(
                     {
                         "bench": f"mixed batch, {k} adapters, {n}x{seq}",
@@ -187,6 +218,14 @@ def bench_mixed(rows: list[dict[str, Any]], counts: list[int], repeats: int) -> 
                     f"mixed {k} ({n}x{seq}): lorakit {n / t_lk:.1f} samples/s, PEFT {n / t_pf:.1f} samples/s "
                     f"(x{t_pf / t_lk:.2f}), max |diff| {diff:.1e}"
                 )
+
+        def enter(lk: Any = lk, per_sample: list[str] = per_sample) -> None:
+            with lorakit.mixed_batch(lk, per_sample):
+                pass
+
+        t_enter = _median_time(enter, repeats * 3)
+        rows.append({"bench": f"mixed_batch entry, {k} adapters", "model": "llama", "lorakit": t_enter, "unit": "s"})
+        print(f"mixed_batch entry, {k} adapters: {t_enter * 1e3:.1f} ms")
 
 
 def bench_inject(rows: list[dict[str, Any]], sizes: list[int]) -> None:

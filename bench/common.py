@@ -181,7 +181,11 @@ def bar_plot(name: str, groups: dict[str, dict[str, float]], ylabel: str, title:
     for i, s in enumerate(series):
         xs = [j + i * width for j in range(len(groups))]
         ax.bar(xs, [g.get(s, 0.0) for g in groups.values()], width, label=s)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(groups))], list(groups))
+    labels = list(groups)
+    long = max((len(x) for x in labels), default=0) > 12
+    # long names (the adapters bench's) overlap unless slanted
+    ticks = [j + 0.4 - width / 2 for j in range(len(groups))]
+    ax.set_xticks(ticks, labels, rotation=30 if long else 0, ha="right" if long else "center")
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.legend(fontsize=8)
