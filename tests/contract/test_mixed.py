@@ -58,7 +58,7 @@ def test_mixed_batch_equals_per_sample(case: Case) -> None:
 
 
 SKEWED = ["a", "a", "a", "a", "a", None, "b", "c"]  # a needs two grid rows, b and c are padded
-ONE = ["b", None, "b", None]
+ONE = ["c", None, "c", None]
 
 
 @pytest.mark.parametrize("names", [NAMES, SKEWED, ONE], ids=["balanced", "skewed", "one-adapter"])
@@ -68,14 +68,16 @@ def test_linear_mixed_forms_equal_per_sample(names: list[str | None], seq: int) 
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 10), nn.Tanh(), nn.Linear(10, 4)).eval()
-    for name, r in [("a", 2), ("b", 4), ("c", 3)]:
-        lorakit.inject(model, LoraConfig(r=r, alpha=2.0 * r, targets=["0", "2"], init="random"), name)
+    # c only on the first layer: the second has a missing slot (and nothing at all for ONE)
+    for name, r, targets in [("a", 2, ["0", "2"]), ("b", 4, ["0", "2"]), ("c", 3, ["0"])]:
+        lorakit.inject(model, LoraConfig(r=r, alpha=2.0 * r, targets=targets, init="random"), name)
     x = torch.randn(len(names), seq, 6) if seq else torch.randn(len(names), 6)
     with torch.no_grad():
         with lorakit.mixed_batch(model, names):
             mixed = model(x)
-            plan = model[0]._lora_mixed
+            plan, second = model[0]._lora_mixed, model[2]._lora_mixed
         assert (plan.A_cat is not None) == (names is ONE)
+        assert (second.grid is None and second.A_cat is None) == (names is ONE)  # c alone: nothing to add
         for i, name in enumerate(names):
             alone = _alone(model, x, i, name)
             torch.testing.assert_close(mixed[i : i + 1], alone, atol=1e-5, rtol=1e-5)
