@@ -179,7 +179,8 @@ def _plan(layer: LoraLayer, names: tuple[str, ...], index: torch.Tensor, grid: G
         ad = cast(LoraAdapter, present[0])
         mask = torch.where(index.to(ad.A.device) == 0, ad.scaling, 0.0).to(ad.A.dtype).view(-1, 1)
         return MixedPlan(index=index, A_cat=ad.A, B_cat=ad.B, mask=mask)
-    return _linear_plan(layer, present, index, grid if grid is not None else _grid(index, len(names)))
+    assert grid is not None  # mixed_batch makes one whenever the batch names several adapters
+    return _linear_plan(layer, present, index, grid)
 
 
 @contextmanager
@@ -260,6 +261,7 @@ def linear_mixed(x: torch.Tensor, y: torch.Tensor, plan: MixedPlan) -> torch.Ten
     # y is this layer's fresh base output: adding in place spares an N x L x out copy
     y.view(n, tokens * out).index_add_(0, samples, d.view(-1, tokens * out))
     return y
+
 
 def conv_mixed(layer: nn.Module, x: torch.Tensor, y: torch.Tensor, plan: MixedPlan) -> torch.Tensor:
     """Per-sample conv LoRA as one grouped conv pair over the batch folded into channels."""
