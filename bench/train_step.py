@@ -6,8 +6,8 @@
 Each (model, config) runs in its own process with one thread. Reported per row:
 median step / forward / backward seconds, ratios to full fine-tuning, to PEFT
 (same dropout) and to the frozen floor, peak RSS, and saved-activation MiB
-(every tensor autograd saves in one forward + loss, by storage, parameters and
-buffers excluded). Writes bench/results/train_step.json and train_step.png.
+(every tensor the autograd graph of one forward + loss keeps, by storage, parameters
+and buffers excluded; read from the graph, see common.saved_by_graph). Writes bench/results/train_step.json and train_step.png.
 
 Models: a LLaMA-style causal LM from LlamaConfig (hidden 512, 8 layers, 8 heads,
 intermediate 1376, vocab 32000; batch 4 x 256), and the real all-MiniLM-L6-v2
@@ -166,9 +166,8 @@ def child(model_name: str, config: str, warmup: int, steps: int) -> None:
     model = prepare(config, model, targets)
     params, opt = for_training(model)
 
-    with common.count_saved(common.state_storages(model)) as saved:
-        loss = loss_fn()
-    saved_mib = sum(saved.values()) / 2**20
+    loss = loss_fn()
+    saved_mib = sum(common.saved_by_graph([loss], common.state_storages(model)).values()) / 2**20
     del loss
 
     def step() -> dict[str, float]:

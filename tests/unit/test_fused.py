@@ -90,6 +90,68 @@ def test_dropout_saves_no_copy_of_the_input() -> None:
     assert activations == x.numel() * 4 + 64 * 8 * 4
 
 
+def _storages(ts) -> set[int]:
+    return {t.untyped_storage().data_ptr() for t in ts if t is not None}
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda g, u: F.silu(g) * u,  # a gated MLP's down_proj input; MulBackward0 keeps silu(g) and u
+        lambda g, u: F.gelu(g),  # BERT's output dense input; GeluBackward0 keeps g
+        lambda g, u: F.gelu(g, approximate="tanh"),
+    ],
+    ids=["silu-times-up", "gelu", "gelu-tanh"],
+)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("rows", [4, 40])  # in=7: activation form; 40 > 1.5 * 7: weight form (p=0)
+@pytest.mark.parametrize("train_base", [False, True])
+def test_input_is_rebuilt_from_what_its_own_backward_keeps(make, p: float, rows: int, train_base: bool) -> None:
+    """The layer keeps the factors of ``silu(g) * u`` (or the input of ``gelu``), which x's own
+    backward keeps anyway, instead of x; values and gradients are unchanged."""
+    torch.manual_seed(0)
+    g = torch.randn(rows, 7, dtype=torch.float64, requires_grad=True)
+    u = torch.randn(rows, 7, dtype=torch.float64, requires_grad=True)
+    x = make(g, u)
+    fn = x.grad_fn
+    sources = [fn._saved_self, fn._saved_other] if fn.name() == "MulBackward0" else [g]
+    w = torch.randn(6, 7, dtype=torch.float64, requires_grad=train_base)
+    A = torch.randn(3, 7, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    s = torch.tensor(0.9, dtype=torch.float64)
+    y = LoraLinearFn.apply(x, w, None, A, B, s, p, 5)
+    kept = _storages(y.grad_fn.saved_tensors)
+    assert x.untyped_storage().data_ptr() not in kept
+    assert _storages(sources) <= kept
+    ref = _reference(make(g, u), w, None, A, B, s, _mask(x.shape, p, 5) if p > 0 else None)
+    torch.testing.assert_close(y, ref, rtol=0, atol=1e-12)
+    cot = torch.randn_like(ref)
+    inputs = [g, u, A, B, *([w] if train_base else [])]
+    got = torch.autograd.grad(y, inputs, cot, allow_unused=True)
+    want = torch.autograd.grad(ref, inputs, cot, allow_unused=True)
+    for a, e in zip(got, want, strict=True):
+        if e is None:
+            assert a is None
+        else:
+            torch.testing.assert_close(a, e, rtol=0, atol=1e-10)
+
+
+def test_inputs_are_kept_as_they_are_under_saved_tensor_hooks_and_for_other_ops() -> None:
+    """Checkpointing and offloading run saved_tensors_hooks; reading a factor would unpack it,
+    so x itself is kept then. A product that broadcasts, or any other op, keeps x too."""
+    torch.manual_seed(0)
+    w, A, B = torch.randn(5, 4), torch.randn(2, 4, requires_grad=True), torch.randn(5, 2, requires_grad=True)
+    s = torch.tensor(1.0)
+    a, b = torch.randn(6, 4, requires_grad=True), torch.randn(6, 4, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+        x = a * b
+        y = LoraLinearFn.apply(x, w, None, A, B, s, 0.0, 0)
+    assert x.untyped_storage().data_ptr() in _storages(y.grad_fn.saved_tensors)
+    for x in (a * b[:1], a + b, torch.tanh(a)):  # broadcast product, sum, other op
+        y = LoraLinearFn.apply(x, w, None, A, B, s, 0.0, 0)
+        assert x.untyped_storage().data_ptr() in _storages(y.grad_fn.saved_tensors)
+
+
 def test_dropped_positions_are_bernoulli() -> None:
     """Per-position rate p, count mean n p and variance n p (1 - p), positions unique and in range."""
     n, p, trials = 400, 0.3, 3000
