@@ -7,7 +7,8 @@ Each (model, config) runs in its own process with one thread. Reported per row:
 median step / forward / backward seconds, ratios to full fine-tuning, to PEFT
 (same dropout) and to the frozen floor, peak RSS, and saved-activation MiB
 (every tensor the autograd graph of one forward + loss keeps, by storage, parameters
-and buffers excluded; read from the graph, see common.saved_by_graph). Writes bench/results/train_step.json and train_step.png.
+and buffers excluded; read from the graph, see common.saved_by_graph). Writes
+bench/results/train_step.json and train_step.png.
 
 Models: a LLaMA-style causal LM from LlamaConfig (hidden 512, 8 layers, 8 heads,
 intermediate 1376, vocab 32000; batch 4 x 256), and the real all-MiniLM-L6-v2
