@@ -136,6 +136,13 @@ def rebuilt_from(x: torch.Tensor) -> tuple[str, torch.Tensor, torch.Tensor | Non
     """
     if torch.compiler.is_compiling() or _hooks_active():
         return None
+    try:
+        return _kept_sources(x)
+    except RuntimeError:  # the node's saved tensors were already freed by a backward
+        return None
+
+
+def _kept_sources(x: torch.Tensor) -> tuple[str, torch.Tensor, torch.Tensor | None] | None:
     fn = x.grad_fn
     name = fn.name() if fn is not None else ""
     if name == "MulBackward0":

@@ -138,7 +138,8 @@ def test_input_is_rebuilt_from_what_its_own_backward_keeps(make, p: float, rows:
 
 def test_inputs_are_kept_as_they_are_under_saved_tensor_hooks_and_for_other_ops() -> None:
     """Checkpointing and offloading run saved_tensors_hooks; reading a factor would unpack it,
-    so x itself is kept then. A product that broadcasts, or any other op, keeps x too."""
+    so x itself is kept then. A product that broadcasts, any other op, or a product whose
+    node was already through a backward keeps x too."""
     torch.manual_seed(0)
     w, A, B = torch.randn(5, 4), torch.randn(2, 4, requires_grad=True), torch.randn(5, 2, requires_grad=True)
     s = torch.tensor(1.0)
@@ -150,6 +151,10 @@ def test_inputs_are_kept_as_they_are_under_saved_tensor_hooks_and_for_other_ops(
     for x in (a * b[:1], a + b, torch.tanh(a)):  # broadcast product, sum, other op
         y = LoraLinearFn.apply(x, w, None, A, B, s, 0.0, 0)
         assert x.untyped_storage().data_ptr() in _storages(y.grad_fn.saved_tensors)
+    x = a * b
+    x.sum().backward()  # frees what x's node kept: reading it now raises inside torch
+    y = LoraLinearFn.apply(x, w, None, A, B, s, 0.0, 0)
+    assert x.untyped_storage().data_ptr() in _storages(y.grad_fn.saved_tensors)
 
 
 def test_dropped_positions_are_bernoulli() -> None:
