@@ -19,6 +19,9 @@ import lorakit
 from lorakit import LoraConfig
 from lorakit.fused import LoraLinearFn, dropped_positions
 
+from ..contract.test_mixed import _alone
+from ..unit.test_fused import _mask
+
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 DEV = torch.device("cuda")
 
@@ -29,12 +32,6 @@ def _no_tf32():
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     yield
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old
-
-
-def _keep_mask(shape: tuple[int, ...], p: float, seed: int) -> torch.Tensor:
-    keep = torch.ones(shape, dtype=torch.float64, device=DEV).reshape(-1)
-    keep[dropped_positions(keep.numel(), p, seed, DEV)] = 0
-    return (keep / (1 - p)).reshape(shape)
 
 
 @pytest.mark.parametrize("p", [0.0, 0.3])
@@ -51,7 +48,7 @@ def test_fused_linear_matches_autograd_on_cuda(p: float, rows: int) -> None:
     before = x.detach().clone()
     y = LoraLinearFn.apply(x, w, b, A, B, s, p, 99)
     assert torch.equal(x.detach(), before)  # dropout put the dropped values back
-    xd = x * _keep_mask(x.shape, p, 99) if p > 0 else x
+    xd = x * _mask(x.shape, p, 99, DEV) if p > 0 else x
     ref = F.linear(x, w, b) + s * F.linear(F.linear(xd, A), B)
     torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-10)
     g = torch.randn_like(ref)
@@ -160,10 +157,4 @@ def test_mixed_batch_on_cuda_equals_per_sample(names: list[str | None]) -> None:
         with lorakit.mixed_batch(model, names):
             mixed = model(x)
         for i, name in enumerate(names):
-            if name is None:
-                with lorakit.disabled(model):
-                    alone = model(x[i : i + 1])
-            else:
-                lorakit.set_adapter(model, name)
-                alone = model(x[i : i + 1])
-            torch.testing.assert_close(mixed[i : i + 1], alone, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(mixed[i : i + 1], _alone(model, x, i, name), rtol=1e-5, atol=1e-5)

@@ -14,8 +14,8 @@ def _reference(x, w, b, A, B, s, mask):
     return F.linear(x, w, b) + s * F.linear(F.linear(xd, A), B)
 
 
-def _mask(shape: tuple[int, ...], p: float, seed: int) -> torch.Tensor:
-    keep = torch.ones(shape, dtype=torch.float64).reshape(-1)
+def _mask(shape: tuple[int, ...], p: float, seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    keep = torch.ones(shape, dtype=torch.float64, device=device).reshape(-1)
     keep[dropped_positions(keep.numel(), p, seed, keep.device)] = 0
     return (keep / (1 - p)).reshape(shape)
 
