@@ -95,8 +95,8 @@ def saved_by_graph(roots: list[Any], exclude: set[int]) -> dict[int, int]:
     Walks the graph and reads what each node holds (``_saved_*`` of built-in nodes,
     ``saved_tensors`` of custom Functions). It gives the same bytes as recording every
     save with ``torch.autograd.graph.saved_tensors_hooks`` (checked on the floor and PEFT:
-    LLaMA 352.4 / 428.9 / 625.9 MiB both ways, MiniLM within 0.1 MiB), but runs no hook: an active hook changes what
-    lorakit's fused Linear keeps (see ``lorakit.fused.rebuilt_from``).
+    LLaMA 352.4 / 428.9 / 625.9 MiB both ways, MiniLM within 0.1 MiB), but runs no hook:
+    an active hook changes what lorakit's fused Linear keeps (``lorakit.fused.rebuilt_from``).
     """
     import torch
 
@@ -107,8 +107,9 @@ def saved_by_graph(roots: list[Any], exclude: set[int]) -> dict[int, int]:
         for t in v if isinstance(v, (tuple, list)) else (v,):
             if isinstance(t, torch.Tensor):
                 st = t.untyped_storage()
-                if st.data_ptr() not in exclude and st.data_ptr() != 0:
-                    seen[st.data_ptr()] = max(seen.get(st.data_ptr(), 0), st.nbytes())
+                ptr = st.data_ptr()
+                if ptr not in exclude and ptr != 0:
+                    seen[ptr] = max(seen.get(ptr, 0), st.nbytes())
 
     stack = [r.grad_fn for r in roots if r.grad_fn is not None]
     while stack:
