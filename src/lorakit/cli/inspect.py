@@ -55,7 +55,9 @@ def run(argv: list[str]) -> int:
     if "model" not in opts:
         raise ArgError("model=... is required, e.g. model=torchvision.models:resnet18")
     model = load_base(str(opts["model"]), opts.get("args"))
-    r = int(opts.get("r", 8))
+    r = opts.get("r", 8)
+    if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
+        raise ArgError(f"r must be an int > 0 (the LoRA rank), got r={r!r}")
     config = None
     if "targets" in opts or "target_types" in opts:
         config = LoraConfig(
