@@ -30,7 +30,15 @@ from .adapters import (
 )
 from .combine import CombinedLayer, CombineReport, combine_adapters
 from .config import LoraConfig
-from .errors import AdapterNotFoundError, ConfigError, LoraError, NonFiniteError, TargetError
+from .errors import (
+    AdapterNotFoundError,
+    ConfigError,
+    LoraError,
+    MetaTensorError,
+    MixedBatchError,
+    NonFiniteError,
+    TargetError,
+)
 from .hotswap import HotswapReport, hotswap_adapter, prepare_hotswap
 from .inject import InjectReport, Target, inject, lora_layers, select_targets
 from .io import AdapterFiles, LoadReport, load_adapter, read_adapter_files, save_adapter
@@ -44,7 +52,7 @@ from .io_errors import (
     UnsafeFormatError,
 )
 from .layers import LoraAdapter, LoraLayer
-from .mixed import MixedBatchError, mixed_batch
+from .mixed import mixed_batch
 from .registry import LayerHandler, handler_for, register
 
 __all__ = [
@@ -65,6 +73,7 @@ __all__ = [
     "LoraConfig",
     "LoraError",
     "LoraLayer",
+    "MetaTensorError",
     "MixedBatchError",
     "NonFiniteError",
     "NonFiniteTensorError",

@@ -14,7 +14,8 @@ from typing import cast
 import torch
 from torch import nn
 
-from .errors import AdapterNotFoundError, NonFiniteError
+from . import owned
+from .errors import AdapterNotFoundError, ConfigError, MixedBatchError, NonFiniteError, check_materialised
 from .inject import _CONFIGS_ATTR, _GRADS_ATTR, lora_layers, release_batchnorm
 from .layers import STRUCTURE, LoraAdapter, LoraLayer, adapter_dict, unwrap, watch_structure
 
@@ -34,8 +35,26 @@ def active_adapters(model: nn.Module) -> tuple[str, ...]:
     return ()
 
 
+def _as_names(names: object) -> tuple[str, ...]:
+    """``names`` as a tuple: one string is one name (never split into characters).
+
+    Raises:
+        ConfigError: ``None``, a non-string entry, or a name given twice (its delta would
+            count twice).
+    """
+    if isinstance(names, str):
+        return (names,)
+    try:
+        wanted = tuple(cast(Iterable[str], names))
+    except TypeError:
+        raise ConfigError(f"adapter names must be a name or a list of names, got {names!r}") from None
+    if not all(isinstance(n, str) for n in wanted) or len(set(wanted)) != len(wanted):
+        raise ConfigError(f"adapter names must be distinct strings, got {list(wanted)!r}")
+    return wanted
+
+
 def _names(model: nn.Module, names: str | Iterable[str], layers: list[LoraLayer] | None = None) -> tuple[str, ...]:
-    wanted = (names,) if isinstance(names, str) else tuple(names)
+    wanted = _as_names(names)
     if layers is None:
         have = list_adapters(model)
     else:
@@ -91,17 +110,25 @@ def set_adapter(model: nn.Module, names: str | Iterable[str]) -> None:
     An empty list leaves every adapter inactive (the base model's outputs,
     unless something is merged).
 
+    Adapters that train modules or biases fully (``train_modules``, ``bias``) have their
+    own copies of those installed while active (:mod:`lorakit.owned`).
+
     Raises:
         AdapterNotFoundError: a name the model does not have.
+        ConfigError: ``None``, a name given twice, or two adapters that each train the
+            same module fully.
+        MixedBatchError: called inside :func:`lorakit.mixed_batch`.
     """
     # A cached layer list and plain attribute writes: this is on the serving path
     # (switching per request), so it stays well under a millisecond.
     layers = _layers(model)
-    active = (names,) if isinstance(names, str) else tuple(names)
+    active = _as_names(names)
+    _not_mixing(layers, "set_adapter")
     dicts = [adapter_dict(layer) for layer in layers]
     # any() stops at the first layer that has the name: no full list of names per switch
     if any(not any(n in d for d in dicts) for n in active):
         _names(model, active, layers)  # raises, naming what the model has
+    objects = owned.live(model, active) if owned.OWNED_ATTR in model.__dict__ else None  # may raise
     for layer, adapters in zip(layers, dicts, strict=True):
         d = layer.__dict__
         d["lora_active"] = active
@@ -115,6 +142,19 @@ def set_adapter(model: nn.Module, names: str | Iterable[str]) -> None:
         else:  # lora_refresh(), inlined
             merged = d["lora_merged"]
             d["_lora_live"] = tuple(adapters[n] for n in active if n in adapters and n not in merged)
+    if objects is not None:
+        if not any(layer.lora_disabled for layer in layers):  # disabled(): the base's stay until its exit
+            owned.install(model, objects)
+        owned.set_trainable(model, active)
+
+
+def _not_mixing(layers: Iterable[LoraLayer], what: str) -> None:
+    """Refuse a state change inside a :func:`lorakit.mixed_batch` block (every layer holds
+    a plan there, so the first one tells)."""
+    for layer in layers:
+        if layer._lora_mixed is not None:
+            raise MixedBatchError(f"{what} inside a mixed_batch block; leave the block first")
+        return
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
@@ -124,8 +164,14 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 
     Raises:
         AdapterNotFoundError: the model has no adapter ``name``.
+        MixedBatchError: called inside :func:`lorakit.mixed_batch`.
     """
     _names(model, name)
+    _not_mixing(_layers(model), "delete_adapter")
+    remaining = tuple(n for n in active_adapters(model) if n != name)
+    if owned.OWNED_ATTR in model.__dict__:
+        owned.install(model, owned.live(model, () if _is_disabled(model) else remaining))
+        owned.drop(model, name)
     for _, layer in list(lora_layers(model)):
         if name not in layer.lora:
             continue
@@ -149,27 +195,37 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Inside the block the model computes exactly what the base model computes.
 
     Merged layers are restored to their pristine weights for the block (bitwise)
-    and re-merged on exit, which recomputes the same merged weights bitwise.
+    and re-merged on exit, which recomputes the same merged weights bitwise; the
+    base's own modules and biases replace the adapters' fully trained copies.
     """
     layers = [layer for _, layer in lora_layers(model)]
     merged = [layer.lora_merged for layer in layers]
     for layer in layers:
         layer.lora_disabled = True
         layer.lora_set_merged(())
+    owned.install(model, owned.live(model, ()))
     try:
         yield model
     finally:
         for layer, names in zip(layers, merged, strict=True):
             layer.lora_disabled = False
             layer.lora_set_merged(names)
+        owned.install(model, owned.live(model, active_adapters(model)))
+
+
+def _is_disabled(model: nn.Module) -> bool:
+    return any(layer.lora_disabled for layer in _layers(model))
 
 
 def _check_finite(model: nn.Module, names: tuple[str, ...]) -> None:
     for path, layer in lora_layers(model):
+        if any(n in layer.lora for n in names):
+            check_materialised(getattr(layer, layer.lora_handler.weight_name), f"{path}'s weight", "nothing was merged")
         for n in names:
             if n in layer.lora:
                 ad = cast(LoraAdapter, layer.lora[n])
                 for pname, t in (("A", ad.A), ("B", ad.B), ("scaling", ad.scaling)):
+                    check_materialised(t, f"{path}.lora.{n}.{pname}", "nothing was merged")
                     if not torch.isfinite(t).all():
                         raise NonFiniteError(
                             f"adapter {n!r} has non-finite values in {path}.lora.{n}.{pname}; nothing was merged"
@@ -186,10 +242,14 @@ def merge(model: nn.Module, names: str | Iterable[str] | None = None) -> None:
 
     Raises:
         AdapterNotFoundError: an unknown name.
+        ConfigError: a name given twice.
         NonFiniteError: an adapter (or the merged weight) has NaN/Inf; raised
             before any weight changes.
+        MetaTensorError: a weight or factor is on the meta device (nothing merged).
+        MixedBatchError: called inside :func:`lorakit.mixed_batch`.
     """
     wanted = active_adapters(model) if names is None else _names(model, names)
+    _not_mixing(_layers(model), "merge")
     _check_finite(model, wanted)
     done: list[tuple[LoraLayer, tuple[str, ...]]] = []
     try:
@@ -211,6 +271,7 @@ def merge(model: nn.Module, names: str | Iterable[str] | None = None) -> None:
 
 def unmerge(model: nn.Module) -> None:
     """Restore every merged weight to its pristine value, bitwise."""
+    _not_mixing(_layers(model), "unmerge")
     for _, layer in lora_layers(model):
         layer.lora_set_merged(())
 
@@ -219,10 +280,17 @@ def merge_and_unload(model: nn.Module, names: str | Iterable[str] | None = None)
     """Merge ``names`` (default: the active adapters) and remove every LoRA layer.
 
     Returns the same model object made only of its original layer classes, so it
-    pickles, fuses, exports and loads without lorakit. Adapters not merged are
-    discarded.
+    pickles, fuses, exports and loads without lorakit. The merged adapters' fully
+    trained modules and biases stay in the model; adapters not merged are discarded.
+
+    Raises:
+        ConfigError: two of the adapters train the same module fully. The errors of
+            :func:`merge`. Nothing is changed when anything is raised.
     """
-    merge(model, names)
+    wanted = active_adapters(model) if names is None else _names(model, names)
+    objects = owned.live(model, wanted)
+    merge(model, wanted)
+    owned.install(model, objects)
     for _, layer in list(lora_layers(model)):
         unwrap(layer)
     _forget(model)
@@ -230,7 +298,9 @@ def merge_and_unload(model: nn.Module, names: str | Iterable[str] | None = None)
 
 
 def unload(model: nn.Module) -> nn.Module:
-    """Remove every adapter without merging: the base model, with its pristine weights."""
+    """Remove every adapter without merging: the base model, with its pristine weights
+    and its own modules and biases."""
+    owned.install(model, owned.live(model, ()))
     for _, layer in list(lora_layers(model)):
         layer.lora_set_merged(())
         unwrap(layer)
@@ -243,8 +313,9 @@ def _forget(model: nn.Module) -> None:
     back the ``requires_grad`` they had before the first :func:`inject`, and BatchNorm
     follows ``train()``/``eval()`` again."""
     model.__dict__.pop(_CONFIGS_ATTR, None)
+    release_batchnorm(model)  # before the copies are forgotten: it unhooks them too
+    model.__dict__.pop(owned.OWNED_ATTR, None)
     grads = model.__dict__.pop(_GRADS_ATTR, {})
     for name, param in model.named_parameters():
         if name in grads:
             param.requires_grad_(grads[name])
-    release_batchnorm(model)

@@ -160,7 +160,7 @@ def combine_adapters(
 
     The new adapter is added inactive and frozen (``set_adapter`` it to use it), with
     scaling 1 (``alpha = r`` per layer), the dropout of ``names[0]``, and no
-    ``train_modules``/bias of its own (those are shared model weights, already in place).
+    ``train_modules``/bias of its own: while it is active the base's modules and biases run.
     The sources are left as they were; :func:`lorakit.save_adapter` can write the result.
 
     Args:

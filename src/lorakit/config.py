@@ -95,10 +95,11 @@ class LoraConfig:
             ``"gaussian"`` (A ~ N(0, 1/r), B = 0), or ``"random"`` (both random, so the
             adapter is *not* a no-op at start: meant for tests).
         bias: ``"none"`` (default; no bias trains), ``"all"`` (every bias in the model
-            trains) or ``"lora_only"`` (biases of adapted layers train). Biases are
-            shared by all adapters and changed in place.
+            trains) or ``"lora_only"`` (biases of adapted layers train). The adapter
+            trains its own copies of them (:mod:`lorakit.owned`); the base keeps its own.
         train_modules: path patterns of modules trained fully (e.g. a new classifier
-            head). Changed in place, shared by all adapters, saved with the adapter.
+            head): the adapter gets its own copy of each, installed while it is active,
+            and saves it with its factors. The base and other adapters keep theirs.
         batchnorm: ``"frozen"`` (default): every BatchNorm layer of the model runs
             in eval mode, also during ``model.train()``, so its running statistics
             never change and the base model stays exactly the base model.

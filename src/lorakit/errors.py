@@ -25,3 +25,25 @@ class AdapterNotFoundError(LoraError, ValueError):
 
 class NonFiniteError(LoraError, ValueError):
     """An adapter holds NaN or Inf values; refused before anything was changed."""
+
+
+class MixedBatchError(LoraError, ValueError):
+    """A mixed batch cannot run (training mode, merged adapters, a batch of another size,
+    adapters with fully trained modules), or a state change was asked for inside one."""
+
+
+class MetaTensorError(LoraError, ValueError):
+    """A tensor that must hold data is on the meta device (an unmaterialised model)."""
+
+
+def check_materialised(tensor: object, what: str, outcome: str) -> None:
+    """Raise :class:`MetaTensorError` naming ``what`` and ``outcome`` (what was not done)
+    if ``tensor`` is a meta tensor.
+
+    Merging, saving and loading read or write values, which meta tensors do not have.
+    """
+    if getattr(tensor, "is_meta", False):
+        raise MetaTensorError(
+            f"{what} is on the meta device (no data), so {outcome}; materialise the model first, e.g. "
+            "model.to_empty(device='cpu') and load its weights"
+        )

@@ -30,7 +30,8 @@ Coverage. A layer of adapter ``name`` that the file does not target, or (with
 0, as a fresh load that does not adapt it). A file that targets a layer the
 adapter does not cover, or has tensors nothing uses, is refused: hot-swapping
 never adds layers. Tensors the file carries for ``train_modules`` or biases are
-copied into the model, as :func:`lorakit.load_adapter` does.
+copied into the adapter's own copies of them, as :func:`lorakit.load_adapter` does;
+a file that trains a module or bias the adapter does not is refused.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from . import owned
 from .adapters import list_adapters
 from .errors import AdapterNotFoundError, ConfigError
 from .inject import _CONFIGS_ATTR, lora_layers
@@ -160,6 +162,19 @@ def hotswap_adapter(
             "(load_adapter the file as a new adapter instead)",
         )
     cfg = m.cfg
+    mine = {e.name for e in owned.owned_by(model, name)}
+    strange = sorted({s.layer for k, s in m.slots.items() if k in m.factors and s.owned} - mine)
+    if strange:
+        raise AdapterConfigError(
+            files.config_file,
+            f"trains {strange} fully, which adapter {name!r} does not; hot-swapping never adds trained modules "
+            "(load_adapter the file as a new adapter instead)",
+        )
+    layer_map = dict(own)
+    in_place = [
+        (t, t.detach().clone())
+        for t in (s.target(model, name, layer_map) for k, s in m.slots.items() if k in m.factors and s.owned)
+    ]
 
     # -- plan every layer before changing anything ----------------------------------------
     swaps: list[tuple[str, LoraLayer, torch.Tensor, torch.Tensor, int]] = []
@@ -176,9 +191,6 @@ def hotswap_adapter(
         p: (ad.A, ad.B, ad.A.detach().clone(), ad.B.detach().clone(), ad.scaling.clone(), ad.r, ad.alpha, ad.dropout)
         for p, ad in adapters.items()
     }
-    in_place = [
-        (s.target, s.target.detach().clone()) for k, s in m.slots.items() if k in m.factors and s.target is not None
-    ]
     configs = cast(dict[str, Any], model.__dict__.setdefault(_CONFIGS_ATTR, {}))
     old_cfg = configs.get(name)
     padded: list[str] = []
@@ -212,9 +224,8 @@ def hotswap_adapter(
                 ad.alpha = _alpha_for(float(ad.scaling), ad.r, cfg.use_rslora)
                 ad.dropout = cfg.dropout
             for key, value in m.factors.items():
-                target = m.slots[key].target
-                if target is not None:
-                    target.copy_(value)
+                if m.slots[key].owned:
+                    m.slots[key].target(model, name, layer_map).copy_(value)
         configs[name] = cfg
         for layer in own.values():
             if name in layer.lora_merged:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import cast
 
 from torch import nn
 
+from . import owned
 from .config import ALL_LINEAR, LoraConfig, is_wildcard, match_pattern
 from .errors import ConfigError, TargetError
 from .layers import LoraAdapter, LoraLayer, wrap
@@ -167,7 +168,14 @@ def _check_name(model: nn.Module, name: str) -> None:
             raise ConfigError(f"adapter {name!r} already exists (e.g. on {path or '<root>'}); delete_adapter it first")
 
 
-def inject(model: nn.Module, config: LoraConfig, name: str = "default", *, activate: bool = True) -> InjectReport:
+def inject(
+    model: nn.Module,
+    config: LoraConfig,
+    name: str = "default",
+    *,
+    activate: bool = True,
+    modules: Mapping[str, nn.Module] | None = None,
+) -> InjectReport:
     """Add adapter ``name`` to every layer ``config`` selects; freeze everything else.
 
     For each selected layer with weight ``W`` (out x in for Linear), adds factors
@@ -176,8 +184,11 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default", *, activ
     The layer object is kept (same ``isinstance``, same ``state_dict`` keys for
     the base part); see :mod:`lorakit.layers`.
 
-    Afterwards only the adapter's ``A``/``B`` (if ``activate``), the modules in
-    ``config.train_modules`` and the biases ``config.bias`` selects have
+    The modules in ``config.train_modules`` and the biases ``config.bias`` selects
+    are trained fully, each on the adapter's own copy (:mod:`lorakit.owned`): the
+    base keeps its originals, so other adapters and ``disabled()`` never see them.
+
+    Afterwards only the adapter's ``A``/``B`` and its copies (if ``activate``) have
     ``requires_grad=True``. With ``activate=False`` the new adapter is added
     inactive and frozen, and the active adapters stay as they were.
 
@@ -186,6 +197,8 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default", *, activ
         config: what to adapt and how.
         name: adapter name (letters, digits, ``_``, ``-``), unique in the model.
         activate: make ``name`` the only active adapter (default True).
+        modules: the adapter's copies of some ``train_modules`` paths, used instead of
+            deep copies of the base's (e.g. a detector head resized for another class count).
 
     Returns:
         :class:`InjectReport` with the adapted layers and trainable/total counts.
@@ -194,7 +207,9 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default", *, activ
         ConfigError: bad or duplicate adapter name.
         TargetError: nothing matched (with the closest names), an explicitly
             targeted layer has no handler, or a rank cannot work on a layer (e.g.
-            ``r % groups != 0``). Nothing is changed when this is raised.
+            ``r % groups != 0``).
+        ConfigError: a trained module holds LoRA layers or nests with another adapter's.
+        Nothing is changed when anything is raised.
     """
     _check_name(model, name)
     found = select_targets(model, config)
@@ -207,6 +222,9 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default", *, activ
         r = config.rank_for(path)
         handler.check(module, r, path or "<root>")
         plans.append((path, module, handler, r))
+    train = owned.train_paths(model, config.train_modules)
+    biases = owned.bias_paths(model, config.bias, [p for p, _, _ in found], train)
+    copies = owned.plan(model, name, train, biases, modules)
 
     from .adapters import active_adapters, set_adapter  # adapters imports inject
 
@@ -246,33 +264,16 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default", *, activ
         model.__dict__[_GRADS_ATTR] = {n: p.requires_grad for n, p in model.named_parameters()}
     configs = cast(dict[str, LoraConfig], model.__dict__.setdefault(_CONFIGS_ATTR, {}))
     configs[name] = config
+    owned.add(model, name, copies)
 
     for p in model.parameters():
         p.requires_grad_(False)
     set_adapter(model, name if activate or not previously_active else previously_active)
-    _unfreeze_extras(model, config)
     if config.batchnorm == "frozen":
         freeze_batchnorm(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return InjectReport(adapter=name, targets=tuple(targets), trainable=trainable, total=total)
-
-
-def _unfreeze_extras(model: nn.Module, config: LoraConfig) -> None:
-    """Apply ``train_modules`` and the ``bias`` policy (both change shared weights in place)."""
-    for pattern in config.train_modules:
-        for path, module in model.named_modules():
-            if match_pattern(pattern, path):
-                for p in module.parameters():
-                    p.requires_grad_(True)
-    if config.bias == "none":
-        return
-    for module in model.modules():
-        if config.bias == "lora_only" and not isinstance(module, LoraLayer):
-            continue
-        bias = getattr(module, "bias", None)
-        if isinstance(bias, nn.Parameter):
-            bias.requires_grad_(True)
 
 
 def _keep_eval(module: nn.Module, args: object) -> None:
@@ -286,18 +287,15 @@ def freeze_batchnorm(model: nn.Module) -> int:
     even under ``model.train()``: normalise with the running statistics and
     never update them. Returns how many layers were frozen. Idempotent;
     :func:`release_batchnorm` undoes it."""
-    count = 0
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            if _keep_eval not in module._forward_pre_hooks.values():
-                module.register_forward_pre_hook(_keep_eval)
-            count += 1
-    return count
+    for module in owned.every_module(model):  # also the copies and originals not installed now
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and _keep_eval not in module._forward_pre_hooks.values():
+            module.register_forward_pre_hook(_keep_eval)
+    return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 def release_batchnorm(model: nn.Module) -> None:
     """Undo :func:`freeze_batchnorm` (the layers follow ``model.train()/eval()`` again)."""
-    for module in model.modules():
+    for module in owned.every_module(model):
         hooks = module._forward_pre_hooks
         for key in [k for k, fn in hooks.items() if fn is _keep_eval]:
             del hooks[key]

@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Container, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -34,10 +34,11 @@ import safetensors.torch
 import torch
 from torch import nn
 
+from . import owned
 from ._version import __version__
 from .adapters import active_adapters, delete_adapter, list_adapters, set_adapter
-from .config import LoraConfig, match_pattern
-from .errors import AdapterNotFoundError, ConfigError, LoraError, NonFiniteError
+from .config import LoraConfig
+from .errors import AdapterNotFoundError, ConfigError, LoraError, NonFiniteError, check_materialised
 from .inject import _CONFIGS_ATTR, inject, lora_layers, select_targets
 from .io_errors import (
     AdapterConfigError,
@@ -113,31 +114,14 @@ def _base_weight(layer: nn.Module, weight_name: str) -> torch.Tensor:
     return buf if buf is not None else cast(torch.Tensor, getattr(layer, weight_name))
 
 
-def _train_paths(model: nn.Module, patterns: Sequence[str]) -> list[str]:
-    """Outermost module paths matching ``patterns`` (a matched module's children are inside its copy)."""
-    out: list[str] = []
-    for path, _ in model.named_modules():
-        if any(match_pattern(p, path) for p in patterns) and not any(
-            path == o or path.startswith(o + ".") for o in out
-        ):
-            out.append(path)
-    return out
+def _bias_key(path: str, adapted: Container[str]) -> str:
+    """The PEFT key of the bias of the module at ``path`` (an adapted layer's sits in ``base_layer``)."""
+    return PREFIX + ".".join(p for p in (path, "base_layer" if path in adapted else "", "bias") if p)
 
 
-def _bias_keys(model: nn.Module, bias: str, adapted: set[str], skip: list[str]) -> dict[str, nn.Parameter]:
-    """PEFT key -> bias Parameter that ``bias`` ("all"/"lora_only") saves with the adapter."""
-    out: dict[str, nn.Parameter] = {}
-    if bias == "none":
-        return out
-    for path, module in model.named_modules():
-        if isinstance(module, LoraAdapter) or any(path == s or path.startswith(s + ".") for s in skip):
-            continue
-        b = module._parameters.get("bias")
-        if b is None or (bias == "lora_only" and path not in adapted):
-            continue
-        inner = ".base_layer" if path in adapted else ""
-        out[PREFIX + (path + inner + "." if path else inner.lstrip(".") + ".") + "bias"] = b
-    return out
+def _module_key(path: str, key: str) -> str:
+    """The PEFT key of state-dict entry ``key`` of the fully trained module at ``path``."""
+    return PREFIX + (path + "." if path else "") + key
 
 
 def save_adapter(
@@ -176,6 +160,8 @@ def save_adapter(
     adapted: list[tuple[str, LoraAdapter]] = []
     for p, layer in layers:
         ad = cast(LoraAdapter, layer.lora[name])
+        for what, t in (("'s base weight", _base_weight(layer, layer.lora_handler.weight_name)), (".A", ad.A)):
+            check_materialised(t, f"{p}{what}", f"adapter {name!r} was not saved to {folder}")
         want = scaling_of(ad.r, ad.alpha, config.use_rslora)
         if abs(float(ad.scaling) - want) > 1e-6 * abs(want):
             raise ConfigError(
@@ -193,15 +179,17 @@ def save_adapter(
         tensors[a_key], tensors[b_key] = A, ad.B.detach()
         base[p] = fingerprint(_base_weight(layer, layer.lora_handler.weight_name))
         adapted.append((p, ad))
-    train = _train_paths(model, config.train_modules)
-    for mpath in train:
-        module = model.get_submodule(mpath)
-        if any(isinstance(m, LoraLayer) for m in module.modules()):
-            raise ConfigError(f"cannot save to {folder}: train module {mpath!r} contains LoRA layers")
-        for k, v in module.state_dict().items():
-            tensors[PREFIX + (mpath + "." if mpath else "") + k] = v.detach()
-    for k, b in _bias_keys(model, config.bias, {p for p, _ in adapted}, train).items():
-        tensors[k] = b.detach()
+    # the adapter's own copies of what it trains fully, wherever the active adapter stands
+    train: list[str] = []
+    adapted_paths = {p for p, _ in adapted}
+    for entry in owned.owned_by(model, name):
+        mine = entry.copies[name]
+        if entry.attr:
+            tensors[_bias_key(entry.path, adapted_paths)] = cast(nn.Parameter, mine).detach()
+            continue
+        train.append(entry.path)
+        for k, v in cast(nn.Module, mine).state_dict().items():
+            tensors[_module_key(entry.path, k)] = v.detach()
     # Own, contiguous CPU copies: safetensors refuses shared or strided storage.
     tensors = {k: v.to("cpu", copy=True).contiguous() for k, v in tensors.items()}
 
@@ -277,17 +265,27 @@ def _read_pickle(weights: Path) -> dict[str, torch.Tensor]:
 
 @dataclass
 class _Slot:
-    """Where one file tensor goes: factor ``"A"``/``"B"`` of the new adapter on ``layer``
-    (A of a conv with ``groups`` > 1 is stored dense), or an existing tensor ``target``."""
+    """Where one file tensor goes: factor ``"A"``/``"B"`` of the adapter on ``layer`` (A of a
+    conv with ``groups`` > 1 is stored dense), or, for a fully trained module or bias at
+    path ``layer``, the adapter's own tensor ``owned`` (a state-dict key of its copy, or "bias")."""
 
     shape: tuple[int, ...]
     layer: str
     factor: str = ""
     groups: int = 1
-    target: torch.Tensor | None = None
+    owned: str = ""
+
+    def target(self, model: nn.Module, name: str, layers: Mapping[str, LoraLayer]) -> torch.Tensor:
+        """The tensor of adapter ``name`` in ``model`` this slot fills."""
+        if self.owned:
+            return owned.tensor_of(model, name, self.layer, self.owned)
+        ad = cast(LoraAdapter, layers[self.layer].lora[name])
+        return ad.A if self.factor == "A" else ad.B
 
 
-def _plan(model: nn.Module, cfg: LoraConfig, file: Path) -> tuple[dict[str, _Slot], dict[str, str]]:
+def _plan(
+    model: nn.Module, cfg: LoraConfig, file: Path, modules: Mapping[str, nn.Module] | None = None
+) -> tuple[dict[str, _Slot], dict[str, str]]:
     """Every key the adapter needs -> its slot, worked out before anything changes; and
     the adapted paths -> their weight names."""
     try:
@@ -297,19 +295,29 @@ def _plan(model: nn.Module, cfg: LoraConfig, file: Path) -> tuple[dict[str, _Slo
     except LoraError as exc:
         raise AdapterConfigError(file, f"the adapter does not fit this model: {exc}") from None
     slots: dict[str, _Slot] = {}
+    given = dict(modules or {})
     for p, module, handler in found:
+        check_materialised(
+            getattr(module, handler.weight_name), f"{p or '<root>'}'s weight", f"{file.parent} was not loaded"
+        )
         kind = layout(handler)
         a_shape, b_shape = file_factor_shapes(module, handler, cfg.rank_for(p))
         a_key, b_key = factor_keys(p, kind)
         groups = cast(nn.Conv2d, module).groups if kind == "conv" else 1
         slots[a_key] = _Slot(a_shape, p, "A", groups)
         slots[b_key] = _Slot(b_shape, p, "B")
-    train = _train_paths(model, cfg.train_modules)
+    # fully trained modules and biases go into the adapter's own copies (made by inject):
+    # shapes from the base's objects, or from the copies the caller gives
+    train = owned.train_paths(model, cfg.train_modules)
     for mpath in train:
-        for k, v in model.get_submodule(mpath).state_dict(keep_vars=True).items():
-            slots[PREFIX + (mpath + "." if mpath else "") + k] = _Slot(tuple(v.shape), mpath, target=v)
-    for k, b in _bias_keys(model, cfg.bias, {p for p, _, _ in found}, train).items():
-        slots[k] = _Slot(tuple(b.shape), k, target=b)
+        module = given.get(mpath) or cast(nn.Module, owned.base_object(model, mpath))
+        for k, v in module.state_dict(keep_vars=True).items():
+            check_materialised(v, f"{mpath}.{k}", f"{file.parent} was not loaded")
+            slots[_module_key(mpath, k)] = _Slot(tuple(v.shape), mpath, owned=k)
+    adapted = {p for p, _, _ in found}
+    for mpath in owned.bias_paths(model, cfg.bias, adapted, train):
+        b = cast(nn.Parameter, owned.base_object(model, mpath, "bias"))
+        slots[_bias_key(mpath, adapted)] = _Slot(tuple(b.shape), mpath, owned="bias")
     return slots, {p: h.weight_name for p, _, h in found}
 
 
@@ -387,11 +395,18 @@ class _Match:
     differ: list[str] | None
 
 
-def _match(model: nn.Module, files: AdapterFiles, *, strict: bool, allow_other_base: bool) -> _Match:
+def _match(
+    model: nn.Module,
+    files: AdapterFiles,
+    *,
+    strict: bool,
+    allow_other_base: bool,
+    modules: Mapping[str, nn.Module] | None = None,
+) -> _Match:
     """Check ``files`` against ``model`` without changing it (the checks of :func:`load_adapter`)."""
     cfg_file, weights, tensors = files.config_file, files.weights_file, files.tensors
     cfg, unknown = from_peft_config(cfg_file, files.raw_config, strict)
-    slots, paths = _plan(model, cfg, cfg_file)
+    slots, paths = _plan(model, cfg, cfg_file, modules)
 
     missing = sorted(set(slots) - set(tensors))
     unexpected = sorted(set(tensors) - set(slots))
@@ -424,6 +439,7 @@ def load_adapter(
     strict: bool = True,
     allow_other_base: bool = False,
     allow_pickle: bool = False,
+    modules: Mapping[str, nn.Module] | None = None,
 ) -> LoadReport:
     """Load an adapter folder written by lorakit or PEFT into ``model`` as adapter ``name``.
 
@@ -431,8 +447,8 @@ def load_adapter(
     ``targets``, a regex string -> ``"re:" + regex``, ``lora_alpha`` -> ``alpha``,
     ``modules_to_save`` -> ``train_modules``, ...), checks the file against the model, then
     :func:`lorakit.inject` s it and copies the tensors (cast to the model's dtype). The new
-    adapter becomes the active one. ``train_modules`` and saved biases are written into
-    the model in place.
+    adapter becomes the active one. ``train_modules`` and saved biases go into the
+    adapter's own copies (:mod:`lorakit.owned`); the base's stay as they were.
 
     Everything is checked before the model changes; if anything still fails, the model is
     restored exactly (adapter removed, weights, active adapters and ``requires_grad`` back).
@@ -446,6 +462,8 @@ def load_adapter(
             weights (a ``warnings.warn`` says so).
         allow_pickle: read ``adapter_model.bin/.pt/.pth`` with ``torch.load(weights_only=True)``
             when the folder has no safetensors file. Off by default: those are refused.
+        modules: the adapter's own copies of some ``train_modules`` paths (as :func:`lorakit.inject`),
+            e.g. a head resized to the file's class count; the file's tensors go into them.
 
     Raises:
         ConfigError: the model already has an adapter ``name``.
@@ -462,8 +480,8 @@ def load_adapter(
     if name in list_adapters(model) or name in model.__dict__.get(_CONFIGS_ATTR, {}):
         raise ConfigError(f"cannot load {p} as adapter {name!r}: the model already has it; delete_adapter it first")
     files = read_adapter_files(p, allow_pickle=allow_pickle)
-    m = _match(model, files, strict=strict, allow_other_base=allow_other_base)
-    _apply(model, m.cfg, name, m.slots, m.factors)
+    m = _match(model, files, strict=strict, allow_other_base=allow_other_base, modules=modules)
+    _apply(model, m.cfg, name, m.slots, m.factors, modules)
     return LoadReport(
         adapter=name,
         path=p,
@@ -479,29 +497,26 @@ def load_adapter(
 
 
 def _apply(
-    model: nn.Module, cfg: LoraConfig, name: str, slots: dict[str, _Slot], values: dict[str, torch.Tensor]
+    model: nn.Module,
+    cfg: LoraConfig,
+    name: str,
+    slots: dict[str, _Slot],
+    values: dict[str, torch.Tensor],
+    modules: Mapping[str, nn.Module] | None = None,
 ) -> None:
-    """Inject and copy; on any failure put the model back exactly as it was."""
+    """Inject and copy; on any failure put the model back exactly as it was (every value
+    goes into the new adapter's own tensors, so removing it is enough)."""
     grads = [(q, q.requires_grad) for q in model.parameters()]
     active = active_adapters(model)
-    in_place = [(s.target, s.target.detach().clone()) for k, s in slots.items() if k in values and s.target is not None]
     injected = False
     try:
-        inject(model, cfg, name)
+        inject(model, cfg, name, modules=modules)
         injected = True
         layers = dict(lora_layers(model))
         with torch.no_grad():
             for key, value in values.items():
-                slot = slots[key]
-                target = slot.target
-                if target is None:
-                    ad = cast(LoraAdapter, layers[slot.layer].lora[name])
-                    target = ad.A if slot.factor == "A" else ad.B
-                target.copy_(value)
+                slots[key].target(model, name, layers).copy_(value)
     except BaseException:
-        with torch.no_grad():
-            for t, old in in_place:
-                t.copy_(old)
         if injected:
             delete_adapter(model, name)
             if active:

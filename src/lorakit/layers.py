@@ -312,7 +312,9 @@ class LinearHandler(LayerHandler):
     def forward(self, module: LoraLayer, x: torch.Tensor) -> torch.Tensor:
         m = cast(nn.Linear, module)
         live = module._lora_live
-        if len(live) == 1 and not torch.is_autocast_enabled(x.device.type):
+        # meta tensors (shape inference on an unmaterialised model) take the plain path:
+        # autocast has no state for the meta device
+        if len(live) == 1 and x.device.type != "meta" and not torch.is_autocast_enabled(x.device.type):
             ad = live[0]
             p = ad.dropout if ad.training else 0.0
             if p == 0.0 and not torch.is_grad_enabled():

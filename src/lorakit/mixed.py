@@ -30,14 +30,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .adapters import _names
-from .errors import LoraError
+from . import owned
+from .adapters import _names, active_adapters
+from .errors import MixedBatchError
 from .inject import lora_layers
 from .layers import LoraAdapter, LoraLayer, adapter_dict
-
-
-class MixedBatchError(LoraError, ValueError):
-    """A mixed batch cannot run: training mode, merged adapters, or a batch of another size."""
 
 
 @dataclass(frozen=True)
@@ -163,9 +160,7 @@ def _linear_plan(layer: LoraLayer, present: list[LoraAdapter | None], index: tor
         sA, B = sA.index_select(0, slot), B.index_select(0, slot)
     keep = grid.keep.to(device, dtype) if grid.keep is not None else None
     samples = grid.samples.to(device)
-    return MixedPlan(
-        index=index, grid=grid, At=sA.transpose(1, 2), Bt=B.transpose(1, 2), samples=samples, keep=keep
-    )
+    return MixedPlan(index=index, grid=grid, At=sA.transpose(1, 2), Bt=B.transpose(1, 2), samples=samples, keep=keep)
 
 
 def _plan(layer: LoraLayer, names: tuple[str, ...], index: torch.Tensor, grid: Grid | None) -> MixedPlan:
@@ -184,7 +179,7 @@ def _plan(layer: LoraLayer, names: tuple[str, ...], index: torch.Tensor, grid: G
 
 
 @contextmanager
-def mixed_batch(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module]:
+def mixed_batch(model: nn.Module, names: Sequence[str | None] | str) -> Iterator[nn.Module]:
     """Run the next forwards with one adapter per sample: ``names[n]`` for sample ``n``.
 
     The model must be in eval mode with nothing merged; the active adapters are
@@ -192,13 +187,23 @@ def mixed_batch(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Mo
     ``len(names)`` (dimension 0).
 
     Raises:
-        MixedBatchError: training mode, merged adapters, or a batch size mismatch.
+        MixedBatchError: training mode, merged adapters, adapters that train modules or
+            biases fully, or a batch size mismatch; and merge, unmerge, set_adapter or
+            delete_adapter inside the block.
         AdapterNotFoundError: a name the model does not have.
     """
     if model.training:
         raise MixedBatchError("mixed_batch needs model.eval(): per-sample adapters are for inference")
+    if isinstance(names, str):  # one string is one name: a batch of one, never its characters
+        names = [names]
     wanted = tuple(dict.fromkeys(n for n in names if n is not None))
     _names(model, wanted)
+    trains = [n for n in wanted if owned.owned_by(model, n)]
+    if trains:
+        raise MixedBatchError(
+            f"adapters {trains} train modules or biases fully (train_modules/bias); those cannot differ per "
+            "sample: run their samples with set_adapter instead"
+        )
     slot = {n: k for k, n in enumerate(wanted)}
     index = torch.tensor([slot[n] if n is not None else len(wanted) for n in names], dtype=torch.long)
     layers = [(path, layer) for path, layer in lora_layers(model)]
@@ -206,6 +211,8 @@ def mixed_batch(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Mo
         if layer.lora_merged:
             raise MixedBatchError(f"{path}: adapters {list(layer.lora_merged)} are merged; unmerge first")
     grid = _grid(index, len(wanted)) if len(wanted) > 1 else None
+    active = active_adapters(model)
+    owned.install(model, owned.live(model, ()))  # rows without an adapter are the base's
     try:
         with torch.no_grad():  # the plan is a copy of the factors, not part of any graph
             for _, layer in layers:
@@ -214,6 +221,7 @@ def mixed_batch(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Mo
     finally:
         for _, layer in layers:
             layer._lora_mixed = None
+        owned.install(model, owned.live(model, active))
 
 
 def check_batch(plan: MixedPlan, x: torch.Tensor) -> int:

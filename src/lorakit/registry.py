@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
+from .errors import MixedBatchError
+
 if TYPE_CHECKING:
     import torch
 
@@ -75,8 +77,6 @@ class LayerHandler:
 
     def mixed_forward(self, module: LoraLayer, x: torch.Tensor, plan: MixedPlan) -> torch.Tensor:
         """Forward with one adapter per sample (see :mod:`lorakit.mixed`)."""
-        from .mixed import MixedBatchError
-
         raise MixedBatchError(f"layer type {type(module).__name__} does not support mixed batches")
 
 

@@ -33,16 +33,17 @@ from contextlib import contextmanager
 from copy import deepcopy
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from torch import nn
 from ultralytics import YOLO  # type: ignore[attr-defined]
 
 from .. import adapters as core
+from .. import owned
 from ..adapters import merge_and_unload
 from ..config import LoraConfig
 from ..errors import AdapterNotFoundError, ConfigError
-from ..io import LoadReport, _train_paths, load_adapter, read_adapter_files
+from ..io import LoadReport, load_adapter, read_adapter_files
 from ..io_format import atomic_path, atomic_write
 from ..io_peft import from_peft_config
 from ..layers import LoraLayer
@@ -163,22 +164,14 @@ class LoraYOLO(YOLO):  # type: ignore[misc]
             raise ConfigError(f"LoraYOLO.load_adapter({str(path)!r}): an adapter named {name!r} is loaded already")
         files = read_adapter_files(path)
         cfg, _ = from_peft_config(files.config_file, files.raw_config, strict=False)
-        paths = _train_paths(model, cfg.train_modules)
+        paths = owned.train_paths(model, cfg.train_modules)
         previous = self.active_adapter
-        base = self._base or Variant.capture(model, [])
-        for p in paths:  # a path no adapter has replaced yet still holds the base's own module
-            if p not in base.modules:
-                base.modules[p] = model.get_submodule(p)
+        base = self._base or Variant.capture(model)
+        for p in paths:  # the base's own modules, whichever adapter's copies are installed now
+            base.modules[p] = cast(nn.Module, owned.base_object(model, p))
         variant = fresh_variant(model, base, paths, files)  # may raise: nothing is installed yet
-        try:
-            base.install(model)
-            variant.install(model)
-            report = load_adapter(model, path, name, allow_other_base=allow_other_base)
-        except BaseException:
-            base.install(model)
-            if previous is not None:
-                self._variants[previous].install(model)
-            raise
+        # the core puts the adapter's tensors into these copies, or leaves the model as it was
+        report = load_adapter(model, path, name, allow_other_base=allow_other_base, modules=variant.modules)
         self._base = base
         self._variants[name] = variant
         if activate:

@@ -31,8 +31,8 @@ from torch import nn
 
 from ..config import LoraConfig
 from ..errors import ConfigError
-from ..io import _train_paths
 from ..io_format import atomic_write
+from ..owned import train_paths
 
 FOLDER = "lora_resume"
 BASE_FILE = "base.safetensors"
@@ -53,7 +53,7 @@ class ResumeState:
 
 def changing_keys(model: nn.Module, config: LoraConfig) -> list[str]:
     """State keys training changes: LoRA factors, trainable parameters, fully trained modules' buffers."""
-    trained = tuple(f"{p}." for p in _train_paths(model, config.train_modules))
+    trained = tuple(f"{p}." for p in train_paths(model, config.train_modules))
     grads = {n for n, p in model.named_parameters() if p.requires_grad}
     return [k for k in model.state_dict() if ".lora." in k or k in grads or k.startswith(trained)]
 

@@ -2,11 +2,11 @@
 
 A YOLO adapter trains some modules fully (``train_modules``: the class convs of a
 new class count, and the BatchNorm layers with ``adapt_bn``) and may give the
-head another class count and class names. lorakit's core writes such modules
-*in place*, which is fine for one adapter but not for several on one base. So
-each adapter gets its own copies of those modules (a :class:`Variant`), the base
-keeps its originals, and switching adapters swaps module objects (a pointer
-change per module, like the LoRA switch itself).
+head another class count and class names. lorakit's core keeps each adapter's
+own copies of its fully trained modules and swaps them in with the adapter
+(:mod:`lorakit.owned`); a :class:`Variant` adds what is YOLO's own: copies
+resized for another class count (handed to the core when the adapter is loaded),
+the class names and the head's attributes, set on every switch.
 
 Shapes: a class conv is ``Conv2d(c, nc, 1)`` (a classifier's ``Linear(c, nc)``),
 so an adapter for ``nc'`` classes gets a fresh ``Conv2d(c, nc', 1)`` before its
@@ -40,23 +40,25 @@ def head(model: nn.Module) -> nn.Module | None:
 
 @dataclass
 class Variant:
-    """The modules (by path), class names and head attributes one adapter (or the base) puts in the model."""
+    """One adapter's (or the base's) modules by path, class names and head attributes.
+
+    ``modules`` are the adapter's copies of its fully trained modules, handed to
+    :func:`lorakit.io.load_adapter`; the core installs them. :meth:`install` sets the rest.
+    """
 
     modules: dict[str, nn.Module] = field(default_factory=dict)
     names: dict[int, str] = field(default_factory=dict)
     head: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def capture(cls, model: nn.Module, paths: list[str]) -> Variant:
-        """The objects now at ``paths`` (not copies), and the model's names and head attributes."""
+    def capture(cls, model: nn.Module) -> Variant:
+        """The model's names and head attributes (no modules)."""
         h = head(model)
         attrs = {a: getattr(h, a) for a in HEAD_ATTRS if h is not None and hasattr(h, a)}
-        return cls({p: model.get_submodule(p) for p in paths}, dict(getattr(model, "names", {}) or {}), attrs)
+        return cls({}, dict(getattr(model, "names", {}) or {}), attrs)
 
     def install(self, model: nn.Module) -> None:
-        """Put these module objects, names and head attributes into ``model``."""
-        for p, m in self.modules.items():
-            model.set_submodule(p, m)
+        """Put these class names and head attributes into ``model`` (the core swaps the modules)."""
         if self.names:
             model.names = dict(self.names)  # type: ignore[assignment]
         h = head(model)
