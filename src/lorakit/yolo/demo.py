@@ -305,14 +305,15 @@ def _job_lora(out: Path, s: Settings) -> dict[str, Any]:
     }
     # Then the model: the trained one with LoRA off and the base's own modules (and class count) put back,
     # as PEFT's disable_adapter() does for its modules_to_save.
+    # (inside disabled(): it installs the trainer's own originals, whose class convs have B's class count)
     restored = deepcopy(lora)
-    for p in fully:
-        restored.set_submodule(p, deepcopy(base.get_submodule(p)))
-    for attr in ("nc", "no"):
-        setattr(restored.model[-1], attr, getattr(base.model[-1], attr))
-    restored.names, restored.yaml = dict(base.names), deepcopy(base.yaml)
     x = _images(_data(out, "A"), s)
     with torch.no_grad(), lorakit.disabled(restored):
+        for p in fully:
+            restored.set_submodule(p, deepcopy(base.get_submodule(p)))
+        for attr in ("nc", "no"):
+            setattr(restored.model[-1], attr, getattr(base.model[-1], attr))
+        restored.names, restored.yaml = dict(base.names), deepcopy(base.yaml)
         same_out = bool(torch.equal(_raw(restored, x), _raw(base, x)))
         disabled_map = _val_module(restored, _data(out, "A"), s)
     base_map = _val_module(base, _data(out, "A"), s)
