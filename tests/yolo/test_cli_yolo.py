@@ -1,8 +1,8 @@
 """``lorakit yolo train|val|predict|export|merge``, run in-process through ``lorakit.cli.main``.
 
-One 1-epoch LoRA run (r=4, imgsz 64) on a random-weight 2-class yolo26n base and a
-synthetic dataset is shared by the module; every other verb then works on its
-``best_adapter``. The conftest network guard fails any test that reaches for the network.
+One 1-epoch LoRA run (r=4, imgsz 64, one layer excluded by name) on a random-weight
+2-class yolo26n base and a synthetic dataset is shared by the module; every other verb
+then works on its ``best_adapter``. The conftest network guard fails any test that reaches for the network.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import safetensors
 import torch
 from torch import nn
 from yolo_helpers import final_outputs, save_random_detector
@@ -26,6 +27,9 @@ from lorakit.cli import main
 pytestmark = pytest.mark.slow
 IMGSZ = 64
 QUIET = [f"imgsz={IMGSZ}", "batch=8", "workers=0", "plots=False", "device=cpu", "verbose=False"]
+# One pattern, given as a plain string (no comma): the run must leave exactly this conv without LoRA.
+EXCLUDED = "model.23.cv2.0.0.conv"
+NEIGHBOUR = "model.23.cv2.0.1.conv"  # the next conv of the same box branch, adapted by default
 
 
 def _x(seed: int = 0) -> torch.Tensor:
@@ -40,7 +44,8 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     for name, seed in (("base.pt", 0), ("other_base.pt", 1)):
         save_random_detector(root / name, seed)
     data = make_dataset(root / "data", domain="A", n_train=16, n_val=8, imgsz=IMGSZ, seed=0)
-    argv = ["yolo", "train", f"model={root / 'base.pt'}", f"data={data}", "epochs=1", "r=4", *QUIET]
+    argv = ["yolo", "train", f"model={root / 'base.pt'}", f"data={data}", "epochs=1", "r=4", f"exclude={EXCLUDED}"]
+    argv += QUIET
     argv += ["nbs=8", "warmup_epochs=0", "seed=0", f"project={root / 'runs'}", "name=cli"]
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
@@ -66,6 +71,22 @@ def test_train_writes_merged_checkpoints_and_adapters_and_says_where(run: Simple
     for name in ("best_adapter", "last_adapter"):
         assert (run.weights / name / "adapter_model.safetensors").is_file()
         assert str(run.weights / name) in run.out
+
+
+def test_exclude_with_one_pattern_leaves_that_layer_unadapted(run: SimpleNamespace) -> None:
+    """Issue item 3: ``exclude=model.23.cv2.0.0.conv`` (one pattern, a string) was split into its
+    characters, so the named conv was adapted anyway. The adapter must hold no LoRA for it."""
+    from lorakit.layers import LoraLayer
+    from lorakit.yolo import LoraYOLO
+
+    assert run.code == 0
+    with safetensors.safe_open(str(run.adapter / "adapter_model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert not [k for k in keys if f"{EXCLUDED}.lora" in k]
+    assert [k for k in keys if f"{NEIGHBOUR}.lora" in k]  # the pattern named one layer, not the branch
+    model = LoraYOLO(str(run.pt), adapter=run.adapter).model
+    assert type(model.get_submodule(EXCLUDED)) is nn.Conv2d
+    assert isinstance(model.get_submodule(NEIGHBOUR), LoraLayer)
 
 
 def _map(text: str) -> tuple[str, str]:

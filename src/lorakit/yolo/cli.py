@@ -36,6 +36,7 @@ from ..cli.args import ArgError, parse_value
 from ..config import LoraConfig
 from ..errors import LoraError
 from . import offline
+from .checks import as_patterns
 from .cli_models import require_local
 
 if TYPE_CHECKING:
@@ -168,6 +169,8 @@ def _split_lora(opts: dict[str, Any]) -> dict[str, Any]:
             raise ArgError(f"{key}= must be {expected}, got {value!r} ({type(value).__name__})")
     if isinstance(lora.get("exclude"), (list, tuple)):
         lora["exclude"] = [str(p) for p in lora["exclude"]]
+    if "exclude" in lora:  # exclude=model.0.conv is one pattern, not a list of characters
+        lora["exclude"] = list(as_patterns("exclude", lora["exclude"]))
     if lora.get("max_fraction", 1.0) <= 0:
         raise ArgError(f"max_fraction= must be > 0 (1.0 keeps every conv), got {lora['max_fraction']!r}")
     # The ranges of r/alpha/dropout are LoraConfig's rules; check them now, not after the dataset is built.

@@ -28,7 +28,7 @@ plain convs); the copy is cached until the adapter changes.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from copy import deepcopy
 from functools import partial
@@ -46,6 +46,7 @@ from ..io import LoadReport, _train_paths, load_adapter, read_adapter_files
 from ..io_format import atomic_path, atomic_write
 from ..io_peft import from_peft_config
 from ..layers import LoraLayer
+from .checks import as_patterns
 from .tasks import trainer_for
 from .trainer import LoraOptions, LoraTrainerMixin
 from .variants import Variant, fresh_variant
@@ -58,11 +59,12 @@ class LoraYOLO(YOLO):  # type: ignore[misc]
         model: a ``.pt`` checkpoint or ``.yaml`` config, as for ``YOLO``.
         adapter: an adapter folder to load on it (as :meth:`load_adapter`, named after the folder).
         r, alpha, dropout, exclude, config, adapt_bn, adapter_name, max_fraction:
-            the LoRA settings, see :class:`~lorakit.yolo.trainer.LoraOptions`.
+            the LoRA settings, see :class:`~lorakit.yolo.trainer.LoraOptions`. ``exclude``
+            is a path pattern or a list of them (a string is one pattern).
         task, verbose: as for ``YOLO``.
 
     Raises:
-        ConfigError: invalid LoRA settings.
+        ConfigError: invalid LoRA settings (``exclude`` not a pattern or a list of them, ...).
         NotImplementedError: a model that is not a plain YOLO detector (World, YOLOE, RT-DETR).
     """
 
@@ -74,7 +76,7 @@ class LoraYOLO(YOLO):  # type: ignore[misc]
         r: int = 8,
         alpha: float | None = None,
         dropout: float = 0.0,
-        exclude: tuple[str, ...] | list[str] = (),
+        exclude: str | Iterable[str] = (),
         config: LoraConfig | None = None,
         adapt_bn: bool = True,
         adapter_name: str = "default",
@@ -86,7 +88,7 @@ class LoraYOLO(YOLO):  # type: ignore[misc]
             r=r,
             alpha=alpha,
             dropout=dropout,
-            exclude=tuple(exclude),
+            exclude=as_patterns("exclude", exclude),
             config=config,
             adapt_bn=adapt_bn,
             adapter_name=adapter_name,

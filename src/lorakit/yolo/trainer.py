@@ -59,6 +59,7 @@ from ..errors import ConfigError
 from ..inject import InjectReport, inject
 from ..layers import LoraLayer
 from . import resume
+from .checks import as_patterns
 from .targets import class_convs, detector_config
 
 # What optimizer="auto" means for LoRA: 7x what full fine-tuning wanted on the synthetic A->B benchmark
@@ -74,7 +75,8 @@ class LoraOptions:
 
     Args:
         r, alpha, dropout: as in :class:`~lorakit.LoraConfig` (defaults 8, r, 0).
-        exclude: extra path patterns never adapted (added to the detector defaults).
+        exclude: extra path patterns never adapted (added to the detector defaults); a string
+            is one pattern.
         config: a full :class:`~lorakit.LoraConfig`, used as given instead of the
             detector defaults (re-initialised class convs are still added to its
             ``train_modules``); ``r``/``alpha``/``dropout``/``exclude`` must then be left at their defaults.
@@ -99,7 +101,7 @@ class LoraOptions:
     max_fraction: float = 1.0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "exclude", tuple([self.exclude] if isinstance(self.exclude, str) else self.exclude))
+        object.__setattr__(self, "exclude", as_patterns("exclude", self.exclude))
         if self.config is not None:
             fields = {f.name: f.default for f in dataclasses.fields(self)}
             clash = [n for n in ("r", "alpha", "dropout", "exclude") if getattr(self, n) != fields[n]]
