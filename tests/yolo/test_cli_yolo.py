@@ -8,6 +8,7 @@ then works on its ``best_adapter``. The conftest network guard fails any test th
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import re
 import shutil
@@ -254,6 +255,51 @@ def test_bad_input_exits_2_with_a_one_line_error_naming_it(
             failures.append((argv, code, err, needles))
     assert not failures, "\n".join(map(str, failures))
     assert not (tmp_path / "m.pt").exists()
+
+
+def _bad_device() -> tuple[str, list[str]]:
+    """A CUDA device that is not there: cuda:0 without CUDA, else one past the last index."""
+    if not torch.cuda.is_available():
+        return "device=cuda:0", ["device='cuda:0'", "CUDA", "not available", "device=cpu"]
+    n = torch.cuda.device_count()
+    return f"device=cuda:{n}", [f"device='cuda:{n}'", f"{n} CUDA device(s)"]
+
+
+BAD_SETTINGS = {  # id -> (verb, key=value, strings the one-line error must contain)
+    "optimizer": ("train", "optimizer=Foo", ["optimizer", "'Foo'", "AdamW", "SGD"]),
+    "optimizer-musgd": ("train", "optimizer=MuSGD", ["optimizer='MuSGD'", "not supported with LoRA", "AdamW"]),
+    "format": ("export", "format=bogus", ["format", "'bogus'", "onnx", "torchscript"]),
+    "format-package": ("export", "format=openvino", ["format='openvino'", "'openvino'", "not installed"]),
+    "device": ("train", *_bad_device()),
+}
+
+
+@pytest.mark.parametrize("case", BAD_SETTINGS.values(), ids=BAD_SETTINGS.keys())
+def test_bad_setting_exits_2_before_any_work(
+    run: SimpleNamespace, case: tuple[str, str, list[str]], capsys: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue item 10: ``optimizer=Foo``, ``format=bogus``, ``format=openvino`` without the package and
+    ``device=cuda:0`` without CUDA were tracebacks from deep inside Ultralytics (after the dataset was
+    cached or the model prepared for export). Each must be one line naming the key, the accepted values
+    and the value, exit 2, and come before anything is trained or exported."""
+    verb, setting, needles = case
+    if setting == "format=openvino" and importlib.util.find_spec("openvino") is not None:
+        pytest.skip("openvino is installed here")
+    monkeypatch.chdir(tmp_path)
+    runs = tmp_path / "runs"
+    argv = {
+        "train": ["train", f"model={run.pt}", f"data={run.data}", "epochs=1", *QUIET, f"project={runs}"],
+        "export": ["export", f"model={run.pt}", f"imgsz={IMGSZ}"],
+    }[verb]
+    before = sorted(run.root.iterdir())
+    capsys.readouterr()
+    code = main(["yolo", *argv, setting])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("lorakit yolo: error:")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    assert all(n in lines[0] for n in needles), (lines[0], needles)
+    assert not runs.exists() and sorted(run.root.iterdir()) == before  # nothing trained, nothing exported
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_usage(capsys: Any) -> None:

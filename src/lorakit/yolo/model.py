@@ -46,7 +46,7 @@ from ..io import LoadReport, _train_paths, load_adapter, read_adapter_files
 from ..io_format import atomic_path, atomic_write
 from ..io_peft import from_peft_config
 from ..layers import LoraLayer
-from .checks import as_patterns
+from .checks import as_patterns, check_settings
 from .tasks import trainer_for
 from .trainer import LoraOptions, LoraTrainerMixin
 from .variants import Variant, fresh_variant
@@ -259,12 +259,22 @@ class LoraYOLO(YOLO):  # type: ignore[misc]
             self.model = model
 
     def predict(self, *args: Any, **kwargs: Any) -> Any:
-        """``YOLO.predict`` with the active adapter merged (the base inside :meth:`adapter_disabled`)."""
+        """``YOLO.predict`` with the active adapter merged (the base inside :meth:`adapter_disabled`).
+
+        Raises:
+            ConfigError: a bad ``device`` (:func:`~lorakit.yolo.checks.check_settings`), before any work.
+        """
+        check_settings(kwargs, "predict")
         with self._merged():
             return super().predict(*args, **kwargs)
 
     def val(self, *args: Any, **kwargs: Any) -> Any:
-        """``YOLO.val`` with the active adapter merged."""
+        """``YOLO.val`` with the active adapter merged.
+
+        Raises:
+            ConfigError: a bad ``device`` (:func:`~lorakit.yolo.checks.check_settings`), before any work.
+        """
+        check_settings(kwargs, "val")
         with self._merged():
             return super().val(*args, **kwargs)
 
@@ -303,7 +313,12 @@ class LoraYOLO(YOLO):  # type: ignore[misc]
         interrupted LoRA run with its adapter, EMA and optimizer state (the LoRA
         settings are the run's own). ``trainer`` may name another class built on
         :class:`~lorakit.yolo.trainer.LoraTrainerMixin`.
+
+        Raises:
+            ConfigError: adapters are loaded; a bad ``optimizer`` (MuSGD included) or ``device``
+                (:func:`~lorakit.yolo.checks.check_settings`), before any work.
         """
+        check_settings(kwargs, "train")
         if self._variants:
             raise ConfigError(
                 "LoraYOLO.train: adapters are loaded on this model; training starts a new adapter from the "
@@ -348,6 +363,12 @@ class LoraYOLO(YOLO):  # type: ignore[misc]
         return path
 
     def export(self, **kwargs: Any) -> Any:
-        """``YOLO.export`` on the merged model (the active adapter merged into a copy): zero LoRA overhead."""
+        """``YOLO.export`` on the merged model (the active adapter merged into a copy): zero LoRA overhead.
+
+        Raises:
+            ConfigError: an unknown ``format``, a package the format needs is not installed, or a
+                bad ``device`` (:func:`~lorakit.yolo.checks.check_settings`), before any work.
+        """
+        check_settings(kwargs, "export")
         with self._merged():
             return super().export(**kwargs)

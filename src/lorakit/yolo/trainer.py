@@ -59,7 +59,7 @@ from ..errors import ConfigError
 from ..inject import InjectReport, inject
 from ..layers import LoraLayer
 from . import resume
-from .checks import as_patterns
+from .checks import as_patterns, check_optimizer
 from .targets import class_convs, detector_config
 
 # What optimizer="auto" means for LoRA: 7x what full fine-tuning wanted on the synthetic A->B benchmark
@@ -349,12 +349,11 @@ class LoraTrainerMixin:
             # LoraConfig(batchnorm="frozen") already keeps BN in eval mode; this is Ultralytics' own switch
             # (_model_train() puts BatchNorms matching these names in eval mode), kept as a second guard.
             self.freeze_layer_names.append("model.")
-        if str(name).lower() == "auto":
+        name = check_optimizer(name)  # MuSGD refused; LoraYOLO.train checked it already, other callers may not
+        if name == "auto":
             name, lr = LORA_AUTO_OPTIMIZER
             self.args.optimizer, self.args.lr0 = name, lr
             LOGGER.info(f"LoRA: optimizer=auto means {name}(lr={lr}) here")
-        if str(name).lower() == "musgd":
-            raise ConfigError("optimizer=MuSGD is not supported with LoRA (Muon would orthogonalise A and B)")
         optimizer: torch.optim.Optimizer = super().build_optimizer(  # type: ignore[misc]
             model, name, lr, momentum, decay, iterations
         )
