@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from yolo_helpers import NETWORK_REFUSED
 
 from lorakit.yolo import offline
 
@@ -69,12 +70,9 @@ def no_network(network_guard: list[str]) -> Iterator[None]:
 
 # Run by ``plain_ultralytics``: loads each checkpoint with lorakit unimportable and the network refused,
 # checks that no lorakit/LoRA class was pickled, and predicts once with plain Ultralytics.
-_LOAD_PLAIN = """
-import socket, sys
-def refuse(*a, **k):
-    raise SystemExit(f"network access attempted: {a}")
-socket.getaddrinfo = refuse
-socket.socket.connect = refuse
+_LOAD_PLAIN = (
+    NETWORK_REFUSED
+    + """
 sys.modules["lorakit"] = None  # any import of lorakit now raises ImportError
 import torch
 imgsz, paths = int(sys.argv[1]), sys.argv[2:]
@@ -89,6 +87,7 @@ for path in paths:
     assert len(res) == 1, path
 print("PLAIN-OK")
 """
+)
 
 
 @pytest.fixture(scope="session")

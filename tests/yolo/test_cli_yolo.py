@@ -1,13 +1,14 @@
 """``lorakit yolo train|val|predict|export|merge``, run in-process through ``lorakit.cli.main``.
 
-One 1-epoch LoRA run (r=4, imgsz 64) on a random-weight 2-class yolo26n base and a
-synthetic dataset is shared by the module; every other verb then works on its
-``best_adapter``. The conftest network guard fails any test that reaches for the network.
+One 1-epoch LoRA run (r=4, imgsz 64, one layer excluded by name) on a random-weight
+2-class yolo26n base and a synthetic dataset is shared by the module; every other verb
+then works on its ``best_adapter``. The conftest network guard fails any test that reaches for the network.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import io
 import re
 import shutil
@@ -17,6 +18,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import safetensors
 import torch
 from torch import nn
 from yolo_helpers import final_outputs, save_random_detector
@@ -26,6 +28,9 @@ from lorakit.cli import main
 pytestmark = pytest.mark.slow
 IMGSZ = 64
 QUIET = [f"imgsz={IMGSZ}", "batch=8", "workers=0", "plots=False", "device=cpu", "verbose=False"]
+# One pattern, given as a plain string (no comma): the run must leave exactly this conv without LoRA.
+EXCLUDED = "model.23.cv2.0.0.conv"
+NEIGHBOUR = "model.23.cv2.0.1.conv"  # the next conv of the same box branch, adapted by default
 
 
 def _x(seed: int = 0) -> torch.Tensor:
@@ -40,7 +45,8 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     for name, seed in (("base.pt", 0), ("other_base.pt", 1)):
         save_random_detector(root / name, seed)
     data = make_dataset(root / "data", domain="A", n_train=16, n_val=8, imgsz=IMGSZ, seed=0)
-    argv = ["yolo", "train", f"model={root / 'base.pt'}", f"data={data}", "epochs=1", "r=4", *QUIET]
+    argv = ["yolo", "train", f"model={root / 'base.pt'}", f"data={data}", "epochs=1", "r=4", f"exclude={EXCLUDED}"]
+    argv += QUIET
     argv += ["nbs=8", "warmup_epochs=0", "seed=0", f"project={root / 'runs'}", "name=cli"]
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
@@ -66,6 +72,22 @@ def test_train_writes_merged_checkpoints_and_adapters_and_says_where(run: Simple
     for name in ("best_adapter", "last_adapter"):
         assert (run.weights / name / "adapter_model.safetensors").is_file()
         assert str(run.weights / name) in run.out
+
+
+def test_exclude_with_one_pattern_leaves_that_layer_unadapted(run: SimpleNamespace) -> None:
+    """Issue item 3: ``exclude=model.23.cv2.0.0.conv`` (one pattern, a string) was split into its
+    characters, so the named conv was adapted anyway. The adapter must hold no LoRA for it."""
+    from lorakit.layers import LoraLayer
+    from lorakit.yolo import LoraYOLO
+
+    assert run.code == 0
+    with safetensors.safe_open(str(run.adapter / "adapter_model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert not [k for k in keys if f"{EXCLUDED}.lora" in k]
+    assert [k for k in keys if f"{NEIGHBOUR}.lora" in k]  # the pattern named one layer, not the branch
+    model = LoraYOLO(str(run.pt), adapter=run.adapter).model
+    assert type(model.get_submodule(EXCLUDED)) is nn.Conv2d
+    assert isinstance(model.get_submodule(NEIGHBOUR), LoraLayer)
 
 
 def _map(text: str) -> tuple[str, str]:
@@ -233,6 +255,51 @@ def test_bad_input_exits_2_with_a_one_line_error_naming_it(
             failures.append((argv, code, err, needles))
     assert not failures, "\n".join(map(str, failures))
     assert not (tmp_path / "m.pt").exists()
+
+
+def _bad_device() -> tuple[str, list[str]]:
+    """A CUDA device that is not there: cuda:0 without CUDA, else one past the last index."""
+    if not torch.cuda.is_available():
+        return "device=cuda:0", ["device='cuda:0'", "CUDA", "not available", "device=cpu"]
+    n = torch.cuda.device_count()
+    return f"device=cuda:{n}", [f"device='cuda:{n}'", f"{n} CUDA device(s)"]
+
+
+BAD_SETTINGS = {  # id -> (verb, key=value, strings the one-line error must contain)
+    "optimizer": ("train", "optimizer=Foo", ["optimizer", "'Foo'", "AdamW", "SGD"]),
+    "optimizer-musgd": ("train", "optimizer=MuSGD", ["optimizer='MuSGD'", "not supported with LoRA", "AdamW"]),
+    "format": ("export", "format=bogus", ["format", "'bogus'", "onnx", "torchscript"]),
+    "format-package": ("export", "format=openvino", ["format='openvino'", "'openvino'", "not installed"]),
+    "device": ("train", *_bad_device()),
+}
+
+
+@pytest.mark.parametrize("case", BAD_SETTINGS.values(), ids=BAD_SETTINGS.keys())
+def test_bad_setting_exits_2_before_any_work(
+    run: SimpleNamespace, case: tuple[str, str, list[str]], capsys: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue item 10: ``optimizer=Foo``, ``format=bogus``, ``format=openvino`` without the package and
+    ``device=cuda:0`` without CUDA were tracebacks from deep inside Ultralytics (after the dataset was
+    cached or the model prepared for export). Each must be one line naming the key, the accepted values
+    and the value, exit 2, and come before anything is trained or exported."""
+    verb, setting, needles = case
+    if setting == "format=openvino" and importlib.util.find_spec("openvino") is not None:
+        pytest.skip("openvino is installed here")
+    monkeypatch.chdir(tmp_path)
+    runs = tmp_path / "runs"
+    argv = {
+        "train": ["train", f"model={run.pt}", f"data={run.data}", "epochs=1", *QUIET, f"project={runs}"],
+        "export": ["export", f"model={run.pt}", f"imgsz={IMGSZ}"],
+    }[verb]
+    before = sorted(run.root.iterdir())
+    capsys.readouterr()
+    code = main(["yolo", *argv, setting])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("lorakit yolo: error:")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    assert all(n in lines[0] for n in needles), (lines[0], needles)
+    assert not runs.exists() and sorted(run.root.iterdir()) == before  # nothing trained, nothing exported
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_usage(capsys: Any) -> None:

@@ -75,3 +75,37 @@ def test_lora_options_refuse_bad_values_before_any_run(bad: dict) -> None:
 
     with pytest.raises(lorakit.ConfigError, match=next(iter(bad))):
         LoraOptions(**bad)
+
+
+def test_yolo_exclude_given_as_a_string_is_one_pattern(detector: nn.Module) -> None:
+    """Issue item 3: ``LoraYOLO(exclude="model.23.cv2.0.0.conv")`` became ``('m', 'o', 'd', ...)``, so
+    the named conv was adapted anyway. A string is one pattern in LoraYOLO, LoraOptions and
+    detector_config; the layer LoraYOLO's trainer would build the adapter on is left unadapted."""
+    import copy
+
+    from lorakit.yolo import LoraOptions, LoraYOLO
+
+    name, neighbour = "model.23.cv2.0.0.conv", "model.23.cv2.0.1.conv"
+    default = {t.name for t in lorakit.inject(copy.deepcopy(detector), detector_config(detector, r=8)).targets}
+    assert {name, neighbour} <= default  # both adapted unless excluded
+
+    yolo = LoraYOLO("yolo26n.yaml", exclude=name)
+    assert yolo.lora.exclude == (name,)
+    assert LoraOptions(exclude=name).exclude == (name,)
+    # what LoraDetectionTrainer.get_model injects: LoraOptions.build on the freshly built model
+    for config in (yolo.lora.build(detector, []), detector_config(detector, r=8, exclude=name)):
+        model = copy.deepcopy(detector)
+        adapted = {t.name for t in lorakit.inject(model, config).targets}
+        assert adapted == default - {name}
+        assert type(model.get_submodule(name)) is nn.Conv2d
+
+
+def test_yolo_exclude_that_is_not_patterns_is_a_config_error() -> None:
+    """Issue item 3: an ``exclude`` that is neither a pattern nor a list of them (here an int, which
+    ``tuple()`` refused with a bare TypeError) is a ConfigError naming the argument."""
+    from lorakit.yolo import LoraOptions, LoraYOLO
+
+    with pytest.raises(lorakit.ConfigError, match="exclude: expected a path pattern or a list of them, got 5"):
+        LoraOptions(exclude=5)  # type: ignore[arg-type]
+    with pytest.raises(lorakit.ConfigError, match="exclude"):
+        LoraYOLO("yolo26n.yaml", exclude=5)  # type: ignore[arg-type]

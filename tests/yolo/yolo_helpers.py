@@ -45,6 +45,18 @@ def layer_outputs(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.cat(acts + [t.flatten() for t in final])
 
 
+# Prepended to the code a test runs in a subprocess (which the conftest guard does not reach): any
+# network access exits the process with this message. Exiting, not raising OSError, because
+# Ultralytics' check_font swallows errors; SystemExit is not an Exception, so it gets through.
+NETWORK_REFUSED = """
+import socket, sys
+def refuse(*a, **k):
+    raise SystemExit(f"network access attempted: {a}")
+socket.getaddrinfo = refuse
+socket.socket.connect = refuse
+"""
+
+
 # Tiny CPU training: nbs=batch and no warmup, so every batch is an optimizer step at full lr
 # (else a few batches make ~0 steps).
 TINY_TRAIN = {

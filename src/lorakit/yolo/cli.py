@@ -36,6 +36,7 @@ from ..cli.args import ArgError, parse_value
 from ..config import LoraConfig
 from ..errors import LoraError
 from . import offline
+from .checks import as_patterns, check_settings
 from .cli_models import require_local
 
 if TYPE_CHECKING:
@@ -168,6 +169,8 @@ def _split_lora(opts: dict[str, Any]) -> dict[str, Any]:
             raise ArgError(f"{key}= must be {expected}, got {value!r} ({type(value).__name__})")
     if isinstance(lora.get("exclude"), (list, tuple)):
         lora["exclude"] = [str(p) for p in lora["exclude"]]
+    if "exclude" in lora:  # exclude=model.0.conv is one pattern, not a list of characters
+        lora["exclude"] = list(as_patterns("exclude", lora["exclude"]))
     if lora.get("max_fraction", 1.0) <= 0:
         raise ArgError(f"max_fraction= must be > 0 (1.0 keeps every conv), got {lora['max_fraction']!r}")
     # The ranges of r/alpha/dropout are LoraConfig's rules; check them now, not after the dataset is built.
@@ -175,14 +178,21 @@ def _split_lora(opts: dict[str, Any]) -> dict[str, Any]:
     return lora
 
 
-def _check_types(opts: dict[str, Any]) -> None:
-    """Ultralytics' own type and range checks (``check_cfg``), now rather than mid-run."""
+def _check_settings(opts: dict[str, Any], verb: str) -> None:
+    """Ultralytics' own type and range checks (``check_cfg``), and lorakit's of ``optimizer``,
+    ``format`` (and its packages, for export) and ``device``: now rather than mid-run.
+
+    Raises:
+        ArgError: a type or range ``check_cfg`` refuses.
+        ConfigError: a bad optimizer, format or device (:func:`~lorakit.yolo.checks.check_settings`).
+    """
     from ultralytics.cfg import check_cfg
 
     try:
         check_cfg(dict(opts), hard=True)
     except (TypeError, ValueError) as exc:
         raise ArgError(_first_line(exc)) from None
+    check_settings(opts, verb)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -258,8 +268,8 @@ def _train(argv: list[str]) -> int:
     lora = _split_lora(opts)
     if opts.get("resume"):
         raise ArgError("resume= is not supported with LoRA (checkpoints hold merged weights); start a new run")
+    _check_settings(opts, "train")
     opts["data"] = _local_data(opts["data"])
-    _check_types(opts)
     spec = opts["model"]
     model = _open(opts, lora)
     model.train(**opts)
@@ -276,8 +286,8 @@ def _train(argv: list[str]) -> int:
 def _val(argv: list[str]) -> int:
     opts = parse(argv, {"model", *ADAPTER_KEYS}, "val")
     _require(opts, ("model", "data"), "val", "lorakit yolo val model=base.pt adapter=DIR data=data.yaml")
+    _check_settings(opts, "val")
     opts["data"] = _local_data(opts["data"])
-    _check_types(opts)
     model = _open(opts)
     metrics = model.val(**opts)
     box = metrics.box
@@ -291,7 +301,7 @@ def _predict(argv: list[str]) -> int:
     _require(opts, ("model", "source"), "predict", "lorakit yolo predict model=base.pt adapter=DIR source=images/")
     opts["source"] = _local_source(opts["source"])
     opts.setdefault("save", True)  # as `yolo predict` does
-    _check_types(opts)
+    _check_settings(opts, "predict")
     model = _open(opts)
     images = detections = 0
     # stream=True: one result at a time, so a large folder does not pile up in memory.
@@ -328,7 +338,7 @@ def _export(argv: list[str]) -> int:
     opts = parse(argv, {"model", *ADAPTER_KEYS}, "export")
     _require(opts, ("model",), "export", "lorakit yolo export model=base.pt adapter=DIR format=onnx")
     adapter = None if opts.get("adapter") is None else Path(str(opts["adapter"]))
-    _check_types(opts)
+    _check_settings(opts, "export")
     model = _open(opts)
     with _named_after(model, adapter):
         exported = model.export(**opts)

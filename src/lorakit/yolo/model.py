@@ -28,7 +28,7 @@ plain convs); the copy is cached until the adapter changes.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from copy import deepcopy
 from functools import partial
@@ -47,6 +47,7 @@ from ..io import LoadReport, load_adapter, read_adapter_files
 from ..io_format import atomic_path, atomic_write
 from ..io_peft import from_peft_config
 from ..layers import LoraLayer
+from .checks import as_patterns, check_settings
 from .tasks import trainer_for
 from .trainer import LoraOptions, LoraTrainerMixin
 from .variants import Variant, fresh_variant
@@ -59,11 +60,12 @@ class LoraYOLO(YOLO):  # type: ignore[misc]
         model: a ``.pt`` checkpoint or ``.yaml`` config, as for ``YOLO``.
         adapter: an adapter folder to load on it (as :meth:`load_adapter`, named after the folder).
         r, alpha, dropout, exclude, config, adapt_bn, adapter_name, max_fraction:
-            the LoRA settings, see :class:`~lorakit.yolo.trainer.LoraOptions`.
+            the LoRA settings, see :class:`~lorakit.yolo.trainer.LoraOptions`. ``exclude``
+            is a path pattern or a list of them (a string is one pattern).
         task, verbose: as for ``YOLO``.
 
     Raises:
-        ConfigError: invalid LoRA settings.
+        ConfigError: invalid LoRA settings (``exclude`` not a pattern or a list of them, ...).
         NotImplementedError: a model that is not a plain YOLO detector (World, YOLOE, RT-DETR).
     """
 
@@ -75,7 +77,7 @@ class LoraYOLO(YOLO):  # type: ignore[misc]
         r: int = 8,
         alpha: float | None = None,
         dropout: float = 0.0,
-        exclude: tuple[str, ...] | list[str] = (),
+        exclude: str | Iterable[str] = (),
         config: LoraConfig | None = None,
         adapt_bn: bool = True,
         adapter_name: str = "default",
@@ -87,7 +89,7 @@ class LoraYOLO(YOLO):  # type: ignore[misc]
             r=r,
             alpha=alpha,
             dropout=dropout,
-            exclude=tuple(exclude),
+            exclude=as_patterns("exclude", exclude),
             config=config,
             adapt_bn=adapt_bn,
             adapter_name=adapter_name,
@@ -250,12 +252,22 @@ class LoraYOLO(YOLO):  # type: ignore[misc]
             self.model = model
 
     def predict(self, *args: Any, **kwargs: Any) -> Any:
-        """``YOLO.predict`` with the active adapter merged (the base inside :meth:`adapter_disabled`)."""
+        """``YOLO.predict`` with the active adapter merged (the base inside :meth:`adapter_disabled`).
+
+        Raises:
+            ConfigError: a bad ``device`` (:func:`~lorakit.yolo.checks.check_settings`), before any work.
+        """
+        check_settings(kwargs, "predict")
         with self._merged():
             return super().predict(*args, **kwargs)
 
     def val(self, *args: Any, **kwargs: Any) -> Any:
-        """``YOLO.val`` with the active adapter merged."""
+        """``YOLO.val`` with the active adapter merged.
+
+        Raises:
+            ConfigError: a bad ``device`` (:func:`~lorakit.yolo.checks.check_settings`), before any work.
+        """
+        check_settings(kwargs, "val")
         with self._merged():
             return super().val(*args, **kwargs)
 
@@ -294,7 +306,12 @@ class LoraYOLO(YOLO):  # type: ignore[misc]
         interrupted LoRA run with its adapter, EMA and optimizer state (the LoRA
         settings are the run's own). ``trainer`` may name another class built on
         :class:`~lorakit.yolo.trainer.LoraTrainerMixin`.
+
+        Raises:
+            ConfigError: adapters are loaded; a bad ``optimizer`` (MuSGD included) or ``device``
+                (:func:`~lorakit.yolo.checks.check_settings`), before any work.
         """
+        check_settings(kwargs, "train")
         if self._variants:
             raise ConfigError(
                 "LoraYOLO.train: adapters are loaded on this model; training starts a new adapter from the "
@@ -339,6 +356,12 @@ class LoraYOLO(YOLO):  # type: ignore[misc]
         return path
 
     def export(self, **kwargs: Any) -> Any:
-        """``YOLO.export`` on the merged model (the active adapter merged into a copy): zero LoRA overhead."""
+        """``YOLO.export`` on the merged model (the active adapter merged into a copy): zero LoRA overhead.
+
+        Raises:
+            ConfigError: an unknown ``format``, a package the format needs is not installed, or a
+                bad ``device`` (:func:`~lorakit.yolo.checks.check_settings`), before any work.
+        """
+        check_settings(kwargs, "export")
         with self._merged():
             return super().export(**kwargs)

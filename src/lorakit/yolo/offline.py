@@ -15,7 +15,8 @@ What :func:`enable` sets, and why:
 * ``YOLO_OFFLINE=1``: ``is_online()`` returns False without a DNS lookup; this
   also turns off AutoUpdate and telemetry.
 * ``YOLO_CONFIG_DIR=<private dir>``: settings, fonts and DDP temp files go
-  there instead of ``~/.config/Ultralytics``.
+  there instead of ``~/.config/Ultralytics``. A temp dir made here
+  (``lorakit-yolo-*``) is removed when the process exits, also on an error.
 * ``YOLO_AUTOINSTALL=False``: never ``pip install`` anything (requirement
   checks; a checkpoint that pickles an unknown module makes
   ``torch_safe_load`` try to pip-install that module's name).
@@ -28,6 +29,7 @@ local (``yolo26n.pt`` or ``coco8.yaml`` by name would be downloaded).
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import sys
@@ -55,7 +57,8 @@ def enable(config_dir: str | os.PathLike[str] | None = None) -> Path:
 
     Args:
         config_dir: the private Ultralytics config dir (``YOLO_CONFIG_DIR``).
-            ``None`` keeps an already set ``YOLO_CONFIG_DIR`` or makes a new temp dir.
+            ``None`` keeps an already set ``YOLO_CONFIG_DIR`` or makes a new temp dir,
+            removed when this process exits (normally or by an uncaught error).
 
     Returns:
         The ``Ultralytics`` folder inside the config dir (where the fonts are).
@@ -72,7 +75,7 @@ def enable(config_dir: str | os.PathLike[str] | None = None) -> Path:
             "YOLO_AUTOINSTALL=False and YOLO_CONFIG_DIR in the environment"
         )
     if config_dir is None:
-        config_dir = os.environ.get("YOLO_CONFIG_DIR") or tempfile.mkdtemp(prefix="lorakit-yolo-")
+        config_dir = os.environ.get("YOLO_CONFIG_DIR") or _temp_config_dir()
     if "ultralytics" in sys.modules and Path(config_dir) != Path(os.environ["YOLO_CONFIG_DIR"]):
         raise RuntimeError(
             f"ultralytics is already imported with YOLO_CONFIG_DIR={os.environ['YOLO_CONFIG_DIR']!r}; "
@@ -87,3 +90,20 @@ def enable(config_dir: str | os.PathLike[str] | None = None) -> Path:
         if not (ul_dir / name).exists():
             shutil.copyfile(font, ul_dir / name)
     return ul_dir
+
+
+def _temp_config_dir() -> str:
+    """A new ``lorakit-yolo-*`` temp dir, removed at this process's exit.
+
+    Registered before ultralytics is imported, so it runs after any exit handler
+    Ultralytics registers (they run last-in, first-out). Only the process that made
+    it removes it: a forked child that exits through ``sys.exit`` leaves it to its parent.
+    """
+    path = tempfile.mkdtemp(prefix="lorakit-yolo-")
+    atexit.register(_remove, path, os.getpid())
+    return path
+
+
+def _remove(path: str, owner: int) -> None:
+    if os.getpid() == owner:
+        shutil.rmtree(path, ignore_errors=True)

@@ -41,6 +41,7 @@ from collections.abc import Callable, Iterable
 from torch import nn
 
 from ..config import LoraConfig
+from .checks import as_patterns
 
 
 def head_of(model: nn.Module) -> nn.Module | None:
@@ -114,8 +115,8 @@ def detector_config(
     r: int = 8,
     alpha: float | None = None,
     dropout: float = 0.0,
-    exclude: Iterable[str] = (),
-    train_modules: Iterable[str] = (),
+    exclude: str | Iterable[str] = (),
+    train_modules: str | Iterable[str] = (),
     max_fraction: float = 1.0,
     batchnorm: str = "frozen",
 ) -> LoraConfig:
@@ -128,19 +129,23 @@ def detector_config(
     Args:
         model: the built model (``DetectionModel`` or a task model: segment, pose, OBB, classify).
         r, alpha, dropout: as in :class:`LoraConfig`.
-        exclude: extra path patterns never adapted.
-        train_modules: modules trained fully (e.g. re-initialised class convs).
+        exclude: extra path patterns never adapted (a string is one pattern).
+        train_modules: modules trained fully (e.g. re-initialised class convs; a string is one).
         max_fraction: leave out convs whose LoRA would exceed this fraction of their weights (default 1.0).
         batchnorm: as in :class:`LoraConfig` (``"frozen"``: BN statistics never move).
+
+    Raises:
+        ConfigError: ``exclude`` or ``train_modules`` is not a pattern or a list of them;
+            LoraConfig's own checks.
     """
-    train_modules = tuple(train_modules)
+    train_modules = as_patterns("train_modules", train_modules)
     auto = [p for p in default_exclusions(model, r, max_fraction) if p not in train_modules]
     return LoraConfig(
         r=r,
         alpha=alpha,
         dropout=dropout,
         target_types=("Conv2d", "Linear"),
-        exclude=(*exclude, *auto, *train_modules),
+        exclude=(*as_patterns("exclude", exclude), *auto, *train_modules),
         train_modules=train_modules,
         batchnorm=batchnorm,
     )

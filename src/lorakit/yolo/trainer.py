@@ -59,6 +59,7 @@ from ..errors import ConfigError
 from ..inject import InjectReport, inject
 from ..layers import LoraLayer
 from . import resume
+from .checks import as_patterns, check_optimizer
 from .targets import class_convs, detector_config
 
 # What optimizer="auto" means for LoRA: 7x what full fine-tuning wanted on the synthetic A->B benchmark
@@ -74,7 +75,8 @@ class LoraOptions:
 
     Args:
         r, alpha, dropout: as in :class:`~lorakit.LoraConfig` (defaults 8, r, 0).
-        exclude: extra path patterns never adapted (added to the detector defaults).
+        exclude: extra path patterns never adapted (added to the detector defaults); a string
+            is one pattern.
         config: a full :class:`~lorakit.LoraConfig`, used as given instead of the
             detector defaults (re-initialised class convs are still added to its
             ``train_modules``); ``r``/``alpha``/``dropout``/``exclude`` must then be left at their defaults.
@@ -99,7 +101,7 @@ class LoraOptions:
     max_fraction: float = 1.0
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "exclude", tuple([self.exclude] if isinstance(self.exclude, str) else self.exclude))
+        object.__setattr__(self, "exclude", as_patterns("exclude", self.exclude))
         if self.config is not None:
             fields = {f.name: f.default for f in dataclasses.fields(self)}
             clash = [n for n in ("r", "alpha", "dropout", "exclude") if getattr(self, n) != fields[n]]
@@ -347,12 +349,11 @@ class LoraTrainerMixin:
             # LoraConfig(batchnorm="frozen") already keeps BN in eval mode; this is Ultralytics' own switch
             # (_model_train() puts BatchNorms matching these names in eval mode), kept as a second guard.
             self.freeze_layer_names.append("model.")
-        if str(name).lower() == "auto":
+        name = check_optimizer(name)  # MuSGD refused; LoraYOLO.train checked it already, other callers may not
+        if name == "auto":
             name, lr = LORA_AUTO_OPTIMIZER
             self.args.optimizer, self.args.lr0 = name, lr
             LOGGER.info(f"LoRA: optimizer=auto means {name}(lr={lr}) here")
-        if str(name).lower() == "musgd":
-            raise ConfigError("optimizer=MuSGD is not supported with LoRA (Muon would orthogonalise A and B)")
         optimizer: torch.optim.Optimizer = super().build_optimizer(  # type: ignore[misc]
             model, name, lr, momentum, decay, iterations
         )
