@@ -22,9 +22,9 @@ from __future__ import annotations
 import fnmatch
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from .errors import ConfigError
 
@@ -60,7 +60,28 @@ def is_wildcard(pattern: str) -> bool:
     return pattern.startswith("re:") or bool(_GLOB_CHARS & set(pattern))
 
 
-def _as_tuple(field_name: str, value: Any) -> tuple[Any, ...]:
+def as_patterns(key: str, value: object) -> tuple[str, ...]:
+    """``value`` as a tuple of module path patterns: a string is one pattern, never its
+    characters (``"model.0.conv"`` -> ``("model.0.conv",)``); ``None`` is none.
+
+    Raises:
+        ConfigError: ``value`` is neither a string nor an iterable of strings (naming ``key``).
+    """
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    try:
+        patterns = tuple(cast(Iterable[object], value))
+    except TypeError:
+        raise ConfigError(f"{key}: expected a path pattern or a list of them, got {value!r}") from None
+    bad = [p for p in patterns if not isinstance(p, str)]
+    if bad:
+        raise ConfigError(f"{key}: expected path patterns (strings), got {bad[0]!r} in {value!r}")
+    return cast(tuple[str, ...], patterns)
+
+
+def _as_types(value: Any) -> tuple[Any, ...]:
     if value is None:
         return ()
     if isinstance(value, (str, type)):
@@ -68,7 +89,7 @@ def _as_tuple(field_name: str, value: Any) -> tuple[Any, ...]:
     try:
         return tuple(value)
     except TypeError:
-        raise ConfigError(f"LoraConfig.{field_name}: expected a list of patterns, got {value!r}") from None
+        raise ConfigError(f"LoraConfig.target_types: expected class names or classes, got {value!r}") from None
 
 
 @dataclass(frozen=True)
@@ -127,8 +148,9 @@ class LoraConfig:
     def __post_init__(self) -> None:
         # Normalise list/str inputs to tuples so configs read from YAML, JSON or a
         # CLI compare equal to ones written in Python.
-        for name in ("targets", "target_types", "exclude", "train_modules"):
-            object.__setattr__(self, name, _as_tuple(name, getattr(self, name)))
+        for name in ("targets", "exclude", "train_modules"):
+            object.__setattr__(self, name, as_patterns(f"LoraConfig.{name}", getattr(self, name)))
+        object.__setattr__(self, "target_types", _as_types(self.target_types))
         _check_rank("r", self.r)
         if self.alpha is not None:
             _check_alpha("alpha", self.alpha)

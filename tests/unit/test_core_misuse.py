@@ -8,6 +8,7 @@ from torch import nn
 
 import lorakit
 from lorakit.cli import main
+from lorakit.config import as_patterns
 
 
 def _model() -> nn.Module:
@@ -37,6 +38,17 @@ def test_one_string_is_one_pattern_in_a_config() -> None:
     assert config.exclude == ("2",)
     report = lorakit.inject(nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)), config)
     assert [t.name for t in report.targets] == ["0"]
+
+
+def test_patterns_a_string_is_one() -> None:
+    """Item 3: a string is one pattern, a list its patterns, None none; anything else is named."""
+    assert as_patterns("exclude", "model.0.conv") == ("model.0.conv",)
+    assert as_patterns("exclude", ["a", "b"]) == ("a", "b")
+    assert as_patterns("exclude", None) == ()
+    with pytest.raises(lorakit.ConfigError, match=r"train_modules: expected path patterns \(strings\), got 3"):
+        as_patterns("train_modules", ["a", 3])
+    with pytest.raises(lorakit.ConfigError, match="LoraConfig.exclude: expected a path pattern"):
+        lorakit.LoraConfig(targets=["0"], exclude=5)  # type: ignore[arg-type]
 
 
 def test_a_name_twice_is_refused_not_counted_twice() -> None:

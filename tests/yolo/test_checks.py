@@ -1,5 +1,5 @@
-"""``lorakit.yolo.checks``: the early checks of optimizer, format and device (issue item 10) and
-of exclude-like patterns (item 3), value by value. The CLI tests run them end to end."""
+"""``lorakit.yolo.checks``: the early checks of optimizer, format and device (issue item 10),
+value by value. The CLI tests run them end to end."""
 
 from __future__ import annotations
 
@@ -7,16 +7,7 @@ import pytest
 import torch
 
 from lorakit import ConfigError
-from lorakit.yolo.checks import as_patterns, check_device, check_format, check_optimizer
-
-
-def test_patterns_a_string_is_one() -> None:
-    """Issue item 3: a string is one pattern, a list its patterns, None none."""
-    assert as_patterns("exclude", "model.0.conv") == ("model.0.conv",)
-    assert as_patterns("exclude", ["a", "b"]) == ("a", "b")
-    assert as_patterns("exclude", None) == ()
-    with pytest.raises(ConfigError, match=r"train_modules: expected path patterns \(strings\), got 3"):
-        as_patterns("train_modules", ["a", 3])
+from lorakit.yolo.checks import check_device, check_format, check_optimizer
 
 
 def test_optimizer_names() -> None:

@@ -1,7 +1,4 @@
-"""Early checks of the settings of a YOLO run: LoRA path patterns, and the
-Ultralytics settings that otherwise fail deep inside a run.
-
-:func:`as_patterns` reads ``exclude=``-like arguments: a string is one pattern.
+"""Early checks of the Ultralytics settings of a YOLO run that otherwise fail deep inside it.
 
 Ultralytics checks ``optimizer=`` when it builds the optimizer (after the
 dataset is cached), ``format=`` and the exporter's packages once the model is
@@ -25,32 +22,10 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from ..errors import ConfigError
-
-
-def as_patterns(key: str, value: str | Iterable[str] | None) -> tuple[str, ...]:
-    """``value`` as a tuple of module path patterns: a string is one pattern, never its
-    characters (``"model.0.conv"`` -> ``("model.0.conv",)``); ``None`` is none.
-
-    Raises:
-        ConfigError: ``value`` is neither a string nor an iterable of strings (naming ``key``).
-    """
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        return (value,)
-    try:
-        patterns = tuple(value)
-    except TypeError:
-        raise ConfigError(f"{key}: expected a path pattern or a list of them, got {value!r}") from None
-    bad = [p for p in patterns if not isinstance(p, str)]
-    if bad:
-        raise ConfigError(f"{key}: expected path patterns (strings), got {bad[0]!r} in {value!r}")
-    return patterns
-
 
 # BaseTrainer.build_optimizer's names (matched case-insensitively), minus MuSGD: Muon orthogonalises
 # each 2-D/4-D tensor's update, LoRA's A and B included, which is not the low-rank update LoRA trains.

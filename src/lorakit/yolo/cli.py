@@ -33,10 +33,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..cli.args import ArgError, parse_value
-from ..config import LoraConfig
+from ..config import LoraConfig, as_patterns
 from ..errors import LoraError
 from . import offline
-from .checks import as_patterns, check_settings
+from .checks import check_settings
 from .cli_models import require_local
 
 if TYPE_CHECKING:

@@ -41,13 +41,13 @@ from ultralytics import YOLO  # type: ignore[attr-defined]
 from .. import adapters as core
 from .. import owned
 from ..adapters import merge_and_unload
-from ..config import LoraConfig
+from ..config import LoraConfig, as_patterns
 from ..errors import AdapterNotFoundError, ConfigError
 from ..io import LoadReport, load_adapter, read_adapter_files
 from ..io_format import atomic_path, atomic_write
 from ..io_peft import from_peft_config
 from ..layers import LoraLayer
-from .checks import as_patterns, check_settings
+from .checks import check_settings
 from .tasks import trainer_for
 from .trainer import LoraOptions, LoraTrainerMixin
 from .variants import Variant, fresh_variant

@@ -40,8 +40,7 @@ from collections.abc import Callable, Iterable
 
 from torch import nn
 
-from ..config import LoraConfig
-from .checks import as_patterns
+from ..config import LoraConfig, as_patterns
 
 
 def head_of(model: nn.Module) -> nn.Module | None:

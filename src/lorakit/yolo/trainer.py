@@ -54,12 +54,12 @@ from ultralytics.utils import DEFAULT_CFG, LOGGER
 from ultralytics.utils.torch_utils import ModelEMA, unwrap_model
 
 from ..adapters import merge_and_unload
-from ..config import LoraConfig
+from ..config import LoraConfig, as_patterns
 from ..errors import ConfigError
 from ..inject import InjectReport, inject
 from ..layers import LoraLayer
 from . import resume
-from .checks import as_patterns, check_optimizer
+from .checks import check_optimizer
 from .targets import class_convs, detector_config
 
 # What optimizer="auto" means for LoRA: 7x what full fine-tuning wanted on the synthetic A->B benchmark
