@@ -44,7 +44,8 @@ def run(argv: list[str]) -> int:
 
 
 def _train(argv: list[str]) -> int:
-    from .train import TrainOptions, train
+    from .options import TrainOptions
+    from .train import train
 
     fields = {f.name for f in dataclasses.fields(TrainOptions)}
     args = parse_args(argv, fields, "hf train")
@@ -70,25 +71,36 @@ def _train(argv: list[str]) -> int:
 def _generate(argv: list[str]) -> int:
     import torch
 
+    from ..errors import ConfigError
     from ..io import load_adapter
     from .train import _model_dir, load_model, load_tokenizer
 
     args: dict[str, Any] = parse_args(argv, GENERATE_KEYS, "hf generate")
     if "model" not in args or "prompt" not in args:
         raise ArgError("hf generate needs model=... and prompt=...")
+    prompt = str(args["prompt"])
+    if not prompt.strip():
+        raise ConfigError(f"hf generate: prompt must be a non-empty text, got {args['prompt']!r}")
+    max_new = args.get("max_new_tokens", 64)
+    if isinstance(max_new, bool) or not isinstance(max_new, int) or max_new < 1:
+        raise ConfigError(f"hf generate: max_new_tokens must be an int >= 1, got {max_new!r}")
+    chat = args.get("chat", False)
+    if not isinstance(chat, bool):
+        raise ConfigError(f"hf generate: chat must be True or False, got {chat!r}")
     path = _model_dir(str(args["model"]))
     tok = load_tokenizer(path)
     model = load_model(path, "causal", None).eval()
     if args.get("adapter") is not None:
         load_adapter(model, str(args["adapter"]))
-    prompt = str(args["prompt"])
-    if args.get("chat") and getattr(tok, "chat_template", None):
+    if chat and getattr(tok, "chat_template", None):
         prompt = str(tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                              add_generation_prompt=True))  # fmt: skip
     enc = tok(prompt, return_tensors="pt")
+    n = int(enc["input_ids"].shape[1])
+    if n == 0:
+        raise ConfigError(f"hf generate: prompt {args['prompt']!r} gives no tokens")
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     with torch.no_grad():
-        out = cast(Any, model).generate(**enc, max_new_tokens=int(args.get("max_new_tokens", 64)), do_sample=False,
-                             pad_token_id=pad)  # fmt: skip
-    print(tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True))
+        out = cast(Any, model).generate(**enc, max_new_tokens=max_new, do_sample=False, pad_token_id=pad)
+    print(tok.decode(out[0, n:], skip_special_tokens=True))
     return 0

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from ..adapters import list_adapters
+from ..errors import ConfigError
 from ..inject import inject
 from ..io import load_adapter, save_adapter
 from ..io_format import atomic_write
@@ -55,37 +56,10 @@ from .data import (
     pad_id,
     read_jsonl,
 )
+from .options import TrainOptions, check_options
 from .targets import lora_config
 
 KEEP_CHECKPOINTS = 2
-
-
-@dataclass(frozen=True)
-class TrainOptions:
-    """Every ``lorakit hf train`` key (same names on the command line)."""
-
-    model: str
-    data: str
-    out: str
-    eval: str | None = None  # eval JSONL; default: eval_fraction of data held out
-    eval_fraction: float = 0.1
-    task: str = "auto"  # auto | causal | classify
-    r: int = 16
-    alpha: float | None = None  # default 2 * r
-    dropout: float = 0.05
-    targets: list[str] | str | None = None  # default: lorakit.hf.default_targets(model)
-    epochs: int = 3
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    batch_size: int = 8
-    max_len: int = 256
-    seed: int = 0
-    eval_every: int = 0  # steps; 0: at the end of each epoch only
-    save_every: int = 0  # steps; 0: at the end of each epoch only
-    gradient_checkpointing: bool = False
-    resume: bool = False
-    stop_after: int = 0  # stop (with a checkpoint) after this many steps of this run, as if interrupted
-    progress: bool = True
 
 
 @dataclass
@@ -93,25 +67,6 @@ class State:
     step: int = 0
     losses: list[float] = field(default_factory=list)
     evals: list[dict[str, float]] = field(default_factory=list)
-
-
-def _check_options(o: TrainOptions) -> None:
-    from ..errors import ConfigError
-
-    for name in ("epochs", "batch_size", "max_len", "r"):
-        v = getattr(o, name)
-        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-            raise ConfigError(f"hf train: {name} must be an int > 0, got {v!r}")
-    for name in ("eval_every", "save_every", "stop_after"):
-        v = getattr(o, name)
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise ConfigError(f"hf train: {name} must be an int >= 0, got {v!r}")
-    if not (isinstance(o.lr, (int, float)) and o.lr > 0):
-        raise ConfigError(f"hf train: lr must be > 0, got {o.lr!r}")
-    if not (0 <= o.eval_fraction < 1):
-        raise ConfigError(f"hf train: eval_fraction must be in [0, 1), got {o.eval_fraction!r}")
-    if o.task not in ("auto", "causal", "classify"):
-        raise ConfigError(f"hf train: task must be auto, causal or classify, got {o.task!r}")
 
 
 def _model_dir(path: str) -> Path:
@@ -314,19 +269,17 @@ def train(o: TrainOptions) -> dict[str, Any]:
     Raises:
         ModelPathError, DataError, ConfigError: bad input, found before ``out`` is touched.
     """
-    _check_options(o)
+    check_options(o)
     model_dir = _model_dir(o.model)
     out = Path(o.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"hf train: out must be a folder (new, empty, or a run to resume), got the file {out}")
     tokenizer = load_tokenizer(model_dir)
     data = load_data(o, tokenizer)
     ckpt = latest_checkpoint(out) if o.resume else None
     if not o.resume and out.exists() and any(out.iterdir()):
-        from ..errors import ConfigError
-
         raise ConfigError(f"hf train: {out} exists and is not empty; pass resume=True or choose another out")
     if o.resume and ckpt is None:
-        from ..errors import ConfigError
-
         raise ConfigError(f"hf train: resume=True but {out} holds no checkpoint")
     torch.manual_seed(o.seed)
     model = load_model(model_dir, data.task, data.labels)

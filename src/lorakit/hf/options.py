@@ -1,0 +1,90 @@
+"""The options of ``lorakit hf train`` and their checks.
+
+Values reach here from the command line through :func:`lorakit.cli.args.parse_value`,
+so a value that is not a Python literal arrives as a string (``eval_fraction=nan`` is
+the string ``'nan'``, ``resume=yes`` the string ``'yes'``): every option is checked for
+its type as well as its range, and a bad one is a :class:`~lorakit.errors.ConfigError`
+naming the key, what it must be and what it got.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..errors import ConfigError
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """Every ``lorakit hf train`` key (same names on the command line)."""
+
+    model: str
+    data: str
+    out: str
+    eval: str | None = None  # eval JSONL; default: eval_fraction of data held out
+    eval_fraction: float = 0.1
+    task: str = "auto"  # auto | causal | classify
+    r: int = 16
+    alpha: float | None = None  # default 2 * r
+    dropout: float = 0.05
+    targets: list[str] | str | None = None  # default: lorakit.hf.default_targets(model)
+    epochs: int = 3
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 8
+    max_len: int = 256
+    seed: int = 0
+    eval_every: int = 0  # steps; 0: at the end of each epoch only
+    save_every: int = 0  # steps; 0: at the end of each epoch only
+    gradient_checkpointing: bool = False
+    resume: bool = False
+    stop_after: int = 0  # stop (with a checkpoint) after this many steps of this run, as if interrupted
+    progress: bool = True
+
+
+def _number(v: object) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_options(o: TrainOptions) -> None:
+    """Raises ConfigError for the first option of the wrong type or out of range."""
+
+    def bad(name: str, expected: str) -> ConfigError:
+        return ConfigError(f"hf train: {name} must be {expected}, got {getattr(o, name)!r}")
+
+    for name in ("model", "data", "out"):
+        if not isinstance(getattr(o, name), str) or not getattr(o, name):
+            raise bad(name, "a non-empty path")
+    if o.eval is not None and (not isinstance(o.eval, str) or not o.eval):
+        raise bad("eval", "a non-empty path or None")
+    for name in ("epochs", "batch_size", "max_len", "r"):
+        if not _int(getattr(o, name)) or getattr(o, name) <= 0:
+            raise bad(name, "an int > 0")
+    for name in ("eval_every", "save_every", "stop_after", "seed"):
+        if not _int(getattr(o, name)) or getattr(o, name) < 0:
+            raise bad(name, "an int >= 0")
+    for name in ("gradient_checkpointing", "resume", "progress"):
+        if not isinstance(getattr(o, name), bool):
+            raise bad(name, "True or False")
+    if not _number(o.lr) or not o.lr > 0:
+        raise bad("lr", "a finite number > 0")
+    if not _number(o.weight_decay) or not o.weight_decay >= 0:
+        raise bad("weight_decay", "a finite number >= 0")
+    if not _number(o.eval_fraction) or not 0 <= o.eval_fraction < 1:
+        raise bad("eval_fraction", "a number in [0, 1)")
+    if not _number(o.dropout) or not 0 <= o.dropout < 1:
+        raise bad("dropout", "a number in [0, 1)")
+    if o.alpha is not None and (not _number(o.alpha) or not o.alpha > 0):
+        raise bad("alpha", "a finite number > 0 or None")
+    if o.task not in ("auto", "causal", "classify"):
+        raise bad("task", "auto, causal or classify")
+    t = o.targets
+    if t is not None and not (
+        (isinstance(t, str) and t) or (isinstance(t, list) and t and all(isinstance(x, str) and x for x in t))
+    ):
+        raise bad("targets", "a module name pattern, a list of them, or None")
