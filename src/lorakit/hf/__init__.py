@@ -31,6 +31,8 @@ _LAZY = {
     "prepare_for_training": "callbacks",
     "DataError": "data",
     "ModelPathError": "data",
+    "ResumeMismatchError": "resume",
+    "TrainWarning": "options",
 }
 
 __all__ = [
@@ -40,6 +42,8 @@ __all__ = [
     "ModelPathError",
     "PartsConv1D",
     "PartsLinear",
+    "ResumeMismatchError",
+    "TrainWarning",
     "default_targets",
     "lora_config",
     "output_heads",

@@ -9,10 +9,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import sys
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TextIO, cast
 
 from ..cli.args import ArgError, parse_args
 
@@ -44,7 +48,7 @@ def run(argv: list[str]) -> int:
 
 
 def _train(argv: list[str]) -> int:
-    from .options import TrainOptions
+    from .options import TrainOptions, TrainWarning
     from .train import train
 
     fields = {f.name for f in dataclasses.fields(TrainOptions)}
@@ -59,13 +63,32 @@ def _train(argv: list[str]) -> int:
         opts = TrainOptions(**args)
     except TypeError as exc:
         raise ArgError(f"hf train: {exc}") from None
-    summary = train(opts)
+    with _one_line(TrainWarning, "lorakit hf train: warning: "):
+        summary = train(opts)
     last = summary["evals"][-1] if summary["evals"] else {}
     shown = ", ".join(f"{k} {v:.4f}" for k, v in last.items() if k.startswith("eval_"))
     state = "stopped (resume=True continues)" if summary["stopped_early"] else "done"
     print(f"{state}: {summary['steps']}/{summary['total_steps']} steps{'; ' + shown if shown else ''}; "
           f"adapter in {Path(opts.out) / 'adapter'}")  # fmt: skip
     return 0
+
+
+@contextlib.contextmanager
+def _one_line(kind: type[Warning], prefix: str) -> Iterator[None]:
+    """Warnings of ``kind`` are printed to stderr as one line each (no file and line of code)."""
+    with warnings.catch_warnings():  # restores showwarning and the filters on exit
+        warnings.simplefilter("always", kind)
+        previous = warnings.showwarning
+
+        def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                 file: TextIO | None = None, line: str | None = None) -> None:  # fmt: skip
+            if issubclass(category, kind):
+                print(f"{prefix}{message}", file=sys.stderr)
+            else:
+                previous(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield
 
 
 def _generate(argv: list[str]) -> int:

@@ -15,6 +15,11 @@ from dataclasses import dataclass
 from ..errors import ConfigError
 
 
+class TrainWarning(UserWarning):
+    """Something ``hf train`` changed or applied on its own (a clamped ``max_len``, a changed lr on resume).
+    The command prints it as one line."""
+
+
 @dataclass(frozen=True)
 class TrainOptions:
     """Every ``lorakit hf train`` key (same names on the command line)."""
@@ -41,6 +46,11 @@ class TrainOptions:
     resume: bool = False
     stop_after: int = 0  # stop (with a checkpoint) after this many steps of this run, as if interrupted
     progress: bool = True
+
+    @property
+    def lora_alpha(self) -> float:
+        """``alpha``, or its default ``2 * r``."""
+        return float(2 * self.r) if self.alpha is None else float(self.alpha)
 
 
 def _number(v: object) -> bool:

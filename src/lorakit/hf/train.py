@@ -5,7 +5,8 @@
 What ends up in ``out``::
 
     adapter/                    the latest adapter (PEFT format), replaced file by file, atomically
-    checkpoints/step-000040/    adapter/ + optimizer.safetensors + state.json: everything a resume needs
+    checkpoints/step-000040/    adapter/ + optimizer.safetensors + state.json + run.json: everything
+                                a resume needs (run.json: the run's settings, see lorakit.hf.resume)
     loss.png                    training loss per step and eval loss (rewritten at each checkpoint)
     metrics.json                eval results per evaluation; labels.json (classification)
 
@@ -13,7 +14,9 @@ Checkpoints appear atomically (written as ``.step-...tmp`` and renamed), the two
 are kept. ``resume=True`` continues from the newest one and, on CPU, reproduces the
 uninterrupted run exactly: the adapter and optimizer state are restored bitwise, the
 torch RNG (dropout) is restored, and the sample order is a pure function of
-``(seed, epoch)``, so the remaining batches are the same ones.
+``(seed, epoch)``, so the remaining batches are the same ones. A resume with settings
+that change the run (``r``, ``data``, ``seed``, ...) is refused; a changed ``lr`` or
+``epochs`` is applied with a warning (:mod:`lorakit.hf.resume`).
 
 The learning rate decays linearly from ``lr`` to 0 over the run (a function of the step,
 so there is no scheduler state to save). Classification trains a fresh head fully
@@ -57,6 +60,7 @@ from .data import (
     read_jsonl,
 )
 from .options import TrainOptions, check_options
+from .resume import RUN_FILE, check_resume, run_record
 from .targets import lora_config
 
 KEEP_CHECKPOINTS = 2
@@ -214,7 +218,9 @@ def _load_optimizer(opt: torch.optim.Optimizer, folder: Path, names: list[str]) 
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 
-def _write_checkpoint(out: Path, model: nn.Module, opt: torch.optim.Optimizer, names: list[str], st: State) -> Path:
+def _write_checkpoint(
+    out: Path, model: nn.Module, opt: torch.optim.Optimizer, names: list[str], st: State, run: dict[str, Any]
+) -> Path:
     ckdir = out / "checkpoints"
     ckdir.mkdir(parents=True, exist_ok=True)
     final = ckdir / f"step-{st.step:06d}"
@@ -225,6 +231,7 @@ def _write_checkpoint(out: Path, model: nn.Module, opt: torch.optim.Optimizer, n
     _save_optimizer(opt, tmp, names)
     rng = {"torch_rng": torch.get_rng_state()}
     atomic_write(tmp / "rng.safetensors", safetensors.torch.save(rng, metadata={"format": "pt"}))
+    atomic_write(tmp / RUN_FILE, json.dumps(run, indent=1).encode())
     atomic_write(tmp / "state.json", json.dumps(asdict(st)).encode())
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)  # the checkpoint appears complete or not at all
@@ -268,6 +275,8 @@ def train(o: TrainOptions) -> dict[str, Any]:
 
     Raises:
         ModelPathError, DataError, ConfigError: bad input, found before ``out`` is touched.
+        ResumeMismatchError: ``resume=True`` with settings that differ from the saved run's
+            (:mod:`lorakit.hf.resume`), found before ``out`` is touched.
     """
     check_options(o)
     model_dir = _model_dir(o.model)
@@ -276,17 +285,19 @@ def train(o: TrainOptions) -> dict[str, Any]:
         raise ConfigError(f"hf train: out must be a folder (new, empty, or a run to resume), got the file {out}")
     tokenizer = load_tokenizer(model_dir)
     data = load_data(o, tokenizer)
+    run = run_record(o, data.task)
     ckpt = latest_checkpoint(out) if o.resume else None
     if not o.resume and out.exists() and any(out.iterdir()):
         raise ConfigError(f"hf train: {out} exists and is not empty; pass resume=True or choose another out")
-    if o.resume and ckpt is None:
-        raise ConfigError(f"hf train: resume=True but {out} holds no checkpoint")
+    if o.resume:
+        if ckpt is None:
+            raise ConfigError(f"hf train: resume=True but {out} holds no checkpoint")
+        check_resume(ckpt, run)
     torch.manual_seed(o.seed)
     model = load_model(model_dir, data.task, data.labels)
     batcher = Batcher(data, tokenizer, o)
-    alpha = float(2 * o.r) if o.alpha is None else o.alpha
     if ckpt is None:
-        inject(model, lora_config(model, o.targets, r=o.r, alpha=alpha, dropout=o.dropout))
+        inject(model, lora_config(model, o.targets, r=o.r, alpha=o.lora_alpha, dropout=o.dropout))
     else:
         load_adapter(model, ckpt / "adapter")
     if o.gradient_checkpointing:
@@ -338,7 +349,7 @@ def train(o: TrainOptions) -> dict[str, Any]:
                             bar.write(f"step {st.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in res.items()))
                 stop = bool(o.stop_after) and run_steps >= o.stop_after and st.step < total
                 if (o.save_every and st.step % o.save_every == 0) or end_of_epoch or stop:
-                    _write_checkpoint(out, model, opt, names, st)
+                    _write_checkpoint(out, model, opt, names, st, run)
                     plot_losses(out, st)
                 if stop:
                     stopped = True
