@@ -64,6 +64,9 @@ BAD_GENERATE = {
     "max_new_tokens=0": "max_new_tokens must be an int >= 1, got 0",
     "max_new_tokens=many": "max_new_tokens must be an int >= 1, got 'many'",
     "chat=maybe": "chat must be True or False, got 'maybe'",
+    # past the 64 positions: GPT-2 raises a raw IndexError if generation gets there (no EOS before)
+    "max_new_tokens=100": "the prompt's 3 tokens + max_new_tokens=100 exceed the model's context of 64 positions; "
+    "use max_new_tokens <= 61",
 }
 
 

@@ -31,6 +31,7 @@ _LAZY = {
     "prepare_for_training": "callbacks",
     "DataError": "data",
     "ModelPathError": "data",
+    "NonFiniteLossError": "train",
     "ResumeMismatchError": "resume",
     "TrainWarning": "options",
 }
@@ -40,6 +41,7 @@ __all__ = [
     "Conv1DHandler",
     "DataError",
     "ModelPathError",
+    "NonFiniteLossError",
     "PartsConv1D",
     "PartsLinear",
     "ResumeMismatchError",

@@ -96,6 +96,7 @@ def _generate(argv: list[str]) -> int:
 
     from ..errors import ConfigError
     from ..io import load_adapter
+    from .options import model_context
     from .train import _model_dir, load_model, load_tokenizer
 
     args: dict[str, Any] = parse_args(argv, GENERATE_KEYS, "hf generate")
@@ -120,8 +121,15 @@ def _generate(argv: list[str]) -> int:
                                              add_generation_prompt=True))  # fmt: skip
     enc = tok(prompt, return_tensors="pt")
     n = int(enc["input_ids"].shape[1])
+    context = model_context(getattr(model, "config", None))
     if n == 0:
         raise ConfigError(f"hf generate: prompt {args['prompt']!r} gives no tokens")
+    if context is not None and n + max_new > context:
+        raise ConfigError(
+            f"hf generate: the prompt's {n} tokens + max_new_tokens={max_new} exceed the model's context of "
+            f"{context} positions; use max_new_tokens <= {context - n}" if n < context else
+            f"hf generate: the prompt's {n} tokens fill the model's context of {context} positions; shorten it"
+        )  # fmt: skip
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     with torch.no_grad():
         out = cast(Any, model).generate(**enc, max_new_tokens=max_new, do_sample=False, pad_token_id=pad)

@@ -9,8 +9,11 @@ naming the key, what it must be and what it got.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import warnings
 from dataclasses import dataclass
+from typing import Any
 
 from ..errors import ConfigError
 
@@ -98,3 +101,35 @@ def check_options(o: TrainOptions) -> None:
         (isinstance(t, str) and t) or (isinstance(t, list) and t and all(isinstance(x, str) and x for x in t))
     ):
         raise bad("targets", "a module name pattern, a list of them, or None")
+
+
+def model_context(config: Any) -> int | None:
+    """The most positions ``config``'s model takes (``max_position_embeddings``, GPT-2's
+    ``n_positions``), or None when the config states no such limit."""
+    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+        v = getattr(config, name, None)
+        if isinstance(v, int) and not isinstance(v, bool) and v > 0:
+            return v
+    return None
+
+
+def fit_max_len(o: TrainOptions, task: str, context: int | None) -> TrainOptions:
+    """``o`` with ``max_len`` clamped to the model's ``context`` (a TrainWarning says so).
+
+    Raises:
+        ConfigError: a causal ``max_len`` below 2: with one token there is nothing to predict
+            (the first token has no predecessor), every label is masked and the loss is NaN.
+    """
+    if context is not None and o.max_len > context:
+        warnings.warn(
+            f"max_len {o.max_len} is more than the model's context of {context} positions; using max_len={context}",
+            TrainWarning,
+            stacklevel=3,
+        )
+        o = dataclasses.replace(o, max_len=context)
+    if task == "causal" and o.max_len < 2:
+        raise ConfigError(
+            f"hf train: max_len={o.max_len} leaves no response token to train on; a causal example needs "
+            "max_len >= 2 (a prompt token and a response token to predict from it)"
+        )
+    return o

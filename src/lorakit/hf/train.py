@@ -18,6 +18,9 @@ torch RNG (dropout) is restored, and the sample order is a pure function of
 that change the run (``r``, ``data``, ``seed``, ...) is refused; a changed ``lr`` or
 ``epochs`` is applied with a warning (:mod:`lorakit.hf.resume`).
 
+A NaN/Inf loss stops the run at once (:class:`NonFiniteLossError`), leaving no temporary
+folder behind; the checkpoints already written stay intact.
+
 The learning rate decays linearly from ``lr`` to 0 over the run (a function of the step,
 so there is no scheduler state to save). Classification trains a fresh head fully
 (``train_modules``); it is saved with the adapter.
@@ -39,7 +42,7 @@ import torch
 from torch import nn
 
 from ..adapters import list_adapters
-from ..errors import ConfigError
+from ..errors import ConfigError, NonFiniteError
 from ..inject import inject
 from ..io import load_adapter, save_adapter
 from ..io_format import atomic_write
@@ -59,7 +62,7 @@ from .data import (
     pad_id,
     read_jsonl,
 )
-from .options import TrainOptions, check_options
+from .options import TrainOptions, check_options, fit_max_len, model_context
 from .resume import RUN_FILE, check_resume, run_record
 from .targets import lora_config
 
@@ -73,6 +76,29 @@ class State:
     evals: list[dict[str, float]] = field(default_factory=list)
 
 
+class NonFiniteLossError(NonFiniteError):
+    """The training loss became NaN or Inf at ``step`` (``adapter``: the loss was finite, but
+    the adapter held NaN/Inf after that step's update, found when saving it).
+
+    The run stops before that step reaches the disk: ``checkpoint`` is the last good
+    checkpoint (None when none was written yet).
+    """
+
+    def __init__(self, step: int, loss: float, checkpoint: Path | None, adapter: bool = False) -> None:
+        self.step, self.loss, self.checkpoint, self.adapter = step, loss, checkpoint, adapter
+        what = (
+            f"the adapter holds NaN/Inf after the update of step {step} (loss {loss})"
+            if adapter
+            else f"the training loss at step {step} is {loss}"
+        )
+        where = (
+            f"the last good checkpoint is {checkpoint} (resume=True continues from it; a lower lr may help)"
+            if checkpoint is not None
+            else "no checkpoint was written yet"
+        )
+        super().__init__(f"hf train: {what}; stopped: {where}")
+
+
 def _model_dir(path: str) -> Path:
     p = Path(path)
     if not p.is_dir():
@@ -80,6 +106,16 @@ def _model_dir(path: str) -> Path:
     if not (p / "config.json").is_file():
         raise ModelPathError(f"{p}: not a transformers model folder (no config.json)")
     return p
+
+
+def load_config(path: Path) -> Any:
+    """The transformers config of the model folder ``path`` (raises ModelPathError)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ModelPathError(f"{path}: cannot load its config.json: {exc}") from None
 
 
 def load_tokenizer(path: Path) -> Any:
@@ -221,20 +257,33 @@ def _load_optimizer(opt: torch.optim.Optimizer, folder: Path, names: list[str]) 
 def _write_checkpoint(
     out: Path, model: nn.Module, opt: torch.optim.Optimizer, names: list[str], st: State, run: dict[str, Any]
 ) -> Path:
+    """Write ``checkpoints/step-N`` (via a temporary folder, renamed when complete) and ``adapter/``.
+
+    Nothing half-written stays behind: on any error, Ctrl-C included, the temporary folder
+    is removed and the older checkpoints are kept.
+
+    Raises:
+        NonFiniteError: the adapter holds NaN/Inf (from save_adapter; nothing was renamed).
+        OSError: a file cannot be written.
+    """
     ckdir = out / "checkpoints"
     ckdir.mkdir(parents=True, exist_ok=True)
     final = ckdir / f"step-{st.step:06d}"
     tmp = ckdir / f".step-{st.step:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_adapter(model, tmp / "adapter")
-    _save_optimizer(opt, tmp, names)
-    rng = {"torch_rng": torch.get_rng_state()}
-    atomic_write(tmp / "rng.safetensors", safetensors.torch.save(rng, metadata={"format": "pt"}))
-    atomic_write(tmp / RUN_FILE, json.dumps(run, indent=1).encode())
-    atomic_write(tmp / "state.json", json.dumps(asdict(st)).encode())
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)  # the checkpoint appears complete or not at all
+    try:
+        tmp.mkdir()
+        save_adapter(model, tmp / "adapter")
+        _save_optimizer(opt, tmp, names)
+        rng = {"torch_rng": torch.get_rng_state()}
+        atomic_write(tmp / "rng.safetensors", safetensors.torch.save(rng, metadata={"format": "pt"}))
+        atomic_write(tmp / RUN_FILE, json.dumps(run, indent=1).encode())
+        atomic_write(tmp / "state.json", json.dumps(asdict(st)).encode())
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)  # the checkpoint appears complete or not at all
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     for old in sorted(p for p in ckdir.glob("step-*") if p.is_dir())[:-KEEP_CHECKPOINTS]:
         shutil.rmtree(old, ignore_errors=True)
     save_adapter(model, out / "adapter")
@@ -273,10 +322,14 @@ def plot_losses(out: Path, st: State) -> None:
 def train(o: TrainOptions) -> dict[str, Any]:
     """Run ``lorakit hf train``; returns a summary dict (also written to ``out/metrics.json``).
 
+    ``max_len`` above the model's context is clamped to it (a TrainWarning says so).
+
     Raises:
         ModelPathError, DataError, ConfigError: bad input, found before ``out`` is touched.
         ResumeMismatchError: ``resume=True`` with settings that differ from the saved run's
             (:mod:`lorakit.hf.resume`), found before ``out`` is touched.
+        NonFiniteLossError: the loss became NaN/Inf; the run stops before that step is
+            applied or saved, the checkpoints written so far stay as they are.
     """
     check_options(o)
     model_dir = _model_dir(o.model)
@@ -285,6 +338,7 @@ def train(o: TrainOptions) -> dict[str, Any]:
         raise ConfigError(f"hf train: out must be a folder (new, empty, or a run to resume), got the file {out}")
     tokenizer = load_tokenizer(model_dir)
     data = load_data(o, tokenizer)
+    o = fit_max_len(o, data.task, model_context(load_config(model_dir)))
     run = run_record(o, data.task)
     ckpt = latest_checkpoint(out) if o.resume else None
     if not o.resume and out.exists() and any(out.iterdir()):
@@ -331,12 +385,15 @@ def train(o: TrainOptions) -> dict[str, Any]:
                 for g in opt.param_groups:
                     g["lr"] = o.lr * (1.0 - st.step / total)
                 loss = model(**batcher.collate(chunk)).loss
+                value = float(loss.detach())
+                if not math.isfinite(value):  # stop before a NaN reaches the adapter or the optimizer state
+                    raise NonFiniteLossError(st.step + 1, value, latest_checkpoint(out))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 st.step += 1
                 run_steps += 1
-                st.losses.append(float(loss.detach()))
+                st.losses.append(value)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{st.losses[-1]:.4f}")
@@ -349,7 +406,12 @@ def train(o: TrainOptions) -> dict[str, Any]:
                             bar.write(f"step {st.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in res.items()))
                 stop = bool(o.stop_after) and run_steps >= o.stop_after and st.step < total
                 if (o.save_every and st.step % o.save_every == 0) or end_of_epoch or stop:
-                    _write_checkpoint(out, model, opt, names, st, run)
+                    try:
+                        _write_checkpoint(out, model, opt, names, st, run)
+                    except NonFiniteError:
+                        # The update of this step (finite loss, non-finite result, e.g. an lr far too
+                        # large) broke the adapter; without a save here the next loss would show it.
+                        raise NonFiniteLossError(st.step, value, latest_checkpoint(out), adapter=True) from None
                     plot_losses(out, st)
                 if stop:
                     stopped = True
