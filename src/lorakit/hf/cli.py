@@ -48,8 +48,9 @@ def run(argv: list[str]) -> int:
 
 
 def _train(argv: list[str]) -> int:
+    """Ctrl-C stops the run: the last checkpoint is named on one line, exit status 130."""
     from .options import TrainOptions, TrainWarning
-    from .train import train
+    from .train import latest_checkpoint, train
 
     fields = {f.name for f in dataclasses.fields(TrainOptions)}
     args = parse_args(argv, fields, "hf train")
@@ -63,8 +64,14 @@ def _train(argv: list[str]) -> int:
         opts = TrainOptions(**args)
     except TypeError as exc:
         raise ArgError(f"hf train: {exc}") from None
-    with _one_line(TrainWarning, "lorakit hf train: warning: "):
-        summary = train(opts)
+    try:
+        with _one_line(TrainWarning, "lorakit hf train: warning: "):
+            summary = train(opts)
+    except KeyboardInterrupt:
+        ckpt = latest_checkpoint(Path(opts.out))
+        where = f"the last checkpoint is {ckpt} (resume=True continues from it)" if ckpt else "no checkpoint yet"
+        print(f"lorakit hf train: interrupted; {where}", file=sys.stderr)
+        return 130  # 128 + SIGINT, as shells report it
     last = summary["evals"][-1] if summary["evals"] else {}
     shown = ", ".join(f"{k} {v:.4f}" for k, v in last.items() if k.startswith("eval_"))
     state = "stopped (resume=True continues)" if summary["stopped_early"] else "done"

@@ -18,8 +18,8 @@ torch RNG (dropout) is restored, and the sample order is a pure function of
 that change the run (``r``, ``data``, ``seed``, ...) is refused; a changed ``lr`` or
 ``epochs`` is applied with a warning (:mod:`lorakit.hf.resume`).
 
-A NaN/Inf loss stops the run at once (:class:`NonFiniteLossError`), leaving no temporary
-folder behind; the checkpoints already written stay intact.
+A NaN/Inf loss stops the run at once (:class:`NonFiniteLossError`), as does Ctrl-C; neither
+leaves a temporary file behind, and the checkpoints already written stay intact.
 
 The learning rate decays linearly from ``lr`` to 0 over the run (a function of the step,
 so there is no scheduler state to save). Classification trains a fresh head fully
@@ -34,6 +34,7 @@ import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
+from io import BytesIO
 from pathlib import Path
 from typing import Any, cast
 
@@ -285,6 +286,8 @@ def _write_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     for old in sorted(p for p in ckdir.glob("step-*") if p.is_dir())[:-KEEP_CHECKPOINTS]:
+        # state.json first: a removal cut short (Ctrl-C) leaves a folder resume ignores, not a broken checkpoint
+        (old / "state.json").unlink(missing_ok=True)
         shutil.rmtree(old, ignore_errors=True)
     save_adapter(model, out / "adapter")
     return final
@@ -310,10 +313,10 @@ def plot_losses(out: Path, st: State) -> None:
     ax.set_ylabel("loss")
     ax.legend()
     fig.tight_layout()
-    tmp = out / ".loss.png.tmp"
-    fig.savefig(tmp, format="png", dpi=100)
+    png = BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
-    os.replace(tmp, out / "loss.png")
+    atomic_write(out / "loss.png", png.getvalue())
 
 
 # -- the run -------------------------------------------------------------------------------
@@ -330,6 +333,8 @@ def train(o: TrainOptions) -> dict[str, Any]:
             (:mod:`lorakit.hf.resume`), found before ``out`` is touched.
         NonFiniteLossError: the loss became NaN/Inf; the run stops before that step is
             applied or saved, the checkpoints written so far stay as they are.
+        KeyboardInterrupt: passed on as it came; no temporary file or folder stays behind
+            and the checkpoints written so far stay as they are.
     """
     check_options(o)
     model_dir = _model_dir(o.model)
