@@ -1,5 +1,5 @@
-"""Tiny model folders on disk (no download) for the ``lorakit hf`` command: a GPT-2 and a BERT
-sharing a word-level tokenizer built here."""
+"""Tiny model folders on disk (no download) for the ``lorakit hf`` command: a GPT-2, a Llama (both
+with a context of 64 positions) and a BERT sharing a word-level tokenizer built here."""
 
 from __future__ import annotations
 
@@ -37,12 +37,17 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=n, n_positions=64, bos_token_id=2,
                                 eos_token_id=2, pad_token_id=0)
     )  # fmt: skip
+    llama = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                 intermediate_size=64, vocab_size=n, max_position_embeddings=64, bos_token_id=2,
+                                 eos_token_id=2, pad_token_id=0)
+    )  # fmt: skip
     bert = transformers.BertForMaskedLM(
         transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
                                 vocab_size=n, pad_token_id=0)
     )  # fmt: skip
     out = {}
-    for name, model in (("gpt2", gpt), ("bert", bert)):
+    for name, model in (("gpt2", gpt), ("llama", llama), ("bert", bert)):
         model.save_pretrained(root / name)
         tok.save_pretrained(root / name)
         out[name] = root / name

@@ -7,47 +7,15 @@ import warnings
 from pathlib import Path
 
 import pytest
-import safetensors.torch
 import torch
 import transformers
 
 import lorakit
 from lorakit.cli import main
 from lorakit.hf.data import DataError, ModelPathError
-from lorakit.hf.train import TrainOptions, train
+from lorakit.hf.train import train
 
-NUMS = ["one", "two", "three", "four", "five"]
-COLORS = ["blue", "green", "white", "red"]
-
-
-def write_jsonl(path: Path, records: list[object]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
-
-
-def causal_data(path: Path) -> Path:
-    recs: list[object] = [{"prompt": f"repeat {a} {b} :", "response": f"{a} {b}"} for a in NUMS for b in NUMS[:4]]
-    recs[3] = {"messages": [{"role": "user", "content": "say one"}, {"role": "assistant", "content": "one"}]}
-    return write_jsonl(path, recs)
-
-
-def classify_data(path: Path, extra: list[object] | None = None) -> Path:
-    recs: list[object] = []
-    for a in ("great", "good", "love"):
-        for b in ("movie", "film", "it"):
-            recs.append({"text": f"{b} was {a}", "label": "pos"})
-            recs.append({"text": f"{b} was not {a}", "label": "neg"})
-    return write_jsonl(path, recs + (extra or []))
-
-
-def opts(model: Path, data: Path, out: Path, **kw: object) -> TrainOptions:
-    base: dict[str, object] = dict(r=4, epochs=2, batch_size=4, lr=1e-2, dropout=0.1, progress=False, max_len=32)
-    base.update(kw)
-    return TrainOptions(model=str(model), data=str(data), out=str(out), **base)  # type: ignore[arg-type]
-
-
-def tensors(folder: Path, name: str) -> dict[str, torch.Tensor]:
-    return safetensors.torch.load((folder / name).read_bytes())
+from .runs import causal_data, classify_data, opts, tensors, write_jsonl
 
 
 def test_causal_train_outputs_peft_and_exact_resume(tiny_models: dict[str, Path], tmp_path: Path) -> None:

@@ -31,6 +31,9 @@ _LAZY = {
     "prepare_for_training": "callbacks",
     "DataError": "data",
     "ModelPathError": "data",
+    "NonFiniteLossError": "train",
+    "ResumeMismatchError": "resume",
+    "TrainWarning": "options",
 }
 
 __all__ = [
@@ -38,8 +41,11 @@ __all__ = [
     "Conv1DHandler",
     "DataError",
     "ModelPathError",
+    "NonFiniteLossError",
     "PartsConv1D",
     "PartsLinear",
+    "ResumeMismatchError",
+    "TrainWarning",
     "default_targets",
     "lora_config",
     "output_heads",

@@ -9,10 +9,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import sys
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TextIO, cast
 
 from ..cli.args import ArgError, parse_args
 
@@ -44,7 +48,9 @@ def run(argv: list[str]) -> int:
 
 
 def _train(argv: list[str]) -> int:
-    from .train import TrainOptions, train
+    """Ctrl-C stops the run: the last checkpoint is named on one line, exit status 130."""
+    from .options import TrainOptions, TrainWarning
+    from .train import latest_checkpoint, train
 
     fields = {f.name for f in dataclasses.fields(TrainOptions)}
     args = parse_args(argv, fields, "hf train")
@@ -58,7 +64,14 @@ def _train(argv: list[str]) -> int:
         opts = TrainOptions(**args)
     except TypeError as exc:
         raise ArgError(f"hf train: {exc}") from None
-    summary = train(opts)
+    try:
+        with _one_line(TrainWarning, "lorakit hf train: warning: "):
+            summary = train(opts)
+    except KeyboardInterrupt:
+        ckpt = latest_checkpoint(Path(opts.out))
+        where = f"the last checkpoint is {ckpt} (resume=True continues from it)" if ckpt else "no checkpoint yet"
+        print(f"lorakit hf train: interrupted; {where}", file=sys.stderr)
+        return 130  # 128 + SIGINT, as shells report it
     last = summary["evals"][-1] if summary["evals"] else {}
     shown = ", ".join(f"{k} {v:.4f}" for k, v in last.items() if k.startswith("eval_"))
     state = "stopped (resume=True continues)" if summary["stopped_early"] else "done"
@@ -67,28 +80,65 @@ def _train(argv: list[str]) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _one_line(kind: type[Warning], prefix: str) -> Iterator[None]:
+    """Warnings of ``kind`` are printed to stderr as one line each (no file and line of code)."""
+    with warnings.catch_warnings():  # restores showwarning and the filters on exit
+        warnings.simplefilter("always", kind)
+        previous = warnings.showwarning
+
+        def show(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                 file: TextIO | None = None, line: str | None = None) -> None:  # fmt: skip
+            if issubclass(category, kind):
+                print(f"{prefix}{message}", file=sys.stderr)
+            else:
+                previous(message, category, filename, lineno, file, line)
+
+        warnings.showwarning = show
+        yield
+
+
 def _generate(argv: list[str]) -> int:
     import torch
 
+    from ..errors import ConfigError
     from ..io import load_adapter
+    from .options import model_context
     from .train import _model_dir, load_model, load_tokenizer
 
     args: dict[str, Any] = parse_args(argv, GENERATE_KEYS, "hf generate")
     if "model" not in args or "prompt" not in args:
         raise ArgError("hf generate needs model=... and prompt=...")
+    prompt = str(args["prompt"])
+    if not prompt.strip():
+        raise ConfigError(f"hf generate: prompt must be a non-empty text, got {args['prompt']!r}")
+    max_new = args.get("max_new_tokens", 64)
+    if isinstance(max_new, bool) or not isinstance(max_new, int) or max_new < 1:
+        raise ConfigError(f"hf generate: max_new_tokens must be an int >= 1, got {max_new!r}")
+    chat = args.get("chat", False)
+    if not isinstance(chat, bool):
+        raise ConfigError(f"hf generate: chat must be True or False, got {chat!r}")
     path = _model_dir(str(args["model"]))
     tok = load_tokenizer(path)
     model = load_model(path, "causal", None).eval()
     if args.get("adapter") is not None:
         load_adapter(model, str(args["adapter"]))
-    prompt = str(args["prompt"])
-    if args.get("chat") and getattr(tok, "chat_template", None):
+    if chat and getattr(tok, "chat_template", None):
         prompt = str(tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                              add_generation_prompt=True))  # fmt: skip
     enc = tok(prompt, return_tensors="pt")
+    n = int(enc["input_ids"].shape[1])
+    context = model_context(getattr(model, "config", None))
+    if n == 0:
+        raise ConfigError(f"hf generate: prompt {args['prompt']!r} gives no tokens")
+    if context is not None and n + max_new > context:
+        raise ConfigError(
+            f"hf generate: the prompt's {n} tokens + max_new_tokens={max_new} exceed the model's context of "
+            f"{context} positions; use max_new_tokens <= {context - n}" if n < context else
+            f"hf generate: the prompt's {n} tokens fill the model's context of {context} positions; shorten it"
+        )  # fmt: skip
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     with torch.no_grad():
-        out = cast(Any, model).generate(**enc, max_new_tokens=int(args.get("max_new_tokens", 64)), do_sample=False,
-                             pad_token_id=pad)  # fmt: skip
-    print(tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True))
+        out = cast(Any, model).generate(**enc, max_new_tokens=max_new, do_sample=False, pad_token_id=pad)
+    print(tok.decode(out[0, n:], skip_special_tokens=True))
     return 0

@@ -52,7 +52,11 @@ class Example:
 
 
 def read_jsonl(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
-    """``(line number, record)`` for every non-blank line of ``path``.
+    r"""``(line number, record)`` for every non-blank line of ``path``.
+
+    Lines end at ``\n`` only (a ``\r`` before it is dropped), as JSON Lines says:
+    ``str.splitlines`` would also break at U+2028, U+2029, U+0085 and other characters
+    that JSON allows unescaped inside a string.
 
     Raises:
         DataError: no such file, unreadable, empty, a line that is not JSON or not an object.
@@ -61,11 +65,12 @@ def read_jsonl(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
     if not p.is_file():
         raise DataError(p, 0, "no such data file")
     try:
-        text = p.read_text(encoding="utf-8")
+        text = p.read_bytes().decode("utf-8")  # not read_text: its newline translation is not JSON Lines
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(p, 0, f"cannot read: {exc}") from None
     rows = []
-    for n, raw in enumerate(text.splitlines(), 1):
+    for n, raw in enumerate(text.split("\n"), 1):
+        raw = raw.removesuffix("\r")
         if not raw.strip():
             continue
         try:

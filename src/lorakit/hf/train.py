@@ -5,7 +5,8 @@
 What ends up in ``out``::
 
     adapter/                    the latest adapter (PEFT format), replaced file by file, atomically
-    checkpoints/step-000040/    adapter/ + optimizer.safetensors + state.json: everything a resume needs
+    checkpoints/step-000040/    adapter/ + optimizer.safetensors + state.json + run.json: everything
+                                a resume needs (run.json: the run's settings, see lorakit.hf.resume)
     loss.png                    training loss per step and eval loss (rewritten at each checkpoint)
     metrics.json                eval results per evaluation; labels.json (classification)
 
@@ -13,7 +14,12 @@ Checkpoints appear atomically (written as ``.step-...tmp`` and renamed), the two
 are kept. ``resume=True`` continues from the newest one and, on CPU, reproduces the
 uninterrupted run exactly: the adapter and optimizer state are restored bitwise, the
 torch RNG (dropout) is restored, and the sample order is a pure function of
-``(seed, epoch)``, so the remaining batches are the same ones.
+``(seed, epoch)``, so the remaining batches are the same ones. A resume with settings
+that change the run (``r``, ``data``, ``seed``, ...) is refused; a changed ``lr`` or
+``epochs`` is applied with a warning (:mod:`lorakit.hf.resume`).
+
+A NaN/Inf loss stops the run at once (:class:`NonFiniteLossError`), as does Ctrl-C; neither
+leaves a temporary file behind, and the checkpoints already written stay intact.
 
 The learning rate decays linearly from ``lr`` to 0 over the run (a function of the step,
 so there is no scheduler state to save). Classification trains a fresh head fully
@@ -28,6 +34,7 @@ import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
+from io import BytesIO
 from pathlib import Path
 from typing import Any, cast
 
@@ -36,6 +43,7 @@ import torch
 from torch import nn
 
 from ..adapters import list_adapters
+from ..errors import ConfigError, NonFiniteError
 from ..inject import inject
 from ..io import load_adapter, save_adapter
 from ..io_format import atomic_write
@@ -55,37 +63,11 @@ from .data import (
     pad_id,
     read_jsonl,
 )
+from .options import TrainOptions, check_options, fit_max_len, model_context
+from .resume import RUN_FILE, check_resume, run_record
 from .targets import lora_config
 
 KEEP_CHECKPOINTS = 2
-
-
-@dataclass(frozen=True)
-class TrainOptions:
-    """Every ``lorakit hf train`` key (same names on the command line)."""
-
-    model: str
-    data: str
-    out: str
-    eval: str | None = None  # eval JSONL; default: eval_fraction of data held out
-    eval_fraction: float = 0.1
-    task: str = "auto"  # auto | causal | classify
-    r: int = 16
-    alpha: float | None = None  # default 2 * r
-    dropout: float = 0.05
-    targets: list[str] | str | None = None  # default: lorakit.hf.default_targets(model)
-    epochs: int = 3
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    batch_size: int = 8
-    max_len: int = 256
-    seed: int = 0
-    eval_every: int = 0  # steps; 0: at the end of each epoch only
-    save_every: int = 0  # steps; 0: at the end of each epoch only
-    gradient_checkpointing: bool = False
-    resume: bool = False
-    stop_after: int = 0  # stop (with a checkpoint) after this many steps of this run, as if interrupted
-    progress: bool = True
 
 
 @dataclass
@@ -95,23 +77,27 @@ class State:
     evals: list[dict[str, float]] = field(default_factory=list)
 
 
-def _check_options(o: TrainOptions) -> None:
-    from ..errors import ConfigError
+class NonFiniteLossError(NonFiniteError):
+    """The training loss became NaN or Inf at ``step`` (``adapter``: the loss was finite, but
+    the adapter held NaN/Inf after that step's update, found when saving it).
 
-    for name in ("epochs", "batch_size", "max_len", "r"):
-        v = getattr(o, name)
-        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-            raise ConfigError(f"hf train: {name} must be an int > 0, got {v!r}")
-    for name in ("eval_every", "save_every", "stop_after"):
-        v = getattr(o, name)
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise ConfigError(f"hf train: {name} must be an int >= 0, got {v!r}")
-    if not (isinstance(o.lr, (int, float)) and o.lr > 0):
-        raise ConfigError(f"hf train: lr must be > 0, got {o.lr!r}")
-    if not (0 <= o.eval_fraction < 1):
-        raise ConfigError(f"hf train: eval_fraction must be in [0, 1), got {o.eval_fraction!r}")
-    if o.task not in ("auto", "causal", "classify"):
-        raise ConfigError(f"hf train: task must be auto, causal or classify, got {o.task!r}")
+    The run stops before that step reaches the disk: ``checkpoint`` is the last good
+    checkpoint (None when none was written yet).
+    """
+
+    def __init__(self, step: int, loss: float, checkpoint: Path | None, adapter: bool = False) -> None:
+        self.step, self.loss, self.checkpoint, self.adapter = step, loss, checkpoint, adapter
+        what = (
+            f"the adapter holds NaN/Inf after the update of step {step} (loss {loss})"
+            if adapter
+            else f"the training loss at step {step} is {loss}"
+        )
+        where = (
+            f"the last good checkpoint is {checkpoint} (resume=True continues from it; a lower lr may help)"
+            if checkpoint is not None
+            else "no checkpoint was written yet"
+        )
+        super().__init__(f"hf train: {what}; stopped: {where}")
 
 
 def _model_dir(path: str) -> Path:
@@ -121,6 +107,16 @@ def _model_dir(path: str) -> Path:
     if not (p / "config.json").is_file():
         raise ModelPathError(f"{p}: not a transformers model folder (no config.json)")
     return p
+
+
+def load_config(path: Path) -> Any:
+    """The transformers config of the model folder ``path`` (raises ModelPathError)."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ModelPathError(f"{path}: cannot load its config.json: {exc}") from None
 
 
 def load_tokenizer(path: Path) -> Any:
@@ -259,21 +255,39 @@ def _load_optimizer(opt: torch.optim.Optimizer, folder: Path, names: list[str]) 
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 
-def _write_checkpoint(out: Path, model: nn.Module, opt: torch.optim.Optimizer, names: list[str], st: State) -> Path:
+def _write_checkpoint(
+    out: Path, model: nn.Module, opt: torch.optim.Optimizer, names: list[str], st: State, run: dict[str, Any]
+) -> Path:
+    """Write ``checkpoints/step-N`` (via a temporary folder, renamed when complete) and ``adapter/``.
+
+    Nothing half-written stays behind: on any error, Ctrl-C included, the temporary folder
+    is removed and the older checkpoints are kept.
+
+    Raises:
+        NonFiniteError: the adapter holds NaN/Inf (from save_adapter; nothing was renamed).
+        OSError: a file cannot be written.
+    """
     ckdir = out / "checkpoints"
     ckdir.mkdir(parents=True, exist_ok=True)
     final = ckdir / f"step-{st.step:06d}"
     tmp = ckdir / f".step-{st.step:06d}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_adapter(model, tmp / "adapter")
-    _save_optimizer(opt, tmp, names)
-    rng = {"torch_rng": torch.get_rng_state()}
-    atomic_write(tmp / "rng.safetensors", safetensors.torch.save(rng, metadata={"format": "pt"}))
-    atomic_write(tmp / "state.json", json.dumps(asdict(st)).encode())
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)  # the checkpoint appears complete or not at all
+    try:
+        tmp.mkdir()
+        save_adapter(model, tmp / "adapter")
+        _save_optimizer(opt, tmp, names)
+        rng = {"torch_rng": torch.get_rng_state()}
+        atomic_write(tmp / "rng.safetensors", safetensors.torch.save(rng, metadata={"format": "pt"}))
+        atomic_write(tmp / RUN_FILE, json.dumps(run, indent=1).encode())
+        atomic_write(tmp / "state.json", json.dumps(asdict(st)).encode())
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)  # the checkpoint appears complete or not at all
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     for old in sorted(p for p in ckdir.glob("step-*") if p.is_dir())[:-KEEP_CHECKPOINTS]:
+        # state.json first: a removal cut short (Ctrl-C) leaves a folder resume ignores, not a broken checkpoint
+        (old / "state.json").unlink(missing_ok=True)
         shutil.rmtree(old, ignore_errors=True)
     save_adapter(model, out / "adapter")
     return final
@@ -299,10 +313,10 @@ def plot_losses(out: Path, st: State) -> None:
     ax.set_ylabel("loss")
     ax.legend()
     fig.tight_layout()
-    tmp = out / ".loss.png.tmp"
-    fig.savefig(tmp, format="png", dpi=100)
+    png = BytesIO()
+    fig.savefig(png, format="png", dpi=100)
     plt.close(fig)
-    os.replace(tmp, out / "loss.png")
+    atomic_write(out / "loss.png", png.getvalue())
 
 
 # -- the run -------------------------------------------------------------------------------
@@ -311,29 +325,38 @@ def plot_losses(out: Path, st: State) -> None:
 def train(o: TrainOptions) -> dict[str, Any]:
     """Run ``lorakit hf train``; returns a summary dict (also written to ``out/metrics.json``).
 
+    ``max_len`` above the model's context is clamped to it (a TrainWarning says so).
+
     Raises:
         ModelPathError, DataError, ConfigError: bad input, found before ``out`` is touched.
+        ResumeMismatchError: ``resume=True`` with settings that differ from the saved run's
+            (:mod:`lorakit.hf.resume`), found before ``out`` is touched.
+        NonFiniteLossError: the loss became NaN/Inf; the run stops before that step is
+            applied or saved, the checkpoints written so far stay as they are.
+        KeyboardInterrupt: passed on as it came; no temporary file or folder stays behind
+            and the checkpoints written so far stay as they are.
     """
-    _check_options(o)
+    check_options(o)
     model_dir = _model_dir(o.model)
     out = Path(o.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"hf train: out must be a folder (new, empty, or a run to resume), got the file {out}")
     tokenizer = load_tokenizer(model_dir)
     data = load_data(o, tokenizer)
+    o = fit_max_len(o, data.task, model_context(load_config(model_dir)))
+    run = run_record(o, data.task)
     ckpt = latest_checkpoint(out) if o.resume else None
     if not o.resume and out.exists() and any(out.iterdir()):
-        from ..errors import ConfigError
-
         raise ConfigError(f"hf train: {out} exists and is not empty; pass resume=True or choose another out")
-    if o.resume and ckpt is None:
-        from ..errors import ConfigError
-
-        raise ConfigError(f"hf train: resume=True but {out} holds no checkpoint")
+    if o.resume:
+        if ckpt is None:
+            raise ConfigError(f"hf train: resume=True but {out} holds no checkpoint")
+        check_resume(ckpt, run)
     torch.manual_seed(o.seed)
     model = load_model(model_dir, data.task, data.labels)
     batcher = Batcher(data, tokenizer, o)
-    alpha = float(2 * o.r) if o.alpha is None else o.alpha
     if ckpt is None:
-        inject(model, lora_config(model, o.targets, r=o.r, alpha=alpha, dropout=o.dropout))
+        inject(model, lora_config(model, o.targets, r=o.r, alpha=o.lora_alpha, dropout=o.dropout))
     else:
         load_adapter(model, ckpt / "adapter")
     if o.gradient_checkpointing:
@@ -367,12 +390,15 @@ def train(o: TrainOptions) -> dict[str, Any]:
                 for g in opt.param_groups:
                     g["lr"] = o.lr * (1.0 - st.step / total)
                 loss = model(**batcher.collate(chunk)).loss
+                value = float(loss.detach())
+                if not math.isfinite(value):  # stop before a NaN reaches the adapter or the optimizer state
+                    raise NonFiniteLossError(st.step + 1, value, latest_checkpoint(out))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 st.step += 1
                 run_steps += 1
-                st.losses.append(float(loss.detach()))
+                st.losses.append(value)
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{st.losses[-1]:.4f}")
@@ -385,7 +411,12 @@ def train(o: TrainOptions) -> dict[str, Any]:
                             bar.write(f"step {st.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in res.items()))
                 stop = bool(o.stop_after) and run_steps >= o.stop_after and st.step < total
                 if (o.save_every and st.step % o.save_every == 0) or end_of_epoch or stop:
-                    _write_checkpoint(out, model, opt, names, st)
+                    try:
+                        _write_checkpoint(out, model, opt, names, st, run)
+                    except NonFiniteError:
+                        # The update of this step (finite loss, non-finite result, e.g. an lr far too
+                        # large) broke the adapter; without a save here the next loss would show it.
+                        raise NonFiniteLossError(st.step, value, latest_checkpoint(out), adapter=True) from None
                     plot_losses(out, st)
                 if stop:
                     stopped = True
