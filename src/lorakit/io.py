@@ -49,6 +49,7 @@ from .io_errors import (
     AdapterConfigError,
     AdapterFileError,
     BaseModelMismatchError,
+    DtypeMismatchError,
     KeyMismatchError,
     NonFiniteTensorError,
     ShapeMismatchError,
@@ -58,7 +59,11 @@ from .io_folder import CONFIG_FILE as CONFIG_FILE  # re-exported: the file names
 from .io_folder import WEIGHTS_FILE as WEIGHTS_FILE
 from .io_folder import config_sha, read_pair, write_adapter
 from .io_format import (
+    FLOAT_DTYPES,
+    FLOATS,
+    check_dtype,
     checksum,
+    dtype_name,
     fingerprint,
     parse_json,
     parse_safetensors,
@@ -71,6 +76,7 @@ from .io_peft import (
     file_factor_shapes,
     from_peft_config,
     grouped_conv_A,
+    is_factor_key,
     layout,
     scaling_of,
     to_peft_config,
@@ -273,6 +279,7 @@ def _read_pickle(weights: Path, data: bytes) -> dict[str, torch.Tensor]:
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
         raise AdapterFileError(weights, "expected a dict of tensor name -> tensor")
     for k, t in obj.items():
+        check_dtype(weights, k, dtype_name(t.dtype), is_factor_key(k))
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise NonFiniteTensorError(weights, f"tensor {k!r} holds NaN or Inf values")
     return obj
@@ -359,13 +366,14 @@ def read_adapter_files(path: str | Path, *, allow_pickle: bool = False) -> Adapt
     point, reads as the old adapter or the new one (:mod:`lorakit.io_folder`).
 
     Raises:
-        UnsafeFormatError, AdapterFileError, NonFiniteTensorError: as :func:`load_adapter`.
+        UnsafeFormatError, AdapterFileError, DtypeMismatchError, NonFiniteTensorError: as
+            :func:`load_adapter`.
     """
     cfg_file, weights = _locate(Path(path), allow_pickle)
 
     def parse(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         if weights.suffix == ".safetensors":
-            return parse_safetensors(weights, data)
+            return parse_safetensors(weights, data, floating=is_factor_key)
         return _read_pickle(weights, data), {}
 
     cfg_bytes, (tensors, metadata) = read_pair(cfg_file, weights, parse)
@@ -407,6 +415,7 @@ def _match(model: nn.Module, files: AdapterFiles, *, strict: bool, allow_other_b
             if slot.factor == "A" and actual[1:] == slot.shape[1:]:
                 hint = f"the config gives {slot.layer} rank {slot.shape[0]}, the tensor has rank {actual[0]}"
             raise ShapeMismatchError(weights, key, slot.shape, actual, hint)
+    _check_dtypes(weights, slots, tensors)
     factors = {k: grouped_conv_A(weights, k, tensors[k], s.groups) for k, s in slots.items() if k in tensors}
 
     differ = _base_differs(weights, model, files.metadata, paths)
@@ -415,6 +424,22 @@ def _match(model: nn.Module, files: AdapterFiles, *, strict: bool, allow_other_b
             raise BaseModelMismatchError(weights, differ)
         warnings.warn(str(BaseModelMismatchError(weights, differ)), stacklevel=3)
     return _Match(cfg, unknown, slots, paths, factors, missing, unexpected, differ)
+
+
+def _check_dtypes(weights: Path, slots: dict[str, _Slot], tensors: dict[str, torch.Tensor]) -> None:
+    """A tensor copied into a floating model tensor (or a LoRA factor) must be floating point
+    (it is cast to the model's dtype); one copied into a non-floating model tensor (BatchNorm's
+    int64 ``num_batches_tracked``) must have exactly its dtype: a cast could wrap or truncate."""
+    for key, slot in slots.items():
+        t = tensors.get(key)
+        if t is None:
+            continue
+        want = slot.target.dtype if slot.target is not None else None
+        if want is None or want.is_floating_point:
+            if t.dtype not in FLOAT_DTYPES.values():
+                raise DtypeMismatchError(weights, key, FLOATS, dtype_name(t.dtype), "the model's tensor is floating")
+        elif t.dtype != want:
+            raise DtypeMismatchError(weights, key, dtype_name(want), dtype_name(t.dtype), "the model's tensor has it")
 
 
 def load_adapter(
@@ -457,6 +482,9 @@ def load_adapter(
         AdapterConfigError: bad/unknown config keys, unsupported PEFT features, or targets
             that do not fit this model.
         KeyMismatchError, ShapeMismatchError: tensors and config/model disagree.
+        DtypeMismatchError: a LoRA factor that is not F16/BF16/F32/F64, any float8 tensor, a
+            non-floating tensor for a floating model tensor, or another dtype than the model's
+            for a non-floating one (e.g. BatchNorm's int64 ``num_batches_tracked``).
         NonFiniteTensorError: a tensor holds NaN/Inf.
         BaseModelMismatchError: other base weights, without ``allow_other_base``.
     """

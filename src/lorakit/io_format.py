@@ -11,7 +11,8 @@ contiguous, non-overlapping and covering the data section exactly (no trailing
 bytes). Files are read fully into memory (never memory-mapped), so a later save
 to the same path cannot change tensors already loaded; only regular files are
 read, and never more than a size cap + 1 bytes (:func:`read_file`: a FIFO or a
-link to ``/dev/zero`` is refused before any read).
+link to ``/dev/zero`` is refused before any read). Tensor dtypes are checked in
+the header, before any tensor is decoded (:func:`check_dtype`).
 """
 
 from __future__ import annotations
@@ -24,14 +25,14 @@ import os
 import stat
 import tempfile
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import safetensors.torch
 import torch
 
-from .io_errors import AdapterFileError, NonFiniteTensorError
+from .io_errors import AdapterFileError, DtypeMismatchError, NonFiniteTensorError
 
 MAX_HEADER = 100 * 1024 * 1024  # the safetensors format's own cap
 MAX_JSON = 16 * 1024 * 1024
@@ -173,12 +174,56 @@ def read_metadata(path: Path) -> dict[str, str]:
     return metadata
 
 
-def parse_safetensors(path: Path, data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+# -- dtypes --------------------------------------------------------------------------------
+# Adapter tensors are floating point in a dtype torch trains parameters in. Float8 is refused
+# everywhere: PEFT writes LoRA factors (and modules_to_save) in the dtype they were trained in,
+# torch cannot even check float8 for NaN/Inf, and casting it up would hide a quantised export.
+# Integer, bool and unsigned tensors are refused where the tensor must be floating (LoRA
+# factors here; against a model, wherever the model's own tensor is floating); they stay
+# allowed elsewhere because trained full modules carry integer buffers (BatchNorm's int64
+# num_batches_tracked).
+
+FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+FLOATS = "a floating dtype (F16, BF16, F32 or F64)"
+_NAMES = {
+    torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.int32: "I32",
+    torch.int64: "I64", torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64",
+    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", **{v: k for k, v in FLOAT_DTYPES.items()},
+}  # fmt: skip
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The safetensors name of ``dtype`` (``torch.int64`` -> ``"I64"``); else torch's name."""
+    return _NAMES.get(dtype, str(dtype).removeprefix("torch."))
+
+
+def check_dtype(path: Path, key: str, dtype: str, floating: bool) -> None:
+    """Refuse float8 (any floating dtype but F16/BF16/F32/F64) for every tensor, and a non-floating
+    ``dtype`` where ``floating``. ``dtype``: a safetensors name, or torch's (:func:`dtype_name`).
+
+    Raises:
+        DtypeMismatchError: naming ``path``, ``key``, what was expected and ``dtype``.
+    """
+    if dtype not in FLOAT_DTYPES and dtype.startswith(("F8", "float")):  # torch's float8_*, float4_*, ...
+        raise DtypeMismatchError(
+            path, key, FLOATS, dtype, "float8 is not an adapter dtype: PEFT stores tensors in their training dtype"
+        )
+    if floating and dtype not in FLOAT_DTYPES:
+        raise DtypeMismatchError(path, key, FLOATS, dtype, "LoRA factors are floating point; refused, not cast")
+
+
+def parse_safetensors(
+    path: Path, data: bytes, floating: Callable[[str], bool] = lambda key: False
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors (in memory, on CPU) and ``__metadata__`` of the safetensors file ``path`` holding ``data``, validated.
+
+    ``floating(key)``: that tensor must have a floating dtype (checked in the header, before
+    anything is decoded; float8 is refused for every tensor, see :func:`check_dtype`).
 
     Raises:
         AdapterFileError: the file breaks any rule in the module docstring; a
             ``lorakit_checksums`` entry in the metadata does not match the data.
+        DtypeMismatchError: a tensor's dtype is refused.
         NonFiniteTensorError: a floating-point tensor holds NaN or Inf.
     """
     if len(data) < 8:
@@ -198,6 +243,7 @@ def parse_safetensors(path: Path, data: bytes) -> tuple[dict[str, torch.Tensor],
     spans: list[tuple[int, int, str]] = []
     for key, info in header.items():
         spans.append((*_check_entry(path, key, info), key))
+        check_dtype(path, key, info["dtype"], floating(key))
     spans.sort()
     end_prev, prev = 0, None
     for begin, end, key in spans:

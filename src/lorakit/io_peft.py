@@ -74,6 +74,14 @@ def factor_keys(path: str, kind: str) -> tuple[str, str]:
     return base + "lora_A.weight", base + "lora_B.weight"
 
 
+_FACTOR_SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B")
+
+
+def is_factor_key(key: str) -> bool:
+    """True for the key of a LoRA factor (as :func:`factor_keys` names them), which must be floating point."""
+    return key.startswith(PREFIX) and any(key == PREFIX + s or key.endswith("." + s) for s in _FACTOR_SUFFIXES)
+
+
 def file_factor_shapes(layer: nn.Module, handler: LayerHandler, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(A, B) shapes on disk for rank ``r``: lorakit's, except a dense A for grouped convs."""
     a, b = handler.factor_shapes(layer, r)

@@ -1,6 +1,6 @@
-"""Adapter files that are not regular files (item 8): a typed error naming the file, at once, and
-exit 2 with one line from the CLI. The issue's item numbers are named in each test. (Item 1, killed
-and concurrent saves: test_io_save_kill.py.)
+"""Adapter files that are not regular files (item 8) and tensors of the wrong dtype (item 9): each
+a typed error naming the file, and exit 2 with one line from the CLI. The issue's item numbers are
+named in each test. (Item 1, killed and concurrent saves: test_io_save_kill.py.)
 """
 
 from __future__ import annotations
@@ -14,12 +14,14 @@ from pathlib import Path
 from types import FrameType
 
 import pytest
+import safetensors.torch
 import torch
+from torch import nn
 
 import lorakit
 from lorakit.cli import main
 from lorakit.io import load_adapter, save_adapter
-from lorakit.io_errors import AdapterFileError
+from lorakit.io_errors import AdapterFileError, DtypeMismatchError
 
 from .io_models import adapted_net, make_net, state_hash
 
@@ -28,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SRC = Path(lorakit.__file__).resolve().parents[1]
 W = "adapter_model.safetensors"
 C = "adapter_config.json"
+A_KEY = "base_model.model.lin.lora_A.weight"
 
 
 @pytest.fixture()
@@ -68,6 +71,13 @@ def one_error_line(err: str, verb: str) -> str:
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"lorakit {verb}: error: "), err
     return lines[0]
+
+
+def rewrite_tensors(folder: Path, change: dict[str, torch.Tensor]) -> None:
+    """Replace tensors of a saved adapter as another tool would (no lorakit metadata)."""
+    tensors = safetensors.torch.load((folder / W).read_bytes())
+    tensors.update(change)
+    (folder / W).write_bytes(safetensors.torch.save(tensors, metadata={"format": "pt"}))
 
 
 # -- item 8: only regular files, bounded reads ------------------------------------------------
@@ -130,3 +140,104 @@ def test_file_over_the_cap_is_refused(saved: Path) -> None:
     with pytest.raises(AdapterFileError, match="larger than 16777216 bytes") as err:
         load_adapter(make_net(), saved)
     assert str(saved / C) in str(err.value)
+
+
+# -- item 9: dtypes ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("dtype", "name"),
+    [(torch.int32, "I32"), (torch.bool, "BOOL"), (torch.uint8, "U8"), (torch.float8_e4m3fn, "F8_E4M3")],
+)
+def test_factor_of_a_non_floating_dtype_is_refused(
+    saved: Path, good: Path, dtype: torch.dtype, name: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Item 9: a LoRA factor stored as int32, bool, uint8 or float8 is refused (not cast) with a
+    typed error naming file, key, expected and actual dtype; lorakit diff exits 2, not 1."""
+    a = safetensors.torch.load((saved / W).read_bytes())[A_KEY]
+    rewrite_tensors(saved, {A_KEY: (a * 10).to(dtype)})
+    m = make_net()
+    with pytest.raises(DtypeMismatchError) as err:
+        load_adapter(m, saved)
+    e = err.value
+    assert (e.path, e.key, e.actual) == (saved / W, A_KEY, name)
+    assert "F16, BF16, F32 or F64" in e.expected and A_KEY in str(e) and str(saved / W) in str(e)
+    assert lorakit.list_adapters(m) == []
+    assert main(["diff", f"a={good}", f"b={saved}"]) == 2
+    assert name in one_error_line(capsys.readouterr().err, "diff")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_floating_factors_load_cast_to_the_model(saved: Path, dtype: torch.dtype) -> None:
+    """Item 9: the floating dtypes PEFT writes still load (cast to the model's float32)."""
+    a = safetensors.torch.load((saved / W).read_bytes())[A_KEY]
+    rewrite_tensors(saved, {A_KEY: a.to(dtype)})
+    m = make_net()
+    load_adapter(m, saved)
+    assert torch.equal(m.lin.lora["default"].A, a.to(dtype).float())
+
+
+def test_pickle_factor_of_an_integer_dtype_is_refused(saved: Path) -> None:
+    """Item 9: the same rule for the opt-in pickle reader."""
+    tensors = safetensors.torch.load((saved / W).read_bytes())
+    tensors[A_KEY] = tensors[A_KEY].to(torch.int32)
+    (saved / W).unlink()
+    torch.save(tensors, saved / "adapter_model.bin")
+    with pytest.raises(DtypeMismatchError, match="I32"):
+        load_adapter(make_net(), saved, allow_pickle=True)
+
+
+def test_integer_bias_is_refused(tmp_path: Path) -> None:
+    """Item 9: a saved bias (bias="lora_only") stored as int32 is refused: the model's bias is floating."""
+    folder = save_adapter(adapted_net(bias="lora_only"), tmp_path / "a")
+    key = "base_model.model.lin.base_layer.bias"
+    b = safetensors.torch.load((folder / W).read_bytes())[key]
+    rewrite_tensors(folder, {key: (b * 100).to(torch.int32)})
+    with pytest.raises(DtypeMismatchError) as err:
+        load_adapter(make_net(), folder)
+    assert (err.value.key, err.value.actual) == (key, "I32") and "F32" in err.value.expected
+
+
+class BNNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(4, 8)
+        self.bn = nn.BatchNorm1d(8)
+        self.out = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.bn(self.inp(x)))
+
+
+def bn_net(trained: bool) -> BNNet:
+    torch.manual_seed(0)
+    m = BNNet().eval()
+    if trained:
+        lorakit.inject(m, lorakit.LoraConfig(r=2, alpha=4, targets=["inp", "out"], train_modules=["bn"], init="random"))
+        with torch.no_grad():  # as three training steps would leave them
+            m.bn.running_mean.normal_()
+            m.bn.running_var.uniform_(0.5, 2.0)
+            m.bn.num_batches_tracked.fill_(3)
+    return m
+
+
+def test_integer_buffers_of_train_modules_load(tmp_path: Path) -> None:
+    """Item 9: a trained BatchNorm's int64 num_batches_tracked is saved and loads (integer where the
+    model's tensor is integer); as float32 or int32 it is refused: the exact model dtype is required."""
+    trained = bn_net(True)
+    folder = save_adapter(trained, tmp_path / "a")
+    key = "base_model.model.bn.num_batches_tracked"
+    assert safetensors.torch.load((folder / W).read_bytes())[key].dtype == torch.int64
+    m = bn_net(False)
+    load_adapter(m, folder)
+    x = torch.randn(5, 4)
+    assert torch.equal(m(x), trained(x))
+    counts = [b for name, b in m.named_buffers() if name.endswith("num_batches_tracked")]
+    assert counts and all(b.dtype == torch.int64 and int(b) == 3 for b in counts)
+    for dtype, name in [(torch.float32, "F32"), (torch.int32, "I32")]:
+        bad = tmp_path / name
+        save_adapter(trained, bad)
+        rewrite_tensors(bad, {key: torch.tensor(3, dtype=dtype)})
+        with pytest.raises(DtypeMismatchError) as err:
+            load_adapter(bn_net(False), bad)
+        assert (err.value.key, err.value.expected, err.value.actual) == (key, "I64", name)
