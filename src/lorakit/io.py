@@ -62,6 +62,7 @@ from .io_format import (
     FLOAT_DTYPES,
     FLOATS,
     check_dtype,
+    check_fingerprint,
     checksum,
     dtype_name,
     fingerprint,
@@ -261,10 +262,12 @@ def _locate(path: Path, allow_pickle: bool) -> tuple[Path, Path]:
     else:
         raise AdapterFileError(path, "no such adapter folder")
     if weights.suffix in PICKLE_SUFFIXES and not allow_pickle:
+        # No CLI verb reads pickle files, so the way to opt in is named for Python callers only.
         raise UnsafeFormatError(
             weights,
             "refusing a pickle-based weights file (unpickling can run code); save the adapter as "
-            f"{WEIGHTS_FILE} (safetensors), or pass allow_pickle=True to read it with torch.load(weights_only=True)",
+            f"{WEIGHTS_FILE} (safetensors), or read it from Python with lorakit.load_adapter(..., "
+            "allow_pickle=True), which uses torch.load(weights_only=True)",
         )
     if weights.suffix not in PICKLE_SUFFIXES and weights.suffix != ".safetensors":
         raise AdapterFileError(weights, "adapter weights must be a .safetensors file")
@@ -337,7 +340,9 @@ def _base_differs(file: Path, model: nn.Module, metadata: dict[str, str], found:
     differ = []
     for p, weight_name in found.items():
         fp = saved.get(p)
-        if not isinstance(fp, dict) or not same_base(fp, _base_weight(model.get_submodule(p), weight_name)):
+        if fp is None or not same_base(
+            check_fingerprint(file, p, fp), _base_weight(model.get_submodule(p), weight_name)
+        ):
             differ.append(p)
     return differ
 
@@ -478,7 +483,7 @@ def load_adapter(
         UnsafeFormatError: a pickle-based file without ``allow_pickle``.
         AdapterFileError: a missing, unreadable or malformed file (not a regular file, too
             large, truncated, bad header, duplicate keys, overlapping offsets, trailing bytes,
-            checksum mismatch, ...).
+            checksum mismatch, malformed lorakit metadata, ...).
         AdapterConfigError: bad/unknown config keys, unsupported PEFT features, or targets
             that do not fit this model.
         KeyMismatchError, ShapeMismatchError: tensors and config/model disagree.

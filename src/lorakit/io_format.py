@@ -357,8 +357,37 @@ def fingerprint(weight: torch.Tensor) -> dict[str, Any]:
     }
 
 
+def check_fingerprint(path: Path, layer: str, saved: object) -> Mapping[str, Any]:
+    """``saved`` (``layer``'s entry in the ``lorakit_base`` metadata of ``path``) when every field has
+    the type :func:`fingerprint` writes (files from before 0.1.0: ``sha256`` instead of ``crc32``).
+
+    Raises:
+        AdapterFileError: naming the layer and the malformed field.
+    """
+    where = f"metadata lorakit_base[{layer!r}]"
+    if not isinstance(saved, dict):
+        raise AdapterFileError(path, f"{where} must be a JSON object, got {type(saved).__name__}")
+
+    def number(x: object) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+    rules: dict[str, tuple[str, Callable[[Any], bool]]] = {
+        "dtype": ("a string", lambda v: isinstance(v, str)),
+        "shape": ("a list of ints >= 0", lambda v: isinstance(v, list) and all(type(d) is int and d >= 0 for d in v)),
+        "crc32": ("a string", lambda v: isinstance(v, str)),
+        "sha256": ("a string", lambda v: isinstance(v, str)),
+        "samples": ("a list of numbers", lambda v: isinstance(v, list) and all(number(x) for x in v)),
+        "norm": ("a number", number),
+    }
+    for field, (want, ok) in rules.items():
+        if field in saved and not ok(saved[field]):
+            raise AdapterFileError(path, f"{where}.{field} must be {want}, got {saved[field]!r:.80}")
+    return saved
+
+
 def same_base(saved: Mapping[str, Any], weight: torch.Tensor) -> bool:
-    """True when ``weight`` is the weight the fingerprint ``saved`` was taken of.
+    """True when ``weight`` is the weight the fingerprint ``saved`` (checked by
+    :func:`check_fingerprint`) was taken of.
 
     Computes only what the comparison needs: the digest when the dtype is the same
     ("crc32", or "sha256" in files from before the switch), else samples and norm.

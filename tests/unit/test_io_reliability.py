@@ -1,10 +1,13 @@
-"""Adapter files that are not regular files (item 8) and tensors of the wrong dtype (item 9): each
-a typed error naming the file, and exit 2 with one line from the CLI. The issue's item numbers are
-named in each test. (Item 1, killed and concurrent saves: test_io_save_kill.py.)
+"""Adapter files that are not regular files (item 8), tensors of the wrong dtype (item 9), and
+malformed configs, metadata and CLI input that raised raw tracebacks (item 10): each a typed
+error naming the file, and exit 2 with one line from the CLI. The issue's item numbers are named
+in each test. (Item 1, killed and concurrent saves: test_io_save_kill.py.)
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -20,16 +23,17 @@ from torch import nn
 
 import lorakit
 from lorakit.cli import main
-from lorakit.io import load_adapter, save_adapter
-from lorakit.io_errors import AdapterFileError, DtypeMismatchError
+from lorakit.io import load_adapter, read_adapter_files, save_adapter
+from lorakit.io_errors import AdapterConfigError, AdapterFileError, DtypeMismatchError, UnsafeFormatError
 
-from .io_models import adapted_net, make_net, state_hash
+from .io_models import adapted_net, join_header, make_net, split_header, state_hash
 
 torch.set_num_threads(1)
 ROOT = Path(__file__).resolve().parents[2]
 SRC = Path(lorakit.__file__).resolve().parents[1]
 W = "adapter_model.safetensors"
 C = "adapter_config.json"
+BASE = "base=tests.unit.io_models:make_net"
 A_KEY = "base_model.model.lin.lora_A.weight"
 
 
@@ -78,6 +82,24 @@ def rewrite_tensors(folder: Path, change: dict[str, torch.Tensor]) -> None:
     tensors = safetensors.torch.load((folder / W).read_bytes())
     tensors.update(change)
     (folder / W).write_bytes(safetensors.torch.save(tensors, metadata={"format": "pt"}))
+
+
+def edit_metadata(folder: Path, **entries: object) -> None:
+    """Set ``__metadata__`` entries in the weights file's header, everything else kept."""
+    header, body = split_header((folder / W).read_bytes())
+    meta = header["__metadata__"]
+    assert isinstance(meta, dict)
+    meta.update(entries)
+    (folder / W).write_bytes(join_header(header, body))
+
+
+def edit_config(folder: Path, **changes: object) -> None:
+    """Change adapter_config.json and keep it belonging to the weights (the crafted file passes the hash check)."""
+    cfg = json.loads((folder / C).read_text())
+    cfg.update(changes)
+    text = json.dumps(cfg).encode()
+    (folder / C).write_bytes(text)
+    edit_metadata(folder, lorakit_config_sha256=hashlib.sha256(text).hexdigest())
 
 
 # -- item 8: only regular files, bounded reads ------------------------------------------------
@@ -241,3 +263,93 @@ def test_integer_buffers_of_train_modules_load(tmp_path: Path) -> None:
         with pytest.raises(DtypeMismatchError) as err:
             load_adapter(bn_net(False), bad)
         assert (err.value.key, err.value.expected, err.value.actual) == (key, "I64", name)
+
+
+# -- item 10: typed errors instead of tracebacks -----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"exclude_modules": 5}, "exclude_modules must be a regex string or a list of names, got 5"),
+        ({"exclude_modules": ["emb", 3]}, "exclude_modules"),
+        ({"modules_to_save": "lin"}, "modules_to_save must be a list of module names, got 'lin'"),
+        ({"modules_to_save": 5}, "modules_to_save"),
+    ],
+)
+def test_config_field_of_a_wrong_type(
+    saved: Path, tmp_path: Path, changes: dict[str, object], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Item 10: config fields of the wrong JSON type are AdapterConfigErrors naming the field (a
+    string modules_to_save was read letter by letter), and exit 2 from lorakit merge."""
+    edit_config(saved, **changes)
+    with pytest.raises(AdapterConfigError, match=message) as err:
+        load_adapter(make_net(), saved)
+    assert str(saved / C) in str(err.value)
+    out = tmp_path / "m.safetensors"
+    assert main(["merge", BASE, f"adapter={saved}", f"out={out}"]) == 2
+    assert message in one_error_line(capsys.readouterr().err, "merge") and not out.exists()
+
+
+GOOD_FP = {"dtype": "float32", "shape": [6, 8], "crc32": "00000000", "samples": [0.0] * 16, "norm": 1.0}
+
+
+@pytest.mark.parametrize(
+    ("entries", "message"),
+    [
+        ({"lorakit_base": json.dumps({"lin": {**GOOD_FP, "shape": 5}})}, r"lorakit_base\['lin'\].shape must be"),
+        ({"lorakit_base": json.dumps({"lin": {**GOOD_FP, "dtype": "f16", "norm": [1]}})}, r"\.norm must be a number"),
+        ({"lorakit_base": json.dumps({"lin": {**GOOD_FP, "dtype": "f16", "samples": ["x"]}})}, r"\.samples must be"),
+        ({"lorakit_base": json.dumps({"lin": {**GOOD_FP, "crc32": 5}})}, r"\.crc32 must be a string"),
+        ({"lorakit_base": json.dumps({"lin": [1]})}, r"lorakit_base\['lin'\] must be a JSON object"),
+        ({"lorakit_base": "[1]"}, "lorakit_base is not a JSON object"),
+        ({"lorakit_checksums": '{"k": 1}'}, "lorakit_checksums is not a JSON object of strings"),
+        ({"lorakit_checksums": "[]"}, "lorakit_checksums is not a JSON object of strings"),
+        ({"lorakit_config_sha256": 5}, "__metadata__ must map strings to strings"),
+    ],
+)
+def test_crafted_lorakit_metadata(
+    saved: Path, tmp_path: Path, entries: dict[str, object], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Item 10: lorakit_* header entries of the wrong types are AdapterFileErrors naming the file and
+    field, even with allow_other_base (a malformed file, not another base), and exit 2 from lorakit merge."""
+    edit_metadata(saved, **entries)
+    m = make_net()
+    with pytest.raises(AdapterFileError, match=message) as err:
+        load_adapter(m, saved, allow_other_base=True)
+    assert str(saved / W) in str(err.value) and lorakit.list_adapters(m) == []
+    out = tmp_path / "m.safetensors"
+    assert main(["merge", BASE, f"adapter={saved}", f"out={out}", "allow_other_base=True"]) == 2
+    assert str(saved / W) in one_error_line(capsys.readouterr().err, "merge")
+
+
+def test_merge_factory_that_raises(saved: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Item 10: a base factory that raises is one line naming the spec and the error, exit 2."""
+    out = tmp_path / "m.safetensors"
+    assert main(["merge", "base=tests.unit.io_models:failing_net", f"adapter={saved}", f"out={out}"]) == 2
+    line = one_error_line(capsys.readouterr().err, "merge")
+    assert "tests.unit.io_models:failing_net" in line and "RuntimeError: cannot build the model" in line
+
+
+@pytest.mark.parametrize("verb", ["merge", "diff"])
+def test_verb_help(verb: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Item 10: ``lorakit merge --help`` (and diff) print the verb's usage and exit 0."""
+    for flag in ("--help", "-h"):
+        assert main([verb, flag]) == 0
+        assert f"lorakit {verb} " in capsys.readouterr().out
+
+
+def test_pickle_hint_names_the_python_api(saved: Path, good: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Item 10: refusing a pickle file, the hint names what can read it: the Python API's
+    allow_pickle. No CLI verb takes allow_pickle=, so the CLI must not suggest it as a key."""
+    tensors = safetensors.torch.load((saved / W).read_bytes())
+    (saved / W).unlink()
+    torch.save(tensors, saved / "adapter_model.bin")
+    with pytest.raises(UnsafeFormatError) as err:
+        read_adapter_files(saved)
+    assert "from Python with lorakit.load_adapter(..., allow_pickle=True)" in str(err.value)
+    assert main(["diff", f"a={good}", f"b={saved}"]) == 2
+    assert "from Python" in one_error_line(capsys.readouterr().err, "diff")
+    for verb, args in [("diff", [f"a={good}", f"b={saved}"]), ("merge", [BASE, f"adapter={saved}", "out=x"])]:
+        assert main([verb, *args, "allow_pickle=True"]) == 2
+        assert "unknown key 'allow_pickle'" in capsys.readouterr().err
