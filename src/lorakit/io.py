@@ -18,12 +18,18 @@ reads (an unknown key in the JSON would make PEFT warn and drop it):
 
 Loading checks all of these when present; PEFT-written files have none, so the
 base-model check is skipped for them.
+
+How the two files are replaced together (a lock per folder, the new config written beside
+the old before the weights are renamed, readers that roll forward) is in
+:mod:`lorakit.io_folder`: a killed or concurrent save leaves the old adapter or the new one.
+Files are read only when they are regular files, with a bounded read (:mod:`lorakit.io_format`).
 """
 
 from __future__ import annotations
 
-import hashlib
+import io
 import json
+import os
 import warnings
 from collections.abc import Container, Mapping
 from dataclasses import dataclass
@@ -44,19 +50,25 @@ from .io_errors import (
     AdapterConfigError,
     AdapterFileError,
     BaseModelMismatchError,
+    DtypeMismatchError,
     KeyMismatchError,
     NonFiniteTensorError,
     ShapeMismatchError,
     UnsafeFormatError,
 )
+from .io_folder import CONFIG_FILE as CONFIG_FILE  # re-exported: the file names belong to the folder protocol
+from .io_folder import WEIGHTS_FILE as WEIGHTS_FILE
+from .io_folder import config_sha, read_pair, write_adapter
 from .io_format import (
-    MAX_JSON,
-    atomic_write,
+    FLOAT_DTYPES,
+    FLOATS,
+    check_dtype,
+    check_fingerprint,
     checksum,
+    dtype_name,
     fingerprint,
     parse_json,
-    read_bytes,
-    read_safetensors,
+    parse_safetensors,
     same_base,
 )
 from .io_peft import (
@@ -66,14 +78,13 @@ from .io_peft import (
     file_factor_shapes,
     from_peft_config,
     grouped_conv_A,
+    is_factor_key,
     layout,
     scaling_of,
     to_peft_config,
 )
 from .layers import LoraAdapter, LoraLayer
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 
 
@@ -130,10 +141,11 @@ def save_adapter(
     """Write adapter ``name`` of ``model`` to folder ``path`` in PEFT's format.
 
     Writes ``adapter_model.safetensors`` and ``adapter_config.json`` (see the module
-    docstring), each atomically: a reader, or a process killed mid-save, sees the old
-    file or the new one. The config is rewritten only when its content changes, so
-    re-saving a training run replaces one file in one ``os.replace``. Saving into the
-    folder the adapter was loaded from is safe (loads never memory-map).
+    docstring) as one change (:mod:`lorakit.io_folder`): a reader, or a process killed
+    at any point of the save, sees the old adapter or the new one; saves into one folder
+    from several processes take turns. The config is rewritten only when its content
+    changes, so re-saving a training run replaces one file. Saving into the folder the
+    adapter was loaded from is safe (loads never memory-map).
 
     Args:
         metadata: extra string entries for the safetensors header (an integration's own
@@ -148,7 +160,8 @@ def save_adapter(
         ConfigError: the adapter's layers or scaling cannot be written in PEFT's format, or
             ``metadata`` uses a reserved key or a non-string value.
         NonFiniteError: the adapter holds NaN/Inf (a broken adapter is never saved).
-        OSError: the folder or a file cannot be written (the message names it).
+        OSError: the folder or a file cannot be written (the message names it); the
+            previous adapter is kept.
     """
     folder = Path(path)
     layers = [(p, layer) for p, layer in lora_layers(model) if name in layer.lora]
@@ -199,7 +212,7 @@ def save_adapter(
         "lorakit_version": __version__,
         "lorakit_checksums": json.dumps({k: checksum(v) for k, v in tensors.items()}, sort_keys=True),
         "lorakit_base": json.dumps(base, sort_keys=True),
-        "lorakit_config_sha256": hashlib.sha256(cfg_text).hexdigest(),
+        "lorakit_config_sha256": config_sha(cfg_text),
     }
     extra = dict(metadata or {})
     bad = [k for k, v in extra.items() if k in own or not isinstance(k, str) or not isinstance(v, str)]
@@ -210,14 +223,7 @@ def save_adapter(
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OSError(exc.errno, f"cannot create adapter folder {folder}: {exc.strerror}", str(folder)) from exc
-    atomic_write(folder / WEIGHTS_FILE, data)
-    cfg_path = folder / CONFIG_FILE
-    try:
-        unchanged = cfg_path.read_bytes() == cfg_text
-    except OSError:
-        unchanged = False
-    if not unchanged:
-        atomic_write(cfg_path, cfg_text)
+    write_adapter(folder, data, cfg_text)
     return folder
 
 
@@ -227,37 +233,44 @@ def save_adapter(
 
 
 def _locate(path: Path, allow_pickle: bool) -> tuple[Path, Path]:
-    """(config file, weights file). Never falls back from a present .safetensors to anything else."""
-    if path.is_file():
-        folder, weights = path.parent, path
-    else:
+    """(config file, weights file). Never falls back from a present .safetensors to anything else.
+
+    Anything at ``path`` that is not a folder is taken as the weights file (reading it
+    refuses what is not a regular file, e.g. a FIFO).
+    """
+    if path.is_dir():
         folder = path
-        if not folder.is_dir():
-            raise AdapterFileError(folder, "no such adapter folder")
         candidates = [folder / WEIGHTS_FILE] + [folder / f"adapter_model{s}" for s in PICKLE_SUFFIXES]
-        found = [c for c in candidates if c.exists()]
+        found = [c for c in candidates if os.path.lexists(c)]
         if not found:
             raise AdapterFileError(folder, f"no {WEIGHTS_FILE} in the folder")
         weights = found[0]
+    elif os.path.lexists(path):
+        folder, weights = path.parent, path
+    else:
+        raise AdapterFileError(path, "no such adapter folder")
     if weights.suffix in PICKLE_SUFFIXES and not allow_pickle:
+        # No CLI verb reads pickle files, so the way to opt in is named for Python callers only.
         raise UnsafeFormatError(
             weights,
             "refusing a pickle-based weights file (unpickling can run code); save the adapter as "
-            f"{WEIGHTS_FILE} (safetensors), or pass allow_pickle=True to read it with torch.load(weights_only=True)",
+            f"{WEIGHTS_FILE} (safetensors), or read it from Python with lorakit.load_adapter(..., "
+            "allow_pickle=True), which uses torch.load(weights_only=True)",
         )
     if weights.suffix not in PICKLE_SUFFIXES and weights.suffix != ".safetensors":
         raise AdapterFileError(weights, "adapter weights must be a .safetensors file")
     return folder / CONFIG_FILE, weights
 
 
-def _read_pickle(weights: Path) -> dict[str, torch.Tensor]:
+def _read_pickle(weights: Path, data: bytes) -> dict[str, torch.Tensor]:
     try:
-        obj = torch.load(weights, map_location="cpu", weights_only=True)
+        obj = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:
         raise AdapterFileError(weights, f"torch.load(weights_only=True) refused or failed: {exc}") from None
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
         raise AdapterFileError(weights, "expected a dict of tensor name -> tensor")
     for k, t in obj.items():
+        check_dtype(weights, k, dtype_name(t.dtype), is_factor_key(k))
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise NonFiniteTensorError(weights, f"tensor {k!r} holds NaN or Inf values")
     return obj
@@ -335,7 +348,9 @@ def _base_differs(file: Path, model: nn.Module, metadata: dict[str, str], found:
     differ = []
     for p, weight_name in found.items():
         fp = saved.get(p)
-        if not isinstance(fp, dict) or not same_base(fp, _base_weight(model.get_submodule(p), weight_name)):
+        if fp is None or not same_base(
+            check_fingerprint(file, p, fp), _base_weight(model.get_submodule(p), weight_name)
+        ):
             differ.append(p)
     return differ
 
@@ -360,22 +375,21 @@ def read_adapter_files(path: str | Path, *, allow_pickle: bool = False) -> Adapt
     :func:`load_adapter`: format rules, checksums, finite values, and that the config
     belongs to the weights (``lorakit_config_sha256``).
 
+    A folder that a save is replacing, or that a killed save left after its commit
+    point, reads as the old adapter or the new one (:mod:`lorakit.io_folder`).
+
     Raises:
-        UnsafeFormatError, AdapterFileError, NonFiniteTensorError: as :func:`load_adapter`.
+        UnsafeFormatError, AdapterFileError, DtypeMismatchError, NonFiniteTensorError: as
+            :func:`load_adapter`.
     """
     cfg_file, weights = _locate(Path(path), allow_pickle)
-    cfg_bytes = read_bytes(cfg_file, MAX_JSON)
-    if weights.suffix == ".safetensors":
-        tensors, metadata = read_safetensors(weights)
-    else:
-        tensors, metadata = _read_pickle(weights), {}
-    want_sha = metadata.get("lorakit_config_sha256")
-    if want_sha is not None and hashlib.sha256(cfg_bytes).hexdigest() != want_sha:
-        raise AdapterFileError(
-            cfg_file,
-            f"does not belong to {weights.name} (it was edited, or a save that changed the config was "
-            "interrupted); save the adapter again",
-        )
+
+    def parse(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        if weights.suffix == ".safetensors":
+            return parse_safetensors(weights, data, floating=is_factor_key)
+        return _read_pickle(weights, data), {}
+
+    cfg_bytes, (tensors, metadata) = read_pair(cfg_file, weights, parse)
     return AdapterFiles(cfg_file, weights, parse_json(cfg_file, cfg_bytes), tensors, metadata)
 
 
@@ -421,6 +435,7 @@ def _match(
             if slot.factor == "A" and actual[1:] == slot.shape[1:]:
                 hint = f"the config gives {slot.layer} rank {slot.shape[0]}, the tensor has rank {actual[0]}"
             raise ShapeMismatchError(weights, key, slot.shape, actual, hint)
+    _check_dtypes(weights, slots, tensors)
     factors = {k: grouped_conv_A(weights, k, tensors[k], s.groups) for k, s in slots.items() if k in tensors}
 
     differ = _base_differs(weights, model, files.metadata, paths)
@@ -429,6 +444,22 @@ def _match(
             raise BaseModelMismatchError(weights, differ)
         warnings.warn(str(BaseModelMismatchError(weights, differ)), stacklevel=3)
     return _Match(cfg, unknown, slots, paths, factors, missing, unexpected, differ)
+
+
+def _check_dtypes(weights: Path, slots: dict[str, _Slot], tensors: dict[str, torch.Tensor]) -> None:
+    """A tensor copied into a floating model tensor (or a LoRA factor) must be floating point
+    (it is cast to the model's dtype); one copied into a non-floating model tensor (BatchNorm's
+    int64 ``num_batches_tracked``) must have exactly its dtype: a cast could wrap or truncate."""
+    for key, slot in slots.items():
+        t = tensors.get(key)
+        if t is None:
+            continue
+        want = slot.target.dtype if slot.target is not None else None
+        if want is None or want.is_floating_point:
+            if t.dtype not in FLOAT_DTYPES.values():
+                raise DtypeMismatchError(weights, key, FLOATS, dtype_name(t.dtype), "the model's tensor is floating")
+        elif t.dtype != want:
+            raise DtypeMismatchError(weights, key, dtype_name(want), dtype_name(t.dtype), "the model's tensor has it")
 
 
 def load_adapter(
@@ -468,11 +499,15 @@ def load_adapter(
     Raises:
         ConfigError: the model already has an adapter ``name``.
         UnsafeFormatError: a pickle-based file without ``allow_pickle``.
-        AdapterFileError: a missing, unreadable or malformed file (truncated, bad header,
-            duplicate keys, overlapping offsets, trailing bytes, checksum mismatch, ...).
+        AdapterFileError: a missing, unreadable or malformed file (not a regular file, too
+            large, truncated, bad header, duplicate keys, overlapping offsets, trailing bytes,
+            checksum mismatch, malformed lorakit metadata, ...).
         AdapterConfigError: bad/unknown config keys, unsupported PEFT features, or targets
             that do not fit this model.
         KeyMismatchError, ShapeMismatchError: tensors and config/model disagree.
+        DtypeMismatchError: a LoRA factor that is not F16/BF16/F32/F64, any float8 tensor, a
+            non-floating tensor for a floating model tensor, or another dtype than the model's
+            for a non-floating one (e.g. BatchNorm's int64 ``num_batches_tracked``).
         NonFiniteTensorError: a tensor holds NaN/Inf.
         BaseModelMismatchError: other base weights, without ``allow_other_base``.
     """

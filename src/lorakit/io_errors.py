@@ -76,6 +76,19 @@ class BaseModelMismatchError(AdapterFileError):
         )
 
 
+class DtypeMismatchError(AdapterFileError):
+    """A tensor's dtype is not one that tensor may have (an integer or float8 LoRA factor, an
+    integer bias, a float where the model keeps an integer buffer, ...)."""
+
+    def __init__(self, path: str | Path, key: str, expected: str, actual: str, hint: str = "") -> None:
+        self.key = key
+        self.expected = expected
+        self.actual = actual
+        super().__init__(
+            path, f"tensor {key!r} has dtype {actual}, expected {expected}" + (f" ({hint})" if hint else "")
+        )
+
+
 class NonFiniteTensorError(AdapterFileError, NonFiniteError):
     """A tensor in the file holds NaN or Inf."""
 

@@ -9,7 +9,10 @@ wins), so the header is parsed here first and every rule checked: no
 duplicates, known dtypes, ``end - begin == numel * itemsize``, spans sorted,
 contiguous, non-overlapping and covering the data section exactly (no trailing
 bytes). Files are read fully into memory (never memory-mapped), so a later save
-to the same path cannot change tensors already loaded.
+to the same path cannot change tensors already loaded; only regular files are
+read, and never more than a size cap + 1 bytes (:func:`read_file`: a FIFO or a
+link to ``/dev/zero`` is refused before any read). Tensor dtypes are checked in
+the header, before any tensor is decoded (:func:`check_dtype`).
 """
 
 from __future__ import annotations
@@ -19,19 +22,23 @@ import hashlib
 import json
 import math
 import os
+import stat
 import tempfile
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import safetensors.torch
 import torch
 
-from .io_errors import AdapterFileError, NonFiniteTensorError
+from .io_errors import AdapterFileError, DtypeMismatchError, NonFiniteTensorError
 
 MAX_HEADER = 100 * 1024 * 1024  # the safetensors format's own cap
 MAX_JSON = 16 * 1024 * 1024
+# A sanity bound on weights files, far above any LoRA adapter: rank 256 on every linear layer
+# of a 70B Llama is 3.3e9 parameters, 13 GB in float32.
+MAX_WEIGHTS = 64 * 1024**3
 ITEMSIZE = {
     "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2, "BF16": 2,
     "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
@@ -65,27 +72,160 @@ def parse_json(path: Path, text: bytes) -> Any:
         raise AdapterFileError(path, f"invalid JSON: {exc}") from None
 
 
-def read_bytes(path: Path, limit: int | None = None) -> bytes:
-    """The whole file, as bytes (raises AdapterFileError naming it when it cannot be read)."""
+FileId = tuple[int, int, int, int]
+"""Which version of a file was read: ``(st_dev, st_ino, st_size, st_mtime_ns)``; a rename over it changes it."""
+
+
+def _kind(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISDIR, "a folder"),
+    ):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+@contextlib.contextmanager
+def _open_regular(path: Path) -> Iterator[tuple[int, os.stat_result]]:
+    """An open descriptor of the regular file ``path`` and its fstat.
+
+    Opened non-blocking, so opening a FIFO returns at once instead of waiting for a writer;
+    then the opened descriptor (not the path, which could be swapped in between) must be a
+    regular file: a FIFO or a symlink to ``/dev/zero`` (``st_size`` 0, reads that never end)
+    is refused before anything is read. Raises AdapterFileError naming ``path``.
+    """
+    flags = os.O_RDONLY
+    for name in ("O_NONBLOCK", "O_NOCTTY", "O_CLOEXEC", "O_BINARY"):
+        flags |= getattr(os, name, 0)
     try:
-        if limit is not None and path.stat().st_size > limit:
-            raise AdapterFileError(path, f"file is larger than {limit} bytes")
-        return path.read_bytes()
+        fd = os.open(path, flags)
     except FileNotFoundError:
         raise AdapterFileError(path, "file not found") from None
     except OSError as exc:
         raise AdapterFileError(path, f"cannot read: {exc.strerror or exc}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise AdapterFileError(path, f"is {_kind(st.st_mode)}; adapter files must be regular files")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        yield fd, st
+    except OSError as exc:
+        raise AdapterFileError(path, f"cannot read: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
 
 
-def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors (in memory, on CPU) and ``__metadata__`` of a safetensors file, validated.
+def read_file(path: Path, limit: int) -> tuple[bytes, FileId]:
+    """The bytes of the regular file ``path`` and which version of it they are.
+
+    Never reads more than ``limit`` + 1 bytes: the size is checked on the opened file
+    (see :func:`_open_regular`), then at most one byte more than that size is read, to tell
+    a file that grew while it was read.
 
     Raises:
-        AdapterFileError: the file is unreadable or breaks any rule in the module docstring;
-            a ``lorakit_checksums`` entry in the metadata does not match the data.
+        AdapterFileError: the file is missing, not a regular file, larger than ``limit``,
+            grew while read, or unreadable.
+    """
+    with _open_regular(path) as (fd, st):
+        if st.st_size > limit:
+            raise AdapterFileError(path, f"file is larger than {limit} bytes ({st.st_size} bytes)")
+        with open(fd, "rb", closefd=False) as f:  # buffered: read(n) reads until n bytes or the end
+            data = f.read(st.st_size + 1)
+    if len(data) > st.st_size:
+        raise AdapterFileError(path, f"the file grew past its {st.st_size} bytes while it was read")
+    return data, (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def read_bytes(path: Path, limit: int) -> bytes:
+    """The whole regular file, at most ``limit`` bytes (raises AdapterFileError as :func:`read_file`)."""
+    return read_file(path, limit)[0]
+
+
+def file_id(path: Path) -> FileId | None:
+    """The :data:`FileId` ``path`` names now; None when it cannot be stat'ed."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def read_metadata(path: Path) -> dict[str, str]:
+    """The ``__metadata__`` of safetensors file ``path``, reading its header only.
+
+    Raises:
+        AdapterFileError: unreadable, not a regular file, or a malformed header.
+    """
+    with _open_regular(path) as (fd, st), open(fd, "rb", closefd=False) as f:
+        first = f.read(8)
+        n = int.from_bytes(first, "little") if len(first) == 8 else -1
+        if not 0 <= n <= min(MAX_HEADER, st.st_size - 8):
+            raise AdapterFileError(path, "not a safetensors file (bad header length)")
+        raw = f.read(n)
+    header = parse_json(path, raw)
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise AdapterFileError(path, "safetensors __metadata__ must map strings to strings")
+    return metadata
+
+
+# -- dtypes --------------------------------------------------------------------------------
+# Adapter tensors are floating point in a dtype torch trains parameters in. Float8 is refused
+# everywhere: PEFT writes LoRA factors (and modules_to_save) in the dtype they were trained in,
+# torch cannot even check float8 for NaN/Inf, and casting it up would hide a quantised export.
+# Integer, bool and unsigned tensors are refused where the tensor must be floating (LoRA
+# factors here; against a model, wherever the model's own tensor is floating); they stay
+# allowed elsewhere because trained full modules carry integer buffers (BatchNorm's int64
+# num_batches_tracked).
+
+FLOAT_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+FLOATS = "a floating dtype (F16, BF16, F32 or F64)"
+_NAMES = {
+    torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.int32: "I32",
+    torch.int64: "I64", torch.uint16: "U16", torch.uint32: "U32", torch.uint64: "U64",
+    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", **{v: k for k, v in FLOAT_DTYPES.items()},
+}  # fmt: skip
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The safetensors name of ``dtype`` (``torch.int64`` -> ``"I64"``); else torch's name."""
+    return _NAMES.get(dtype, str(dtype).removeprefix("torch."))
+
+
+def check_dtype(path: Path, key: str, dtype: str, floating: bool) -> None:
+    """Refuse float8 (any floating dtype but F16/BF16/F32/F64) for every tensor, and a non-floating
+    ``dtype`` where ``floating``. ``dtype``: a safetensors name, or torch's (:func:`dtype_name`).
+
+    Raises:
+        DtypeMismatchError: naming ``path``, ``key``, what was expected and ``dtype``.
+    """
+    if dtype not in FLOAT_DTYPES and dtype.startswith(("F8", "float")):  # torch's float8_*, float4_*, ...
+        raise DtypeMismatchError(
+            path, key, FLOATS, dtype, "float8 is not an adapter dtype: PEFT stores tensors in their training dtype"
+        )
+    if floating and dtype not in FLOAT_DTYPES:
+        raise DtypeMismatchError(path, key, FLOATS, dtype, "LoRA factors are floating point; refused, not cast")
+
+
+def parse_safetensors(
+    path: Path, data: bytes, floating: Callable[[str], bool] = lambda key: False
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors (in memory, on CPU) and ``__metadata__`` of the safetensors file ``path`` holding ``data``, validated.
+
+    ``floating(key)``: that tensor must have a floating dtype (checked in the header, before
+    anything is decoded; float8 is refused for every tensor, see :func:`check_dtype`).
+
+    Raises:
+        AdapterFileError: the file breaks any rule in the module docstring; a
+            ``lorakit_checksums`` entry in the metadata does not match the data.
+        DtypeMismatchError: a tensor's dtype is refused.
         NonFiniteTensorError: a floating-point tensor holds NaN or Inf.
     """
-    data = read_bytes(path)
     if len(data) < 8:
         raise AdapterFileError(path, f"truncated safetensors file ({len(data)} bytes, no header)")
     n = int.from_bytes(data[:8], "little")
@@ -103,6 +243,7 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     spans: list[tuple[int, int, str]] = []
     for key, info in header.items():
         spans.append((*_check_entry(path, key, info), key))
+        check_dtype(path, key, info["dtype"], floating(key))
     spans.sort()
     end_prev, prev = 0, None
     for begin, end, key in spans:
@@ -216,8 +357,37 @@ def fingerprint(weight: torch.Tensor) -> dict[str, Any]:
     }
 
 
+def check_fingerprint(path: Path, layer: str, saved: object) -> Mapping[str, Any]:
+    """``saved`` (``layer``'s entry in the ``lorakit_base`` metadata of ``path``) when every field has
+    the type :func:`fingerprint` writes (files from before 0.1.0: ``sha256`` instead of ``crc32``).
+
+    Raises:
+        AdapterFileError: naming the layer and the malformed field.
+    """
+    where = f"metadata lorakit_base[{layer!r}]"
+    if not isinstance(saved, dict):
+        raise AdapterFileError(path, f"{where} must be a JSON object, got {type(saved).__name__}")
+
+    def number(x: object) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+    rules: dict[str, tuple[str, Callable[[Any], bool]]] = {
+        "dtype": ("a string", lambda v: isinstance(v, str)),
+        "shape": ("a list of ints >= 0", lambda v: isinstance(v, list) and all(type(d) is int and d >= 0 for d in v)),
+        "crc32": ("a string", lambda v: isinstance(v, str)),
+        "sha256": ("a string", lambda v: isinstance(v, str)),
+        "samples": ("a list of numbers", lambda v: isinstance(v, list) and all(number(x) for x in v)),
+        "norm": ("a number", number),
+    }
+    for field, (want, ok) in rules.items():
+        if field in saved and not ok(saved[field]):
+            raise AdapterFileError(path, f"{where}.{field} must be {want}, got {saved[field]!r:.80}")
+    return saved
+
+
 def same_base(saved: Mapping[str, Any], weight: torch.Tensor) -> bool:
-    """True when ``weight`` is the weight the fingerprint ``saved`` was taken of.
+    """True when ``weight`` is the weight the fingerprint ``saved`` (checked by
+    :func:`check_fingerprint`) was taken of.
 
     Computes only what the comparison needs: the digest when the dtype is the same
     ("crc32", or "sha256" in files from before the switch), else samples and norm.
@@ -261,7 +431,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
         tmp = None
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except OSError as exc:
         raise OSError(exc.errno, f"cannot write {path}: {exc.strerror or exc}", str(path)) from exc
     finally:
@@ -276,7 +446,26 @@ def atomic_write(path: Path, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
-def _fsync_dir(folder: Path) -> None:
+def write_synced(path: Path, data: bytes) -> None:
+    """Write ``data`` to a new file ``path`` and fsync it; whatever was at ``path`` is removed
+    first (a fixed temporary name: a killed writer's leftover is replaced, never followed if it
+    is a symlink). Raises OSError.
+    """
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(path, flags, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make renames in ``folder`` durable (a no-op where folders cannot be opened)."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:  # e.g. Windows: folders cannot be opened; os.replace is still atomic there

@@ -74,6 +74,14 @@ def factor_keys(path: str, kind: str) -> tuple[str, str]:
     return base + "lora_A.weight", base + "lora_B.weight"
 
 
+_FACTOR_SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B")
+
+
+def is_factor_key(key: str) -> bool:
+    """True for the key of a LoRA factor (as :func:`factor_keys` names them), which must be floating point."""
+    return key.startswith(PREFIX) and any(key == PREFIX + s or key.endswith("." + s) for s in _FACTOR_SUFFIXES)
+
+
 def file_factor_shapes(layer: nn.Module, handler: LayerHandler, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(A, B) shapes on disk for rank ``r``: lorakit's, except a dense A for grouped convs."""
     a, b = handler.factor_shapes(layer, r)
@@ -205,7 +213,17 @@ def from_peft_config(file: Path, raw: object, strict: bool) -> tuple[LoraConfig,
     else:
         raise AdapterConfigError(file, f"target_modules must be a regex string or a list of names, got {target!r}")
     exclude = raw.get("exclude_modules")
-    excludes = ["re:" + exclude] if isinstance(exclude, str) else list(exclude or [])
+    if isinstance(exclude, str):
+        excludes = ["re:" + exclude]
+    elif exclude is None or (isinstance(exclude, list) and all(isinstance(e, str) for e in exclude)):
+        excludes = list(exclude or [])
+    else:
+        raise AdapterConfigError(
+            file, f"exclude_modules must be a regex string or a list of names, got {exclude!r:.80}"
+        )
+    train = raw.get("modules_to_save")
+    if not (train is None or (isinstance(train, list) and all(isinstance(t, str) for t in train))):
+        raise AdapterConfigError(file, f"modules_to_save must be a list of module names, got {train!r:.80}")
 
     def patterns(field: str) -> dict[str, Any]:
         value = raw.get(field) or {}
@@ -224,7 +242,7 @@ def from_peft_config(file: Path, raw: object, strict: bool) -> tuple[LoraConfig,
             alpha_pattern=patterns("alpha_pattern"),
             use_rslora=raw.get("use_rslora", False),
             bias=raw.get("bias", "none"),
-            train_modules=tuple(raw.get("modules_to_save") or ()),
+            train_modules=tuple(train or ()),
         )
     except (ConfigError, TypeError) as exc:
         raise AdapterConfigError(file, str(exc)) from None

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import struct
 
 import torch
 from torch import nn
@@ -62,3 +64,20 @@ def state_hash(model: nn.Module) -> str:
     for k, m in model.named_modules():
         h.update(f"{k}:{type(m).__name__}".encode())
     return h.hexdigest()
+
+
+def split_header(data: bytes) -> tuple[dict[str, object], bytes]:
+    """A safetensors file's bytes -> (its JSON header, the data section)."""
+    n = struct.unpack("<Q", data[:8])[0]
+    return json.loads(data[8 : 8 + n]), data[8 + n :]
+
+
+def join_header(header: dict[str, object] | str, body: bytes) -> bytes:
+    """Inverse of :func:`split_header` (a str header is written as is)."""
+    raw = (header if isinstance(header, str) else json.dumps(header)).encode()
+    return struct.pack("<Q", len(raw)) + raw + body
+
+
+def failing_net() -> Net:
+    """A factory that raises, as a user's broken model factory would."""
+    raise RuntimeError("cannot build the model: weights server unreachable")

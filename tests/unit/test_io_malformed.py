@@ -18,20 +18,12 @@ from lorakit.io import load_adapter, save_adapter
 from lorakit.io_errors import AdapterConfigError, AdapterFileError, NonFiniteTensorError, UnsafeFormatError
 
 from .io_models import adapted_net, make_net, state_hash
+from .io_models import join_header as _join
+from .io_models import split_header as _split
 
 torch.set_num_threads(1)
 W = "adapter_model.safetensors"
 C = "adapter_config.json"
-
-
-def _split(data: bytes) -> tuple[dict[str, object], bytes]:
-    n = struct.unpack("<Q", data[:8])[0]
-    return json.loads(data[8 : 8 + n]), data[8 + n :]
-
-
-def _join(header: dict[str, object] | str, body: bytes) -> bytes:
-    raw = (header if isinstance(header, str) else json.dumps(header)).encode()
-    return struct.pack("<Q", len(raw)) + raw + body
 
 
 def _first_tensor(header: dict[str, object]) -> str:

@@ -24,6 +24,11 @@ def parse_value(text: str) -> Any:
     return text
 
 
+def wants_help(argv: list[str]) -> bool:
+    """``lorakit VERB --help`` (or ``-h``, ``help``): the verb prints its usage instead of running."""
+    return bool(argv) and argv[0] in ("-h", "--help", "help")
+
+
 def parse_args(argv: list[str], allowed: set[str], verb: str) -> dict[str, Any]:
     """Parse ``key=value`` tokens; unknown keys and tokens without ``=`` raise ArgError."""
     out: dict[str, Any] = {}

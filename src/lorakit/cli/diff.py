@@ -16,13 +16,16 @@ Exit code: 0 identical (every common tensor within ``atol``, default 0: bitwise)
 from __future__ import annotations
 
 import math
+import sys
+import traceback
 from typing import Any
 
 import torch
 
+from ..errors import LoraError
 from ..io import read_adapter_files
 from ..io_errors import AdapterFileError
-from .args import ArgError, parse_args
+from .args import ArgError, parse_args, wants_help
 
 KEYS = {"a", "b", "atol"}
 
@@ -75,6 +78,9 @@ def diff_lines(a: str, b: str, atol: float = 0.0) -> list[str]:
 
 
 def run(argv: list[str]) -> int:
+    if wants_help(argv):
+        print(__doc__)
+        return 0
     opts = parse_args(argv, KEYS, "diff")
     for key in ("a", "b"):
         if not isinstance(opts.get(key), str):
@@ -82,7 +88,14 @@ def run(argv: list[str]) -> int:
     atol = opts.get("atol", 0.0)
     if isinstance(atol, bool) or not isinstance(atol, (int, float)) or not (atol >= 0) or math.isinf(atol):
         raise ArgError(f"atol= must be a finite number >= 0, got {atol!r}")
-    lines = diff_lines(opts["a"], opts["b"], float(atol))
+    try:
+        lines = diff_lines(opts["a"], opts["b"], float(atol))
+    except LoraError:
+        raise
+    except Exception as exc:  # a failure here must not exit 1, which means "different"
+        traceback.print_exc()
+        print(f"lorakit diff: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
     for line in lines:
         print(line)
     if lines:

@@ -38,7 +38,7 @@ from .._version import __version__
 from ..adapters import merge_and_unload
 from ..io import CONFIG_FILE, WEIGHTS_FILE, load_adapter
 from ..io_format import atomic_write
-from .args import ArgError, parse_args
+from .args import ArgError, parse_args, wants_help
 from .models import load_base
 from .paths import inside
 
@@ -63,6 +63,9 @@ def merged_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def run(argv: list[str]) -> int:
+    if wants_help(argv):
+        print(__doc__)
+        return 0
     opts = parse_args(argv, KEYS, "merge")
     for key in ("base", "adapter", "out"):
         if not isinstance(opts.get(key), str):

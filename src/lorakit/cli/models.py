@@ -11,20 +11,23 @@ files; :data:`LAZY_BASE_LOADERS` names the module that registers one, so
 
 from __future__ import annotations
 
+import contextlib
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
+from ..errors import LoraError
 from .args import ArgError
 
 
 def load_model(spec: str, args: Any = None) -> nn.Module:
     """Build a model from ``package.module:factory`` (called with ``args`` if given).
 
-    Raises ArgError naming the spec when it cannot be imported or does not give a module.
+    Raises ArgError naming the spec when it cannot be imported, the factory raises (a
+    LoraError it raises passes through), or it does not give a module.
     """
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
@@ -33,15 +36,32 @@ def load_model(spec: str, args: Any = None) -> nn.Module:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
         raise ArgError(f"model={spec!r}: cannot import: {exc}") from None
-    if args is None:
-        model = factory()
-    elif isinstance(args, dict):
-        model = factory(**args)
-    else:
-        model = factory(*(args if isinstance(args, (list, tuple)) else [args]))
+    except Exception as exc:  # the module's own code failed while it was imported
+        raise ArgError(f"model={spec!r}: importing {module_name} raised {type(exc).__name__}: {exc}") from exc
+    with _reported(f"model={spec!r}: the factory"):
+        if args is None:
+            model = factory()
+        elif isinstance(args, dict):
+            model = factory(**args)
+        else:
+            model = factory(*(args if isinstance(args, (list, tuple)) else [args]))
     if not isinstance(model, nn.Module):
         raise ArgError(f"model={spec!r}: the factory returned {type(model).__name__}, not an nn.Module")
     return model
+
+
+@contextlib.contextmanager
+def _reported(what: str) -> Iterator[None]:
+    """User code (a factory, a loader) failing becomes an ArgError naming ``what``: one line, exit 2.
+
+    lorakit's own typed errors pass through unchanged.
+    """
+    try:
+        yield
+    except LoraError:
+        raise
+    except Exception as exc:
+        raise ArgError(f"{what} raised {type(exc).__name__}: {exc}") from exc
 
 
 BaseLoader = Callable[[str, Any], nn.Module]
@@ -65,7 +85,8 @@ def load_base(spec: str, args: Any = None) -> nn.Module:
     """The base model for ``spec``: a registered file loader by suffix, else a factory spec.
 
     Raises:
-        ArgError: a file suffix without a loader, or a factory spec that cannot be built.
+        ArgError: a file suffix without a loader, a loader or factory that raises, or a
+            factory spec that cannot be built.
     """
     suffix = Path(spec).suffix.lower()
     if suffix and ":" not in spec:
@@ -78,7 +99,8 @@ def load_base(spec: str, args: Any = None) -> nn.Module:
                 f"base={spec!r}: no loader for {suffix!r} files (known: {known or 'none'}); give a factory "
                 "spec 'package.module:factory', or register one with lorakit.cli.models.register_base_loader"
             )
-        model = loader(spec, args)
+        with _reported(f"base={spec!r}: the {suffix} loader"):
+            model = loader(spec, args)
         if not isinstance(model, nn.Module):
             raise ArgError(f"base={spec!r}: the {suffix} loader returned {type(model).__name__}, not an nn.Module")
         return model
