@@ -41,7 +41,7 @@ from .errors import (
 )
 from .hotswap import HotswapReport, hotswap_adapter, prepare_hotswap
 from .inject import InjectReport, Target, inject, lora_layers, select_targets
-from .io import AdapterFiles, LoadReport, load_adapter, read_adapter_files, save_adapter
+from .io import AdapterFiles, LoadReport, copy_adapter, load_adapter, read_adapter_files, save_adapter
 from .io_errors import (
     AdapterConfigError,
     AdapterFileError,
@@ -97,6 +97,7 @@ __all__ = [
     "mixed_batch",
     "prepare_hotswap",
     "read_adapter_files",
+    "copy_adapter",
     "register",
     "save_adapter",
     "select_targets",

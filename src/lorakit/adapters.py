@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from . import owned
+from .config import as_strings
 from .errors import AdapterNotFoundError, ConfigError, MixedBatchError, NonFiniteError, check_materialised
 from .inject import _CONFIGS_ATTR, _GRADS_ATTR, lora_layers, release_batchnorm
 from .layers import STRUCTURE, LoraAdapter, LoraLayer, adapter_dict, unwrap, watch_structure
@@ -42,14 +43,9 @@ def _as_names(names: object) -> tuple[str, ...]:
         ConfigError: ``None``, a non-string entry, or a name given twice (its delta would
             count twice).
     """
-    if isinstance(names, str):
-        return (names,)
-    try:
-        wanted = tuple(cast(Iterable[str], names))
-    except TypeError:
-        raise ConfigError(f"adapter names must be a name or a list of names, got {names!r}") from None
-    if not all(isinstance(n, str) for n in wanted) or len(set(wanted)) != len(wanted):
-        raise ConfigError(f"adapter names must be distinct strings, got {list(wanted)!r}")
+    wanted = as_strings("adapter names", names, "adapter name")
+    if len(set(wanted)) != len(wanted):
+        raise ConfigError(f"adapter names must be distinct, got {list(wanted)!r}")
     return wanted
 
 

@@ -60,25 +60,28 @@ def is_wildcard(pattern: str) -> bool:
     return pattern.startswith("re:") or bool(_GLOB_CHARS & set(pattern))
 
 
-def as_patterns(key: str, value: object) -> tuple[str, ...]:
-    """``value`` as a tuple of module path patterns: a string is one pattern, never its
-    characters (``"model.0.conv"`` -> ``("model.0.conv",)``); ``None`` is none.
+def as_strings(key: str, value: object, what: str) -> tuple[str, ...]:
+    """``value`` as a tuple of strings: one string is one ``what``, never its characters
+    (``"model.0.conv"`` -> ``("model.0.conv",)``).
 
     Raises:
         ConfigError: ``value`` is neither a string nor an iterable of strings (naming ``key``).
     """
-    if value is None:
-        return ()
     if isinstance(value, str):
         return (value,)
     try:
-        patterns = tuple(cast(Iterable[object], value))
+        items = tuple(cast(Iterable[object], value))
     except TypeError:
-        raise ConfigError(f"{key}: expected a path pattern or a list of them, got {value!r}") from None
-    bad = [p for p in patterns if not isinstance(p, str)]
+        raise ConfigError(f"{key}: expected a {what} or a list of them, got {value!r}") from None
+    bad = [p for p in items if not isinstance(p, str)]
     if bad:
-        raise ConfigError(f"{key}: expected path patterns (strings), got {bad[0]!r} in {value!r}")
-    return cast(tuple[str, ...], patterns)
+        raise ConfigError(f"{key}: expected {what}s (strings), got {bad[0]!r} in {value!r}")
+    return cast(tuple[str, ...], items)
+
+
+def as_patterns(key: str, value: object) -> tuple[str, ...]:
+    """``value`` as a tuple of module path patterns (:func:`as_strings`); ``None`` is none."""
+    return () if value is None else as_strings(key, value, "path pattern")
 
 
 def _as_types(value: Any) -> tuple[Any, ...]:

@@ -218,13 +218,39 @@ def save_adapter(
     bad = [k for k, v in extra.items() if k in own or not isinstance(k, str) or not isinstance(v, str)]
     if bad:
         raise ConfigError(f"cannot save adapter {name!r} to {folder}: metadata keys {bad} are reserved or not str->str")
-    data = safetensors.torch.save(tensors, metadata={**extra, **own})
+    _write_folder(folder, safetensors.torch.save(tensors, metadata={**extra, **own}), cfg_text)
+    return folder
+
+
+def _write_folder(folder: Path, weights: bytes, config: bytes) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OSError(exc.errno, f"cannot create adapter folder {folder}: {exc.strerror}", str(folder)) from exc
-    write_adapter(folder, data, cfg_text)
-    return folder
+    write_adapter(folder, weights, config)
+
+
+def copy_adapter(src: str | Path, dst: str | Path) -> Path:
+    """Copy the adapter folder ``src`` to the folder ``dst``, byte for byte, as one save.
+
+    The two files are read as one pair with every file-level check of
+    :func:`read_adapter_files`, and written as :func:`save_adapter` writes them: a kill or a
+    concurrent save at ``dst`` leaves its previous adapter or this one, never a mix.
+
+    Raises:
+        The errors of :func:`read_adapter_files` (pickle files are refused); OSError when
+        ``dst`` cannot be written (the message names it).
+    """
+    cfg_file, weights = _locate(Path(src), allow_pickle=False)
+    raw: list[bytes] = []
+
+    def parse(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        raw[:] = [data]  # the bytes of the read that read_pair pairs with the config
+        return parse_safetensors(weights, data, floating=is_factor_key)
+
+    cfg_bytes, _ = read_pair(cfg_file, weights, parse)
+    _write_folder(Path(dst), raw[0], cfg_bytes)
+    return Path(dst)
 
 
 # --------------------------------------------------------------------------------------
@@ -287,6 +313,7 @@ class _Slot:
     factor: str = ""
     groups: int = 1
     owned: str = ""
+    dtype: torch.dtype | None = None  # an owned tensor's dtype (None: a LoRA factor, any float)
 
     def target(self, model: nn.Module, name: str, layers: Mapping[str, LoraLayer]) -> torch.Tensor:
         """The tensor of adapter ``name`` in ``model`` this slot fills."""
@@ -326,11 +353,11 @@ def _plan(
         module = given.get(mpath) or cast(nn.Module, owned.base_object(model, mpath))
         for k, v in module.state_dict(keep_vars=True).items():
             check_materialised(v, f"{mpath}.{k}", f"{file.parent} was not loaded")
-            slots[_module_key(mpath, k)] = _Slot(tuple(v.shape), mpath, owned=k)
+            slots[_module_key(mpath, k)] = _Slot(tuple(v.shape), mpath, owned=k, dtype=v.dtype)
     adapted = {p for p, _, _ in found}
     for mpath in owned.bias_paths(model, cfg.bias, adapted, train):
         b = cast(nn.Parameter, owned.base_object(model, mpath, "bias"))
-        slots[_bias_key(mpath, adapted)] = _Slot(tuple(b.shape), mpath, owned="bias")
+        slots[_bias_key(mpath, adapted)] = _Slot(tuple(b.shape), mpath, owned="bias", dtype=b.dtype)
     return slots, {p: h.weight_name for p, _, h in found}
 
 
@@ -454,7 +481,7 @@ def _check_dtypes(weights: Path, slots: dict[str, _Slot], tensors: dict[str, tor
         t = tensors.get(key)
         if t is None:
             continue
-        want = slot.target.dtype if slot.target is not None else None
+        want = slot.dtype
         if want is None or want.is_floating_point:
             if t.dtype not in FLOAT_DTYPES.values():
                 raise DtypeMismatchError(weights, key, FLOATS, dtype_name(t.dtype), "the model's tensor is floating")

@@ -252,3 +252,24 @@ def test_concurrent_saves_and_loads(savers: Savers, tmp_path: Path) -> None:
     assert loads > 0
     assert loaded_number(folder) in (22, 23)
     assert leftovers(folder) == {W, C}
+
+
+def test_copy_adapter_copies_the_pair_a_killed_save_committed(tmp_path) -> None:
+    """Item 1 for copies (``LoraYOLO.save_adapter``): a folder left between the two renames of a
+    save (new weights, old config, the new config beside it) copies as the new adapter, and the
+    copy is a plain matching pair. Copying file by file gave the old config with the new weights."""
+    old, new = numbered(1), numbered(2)  # consecutive numbers: different ranks, different configs
+    lorakit.save_adapter(old, tmp_path / "old")
+    lorakit.save_adapter(new, tmp_path / "new")
+    torn = tmp_path / "torn"
+    shutil.copytree(tmp_path / "old", torn)
+    shutil.copy(tmp_path / "new" / W, torn / W)
+    shutil.copy(tmp_path / "new" / C, torn / ".adapter_config.json.new")
+    with folder_lock(torn):  # a save is still "running": no reader finishes the rename now
+        lorakit.copy_adapter(torn, tmp_path / "copy")
+    assert sorted(p.name for p in (tmp_path / "copy").iterdir()) == [C, W]
+    assert (tmp_path / "copy" / C).read_bytes() == (tmp_path / "new" / C).read_bytes()
+    model = base()
+    lorakit.load_adapter(model, tmp_path / "copy")
+    x = torch.randn(3, 32)
+    assert torch.equal(model(x), new(x))

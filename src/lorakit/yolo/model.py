@@ -43,8 +43,8 @@ from .. import owned
 from ..adapters import merge_and_unload
 from ..config import LoraConfig, as_patterns
 from ..errors import AdapterNotFoundError, ConfigError
-from ..io import LoadReport, load_adapter, read_adapter_files
-from ..io_format import atomic_path, atomic_write
+from ..io import LoadReport, copy_adapter, load_adapter, read_adapter_files
+from ..io_format import atomic_path
 from ..io_peft import from_peft_config
 from ..layers import LoraLayer
 from .checks import check_settings
@@ -336,8 +336,8 @@ class LoraYOLO(YOLO):  # type: ignore[misc]
     def save_adapter(self, path: str | Path) -> Path:
         """Copy the trained adapter folder (best epoch) to ``path``; return ``path``.
 
-        Each file is written atomically, as :func:`lorakit.io.save_adapter` writes them: an
-        adapter already at ``path`` is replaced file by file, never left half-written.
+        Written as one save (:func:`lorakit.io.copy_adapter`): a crash or a concurrent save
+        leaves the adapter that was at ``path`` or this one, never a mix of the two.
 
         Raises:
             RuntimeError: nothing has been trained yet.
@@ -346,14 +346,7 @@ class LoraYOLO(YOLO):  # type: ignore[misc]
         src = self.adapter_dir
         if src is None:
             raise RuntimeError("LoraYOLO.save_adapter: no adapter yet; call train() first")
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        # weights first, then the config, as lorakit.io.save_adapter does: a crash between the two
-        # leaves a pair whose config hash disagrees, which load_adapter reports instead of mixing them
-        for f in sorted(src.iterdir(), key=lambda f: (f.suffix != ".safetensors", f.name)):
-            if f.is_file():
-                atomic_write(path / f.name, f.read_bytes())
-        return path
+        return copy_adapter(src, path)
 
     def export(self, **kwargs: Any) -> Any:
         """``YOLO.export`` on the merged model (the active adapter merged into a copy): zero LoRA overhead.
