@@ -157,9 +157,7 @@ def to_peft_config(
         "base_model_name_or_path": None,
         "bias": config.bias,
         # PEFT wants True for (in, out)-stored layers (Conv1D) and warns otherwise.
-        "fan_in_fan_out": all(
-            cast(LoraLayer, model.get_submodule(p)).lora_handler.fan_in_fan_out for p in paths
-        ),
+        "fan_in_fan_out": all(cast(LoraLayer, model.get_submodule(p)).lora_handler.fan_in_fan_out for p in paths),
         "inference_mode": True,
         "init_lora_weights": config.init != "random",
         "lora_alpha": _num(alpha),
