@@ -108,3 +108,15 @@ def test_the_users_settings_hold_and_their_file_is_left_alone(tmp_path: Path, da
     finally:
         if adapter is not None and adapter.parent.parent.name == name and tmp_path not in adapter.parents:
             shutil.rmtree(adapter.parent.parent)
+
+
+def test_a_relative_project_is_under_the_current_folders_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ultralytics puts a relative ``project`` under ``runs_dir/<task>``; with its default ``runs_dir``
+    (this session's settings) that is ``./runs/<task>/<project>``, not the clone's."""
+    from lorakit.yolo.offline import runs_project
+
+    monkeypatch.chdir(tmp_path)
+    assert runs_project("segment", {"project": "mine"})["project"] == str(tmp_path / "runs" / "segment" / "mine")
+    assert runs_project("detect", {})["project"] == str(tmp_path / "runs" / "detect")
+    assert runs_project("detect", {"project": "/abs/p"}) == {"project": "/abs/p"}
+    assert runs_project("detect", {"resume": True}) == {"resume": True}

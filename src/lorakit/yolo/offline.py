@@ -138,18 +138,20 @@ def user_settings_file() -> Path:
 
 
 def runs_project(task: str, kwargs: dict[str, Any]) -> dict[str, Any]:
-    """``kwargs`` with ``project=<cwd>/runs/<task>`` added when it has no ``project`` and the
-    Ultralytics settings' ``runs_dir`` is Ultralytics' default (the user did not choose one).
+    """``kwargs`` with ``project`` made ``<cwd>/runs/<task>[/<project>]`` when the Ultralytics settings'
+    ``runs_dir`` is Ultralytics' default (the user did not choose one) and ``project`` is not absolute.
 
     Ultralytics' default is ``<git root of its install folder or cwd>/runs`` (see the module
-    docstring); lorakit puts runs under the current folder instead, as ``./runs/detect/train``.
-    A ``runs_dir`` the user set in their settings is kept (no ``project`` is added).
+    docstring), and it puts a relative ``project`` under ``runs_dir/<task>``; lorakit uses
+    ``./runs`` as that ``runs_dir``, so a run lands in ``./runs/detect/train``. A ``runs_dir`` the
+    user set in their settings, an absolute ``project`` and ``resume`` (the run's own folder) are kept.
     """
     from ultralytics.utils import SETTINGS
 
-    if kwargs.get("project") or kwargs.get("resume") or SETTINGS["runs_dir"] != SETTINGS.defaults["runs_dir"]:
+    project = str(kwargs.get("project") or "")
+    if kwargs.get("resume") or Path(project).is_absolute() or SETTINGS["runs_dir"] != SETTINGS.defaults["runs_dir"]:
         return kwargs
-    return {**kwargs, "project": str(Path.cwd() / "runs" / task)}
+    return {**kwargs, "project": str(Path.cwd() / "runs" / task / project)}
 
 
 def _remove(path: str, owner: int) -> None:
