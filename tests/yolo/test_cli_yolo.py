@@ -123,7 +123,7 @@ def test_val_prints_the_same_map_as_the_python_api(run: SimpleNamespace, capsys:
     args = [f"model={run.pt}", f"data={data}", *QUIET, f"project={tmp_path}"]
     assert main(["yolo", "val", *args, f"adapter={run.adapter}", "name=cli"]) == 0
     out = capsys.readouterr().out
-    assert "'best_adapter'" in out
+    assert "'cli-best'" in out  # the adapter is named after its run (runs/cli/weights/best_adapter)
     got = _map(out)
     metrics = LoraYOLO(str(run.pt), adapter=run.adapter).val(
         data=str(data), imgsz=IMGSZ, batch=8, workers=0, plots=False, device="cpu", verbose=False,

@@ -2,11 +2,16 @@
 
 Two adapters are trained on one random-weight 2-class yolo26n base with the default
 ``adapt_bn=True`` (BatchNorm weights and statistics live in the adapter): ``same``
-on domain A (2 classes) and ``new`` on domain B (3 classes: new class convs).
+on domain A (2 classes) and ``new`` on domain B (3 classes: new class convs). Both
+runs give ``r=4`` to ``train()`` (the constructor's ``r=8`` is overridden), and what
+``train()`` prints is kept.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 from copy import deepcopy
 from pathlib import Path
 from types import SimpleNamespace
@@ -37,12 +42,16 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     out = SimpleNamespace(root=root, pt=root / "base.pt", other_pt=root / "other_base.pt")
     for name, domain, seed in (("same", "A", 0), ("new", "B", 1)):
         data = make_dataset(root / domain, domain=domain, n_train=16, n_val=8, imgsz=IMGSZ, seed=seed)
-        model = LoraYOLO(str(out.pt), r=4)
-        # one run with Ultralytics' plots on: they must work with LoRA, offline
-        model.train(data=str(data), project=str(root / "runs"), name=name, **{**TRAIN, "plots": name == "new"})
+        model = LoraYOLO(str(out.pt), r=8)
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            # r=4 here overrides the constructor's r=8; one run with Ultralytics' plots on (they must work
+            # with LoRA, offline)
+            model.train(data=str(data), project=str(root / "runs"), name=name, r=4, **{**TRAIN, "plots": name == "new"})
         t = model.trainer
         ema = t.ema.ema.float().eval()
-        setattr(out, name, SimpleNamespace(adapter=t.best_adapter, ema=ema, best=t.best, dir=t.save_dir))
+        run = SimpleNamespace(adapter=t.best_adapter, ema=ema, best=t.best, dir=t.save_dir, printed=printed.getvalue())
+        setattr(out, name, run)
     return out
 
 
@@ -52,7 +61,7 @@ def test_base_plus_adapter_reproduces_the_trained_model(runs: SimpleNamespace) -
     for name in ("same", "new"):
         run = getattr(runs, name)
         m = LoraYOLO(str(runs.pt), adapter=run.adapter)
-        assert m.adapters == ["best_adapter"] and m.active_adapter == "best_adapter"
+        assert m.adapters == [f"{name}-best"] and m.active_adapter == f"{name}-best"  # named after the run
         live = m.model.eval()
         x = _x()
         torch.testing.assert_close(final_outputs(live, x), final_outputs(run.ema, x), atol=1e-5, rtol=1e-5)
@@ -132,12 +141,12 @@ def test_delete_and_bad_input_leave_the_model_unchanged(runs: SimpleNamespace) -
     x = _x(4)
     before = final_outputs(m.model.eval(), x)
     with pytest.raises(lorakit.ConfigError, match="loaded already"):
-        m.load_adapter(runs.new.adapter, name="best_adapter")
+        m.load_adapter(runs.new.adapter, name="same-best")
     with pytest.raises(lorakit.AdapterNotFoundError):
         m.set_adapter("nope")
     with pytest.raises(lorakit.ConfigError, match="adapters are loaded"):
         m.train(data="unused.yaml")
-    assert torch.equal(final_outputs(m.model.eval(), x), before) and m.adapters == ["best_adapter"]
+    assert torch.equal(final_outputs(m.model.eval(), x), before) and m.adapters == ["same-best"]
 
     other = LoraYOLO(str(runs.other_pt))
     ref = final_outputs(other.model.eval(), x)
@@ -157,7 +166,7 @@ def test_delete_and_bad_input_leave_the_model_unchanged(runs: SimpleNamespace) -
     assert other.adapters == ["same"] and other.active_adapter == "same" and other.names == names
     assert torch.equal(final_outputs(other.model.eval(), x), with_same)
 
-    m.delete_adapter("best_adapter")
+    m.delete_adapter("same-best")
     assert m.adapters == [] and m.active_adapter is None
     base = LoraYOLO(str(runs.pt))
     assert torch.equal(final_outputs(m.model.eval(), x), final_outputs(base.model.eval(), x))
@@ -199,5 +208,45 @@ def test_an_unfit_head_is_refused_before_anything_changes(runs: SimpleNamespace,
     before, names = final_outputs(m.model.eval(), x), dict(m.names)
     with pytest.raises(lorakit.ConfigError, match="only the output count"):
         m.load_adapter(bad)
-    assert m.adapters == ["best_adapter"] and m.active_adapter == "best_adapter" and m.names == names
+    assert m.adapters == ["same-best"] and m.active_adapter == "same-best" and m.names == names
     assert torch.equal(final_outputs(m.model.eval(), x), before)
+
+
+def test_train_takes_lora_settings_and_says_where_the_files_are(runs: SimpleNamespace) -> None:
+    """Issue 13 item 4: ``LoraYOLO(...).train(r=4)`` was refused by Ultralytics ("'r' is not a valid
+    YOLO argument"), and ``train()`` said nothing about where the adapter and merged weights went."""
+    for run in (runs.same, runs.new):
+        config = json.loads((run.adapter / "adapter_config.json").read_text())
+        assert config["r"] == 4  # train's r=4, not the constructor's r=8
+        weights = run.dir / "weights"
+        for path in (weights / "best.pt", weights / "last.pt", weights / "best_adapter", weights / "last_adapter"):
+            assert path.exists() and str(path) in run.printed, run.printed
+
+
+def test_lora_settings_with_resume_are_refused(runs: SimpleNamespace) -> None:
+    from lorakit.yolo import LoraYOLO
+
+    with pytest.raises(lorakit.ConfigError, match=r"resume=True.*\['r'\]"):
+        LoraYOLO(str(runs.pt)).train(resume=True, r=4)
+
+
+def test_two_runs_best_adapters_get_distinct_default_names(runs: SimpleNamespace) -> None:
+    """Issue 13 item 8: every run's adapter folder is ``weights/best_adapter``, so loading two runs'
+    adapters without names clashed ("an adapter named 'best_adapter' is loaded already")."""
+    from lorakit.yolo import LoraYOLO
+
+    m = LoraYOLO(str(runs.pt))
+    m.load_adapter(runs.same.adapter)
+    m.load_adapter(runs.new.adapter)
+    assert m.adapters == ["same-best", "new-best"] and m.active_adapter == "new-best"
+
+
+def test_export_with_an_adapter_is_named_after_the_adapter(runs: SimpleNamespace) -> None:
+    """Issue 13 item 9: ``LoraYOLO(base, adapter=...).export()`` wrote ``base.onnx`` next to the base,
+    the plain base's own export name; it is named after the adapter folder, as the CLI's export."""
+    from lorakit.yolo import LoraYOLO
+
+    m = LoraYOLO(str(runs.pt), adapter=runs.same.adapter)
+    exported = Path(m.export(format="onnx", imgsz=IMGSZ, device="cpu"))
+    assert exported == runs.same.adapter.parent / "best_adapter.onnx" and exported.is_file()
+    assert not (runs.root / "base.onnx").exists()

@@ -360,7 +360,7 @@ def test_loraYOLO_serves_each_task_from_base_plus_adapter(lab: Lab, task: str) -
 
     t = lab.run(task).trainer
     m = LoraYOLO(str(lab.base_pt(task)), adapter=t.last_adapter)
-    assert m.task == task and m.active_adapter == "last_adapter"
+    assert m.task == task and m.active_adapter == f"{t.save_dir.name}-last"  # named after its run
     x = _x(task)
     ema = deepcopy(t.ema.ema).float().eval()
     with torch.no_grad():

@@ -159,7 +159,10 @@ def test_checkpoints_load_without_lorakit(same_nc: SimpleNamespace, plain_ultral
 def test_loraYOLO_holds_plain_merged_model(same_nc: SimpleNamespace) -> None:
     m = same_nc.model
     assert not any(isinstance(x, lorakit.LoraLayer) for x in m.model.modules())
-    metrics = m.val(data=m.trainer.args.data, imgsz=IMGSZ, batch=8, workers=0, plots=False, verbose=False)
+    metrics = m.val(
+        data=m.trainer.args.data, imgsz=IMGSZ, batch=8, workers=0, plots=False, verbose=False,
+        project=str(m.trainer.save_dir.parent), name="val",
+    )  # fmt: skip
     assert metrics.box.map50 >= 0.0
     assert len(m.predict(torch.rand(1, 3, IMGSZ, IMGSZ), imgsz=IMGSZ, verbose=False)) == 1
 

@@ -27,8 +27,7 @@ from __future__ import annotations
 
 import difflib
 import glob
-from collections.abc import Callable, Collection, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -272,14 +271,9 @@ def _train(argv: list[str]) -> int:
     opts["data"] = _local_data(opts["data"])
     spec = opts["model"]
     model = _open(opts, lora)
-    model.train(**opts)
-    t: Any = model.trainer  # a LoraDetectionTrainer; Ultralytics' attributes are untyped
-    merged = [f"{p} ({k})" for k, p in (("best", t.best), ("last", t.last)) if Path(p).is_file()]
-    adapters = [f"{p} ({k})" for k, p in (("best", t.best_adapter), ("last", t.last_adapter)) if Path(p).is_dir()]
-    print(f"merged checkpoints (plain Ultralytics .pt): {', '.join(merged) or 'none written'}")
-    print(f"adapter folders: {', '.join(adapters) or 'none written'}")
-    if adapters:
-        print(f"next: lorakit yolo val model={spec} adapter={adapters[0].split(' (')[0]} data={opts['data']}")
+    model.train(**opts)  # ends by printing where the checkpoints and adapter folders are
+    if model.adapter_dir is not None:
+        print(f"next: lorakit yolo val model={spec} adapter={model.adapter_dir} data={opts['data']}")
     return 0
 
 
@@ -315,33 +309,12 @@ def _predict(argv: list[str]) -> int:
     return 0
 
 
-@contextmanager
-def _named_after(model: LoraYOLO, adapter: Path | None) -> Iterator[None]:
-    """Name the export after the adapter folder (``weights/best_adapter.onnx``).
-
-    Ultralytics names it after the model's ``pt_path``: the base's, so every adapter's
-    export would land on ``base.onnx`` next to the base and overwrite the last one.
-    """
-    view: Any = model.merged_model()
-    if adapter is None or view is model._lora_model():  # no LoRA layer: nothing merged, keep Ultralytics' name
-        yield
-        return
-    old = getattr(view, "pt_path", None)
-    view.pt_path = str(adapter.parent / f"{adapter.name}.pt")
-    try:
-        yield
-    finally:
-        view.pt_path = old
-
-
 def _export(argv: list[str]) -> int:
     opts = parse(argv, {"model", *ADAPTER_KEYS}, "export")
     _require(opts, ("model",), "export", "lorakit yolo export model=base.pt adapter=DIR format=onnx")
-    adapter = None if opts.get("adapter") is None else Path(str(opts["adapter"]))
     _check_settings(opts, "export")
     model = _open(opts)
-    with _named_after(model, adapter):
-        exported = model.export(**opts)
+    exported = model.export(**opts)  # named after the adapter folder (LoraYOLO.export)
     print(f"exported ({opts.get('format', 'torchscript')}): {exported}")
     return 0
 

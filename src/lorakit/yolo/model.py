@@ -4,18 +4,22 @@
 
     from lorakit.yolo import LoraYOLO
     model = LoraYOLO("yolo26n.pt", r=8)                 # or a .yaml; LoRA options as keywords
-    model.train(data="data.yaml", epochs=20, imgsz=640) # every YOLO.train argument works
+    model.train(data="data.yaml", epochs=20, imgsz=640) # every YOLO.train argument works (and r=, ...)
     model.save_adapter("my_adapter")                    # the adapter alone (best epoch)
     model.val(); model.predict("img.jpg")               # the merged model, as plain YOLO
     model.export(format="onnx")                         # merged, zero LoRA overhead
 
 After ``train`` the object holds the merged ``best.pt`` exactly as ``YOLO``
-would; that file loads in plain Ultralytics without lorakit.
+would; that file loads in plain Ultralytics without lorakit. ``train``,
+``val`` and ``predict`` save under ``./runs/<task>/`` unless ``project=`` or
+the user's Ultralytics ``runs_dir`` setting says otherwise
+(:func:`~lorakit.yolo.offline.runs_project`).
 
 Serving several adapters on one base::
 
     model = LoraYOLO("base.pt", adapter="runs/detect/train/weights/best_adapter")
     model.load_adapter("other_adapter", name="other")   # same base, its own head and BatchNorm
+    model.adapters                                     # ['train-best', 'other']: named after the run
     model.set_adapter("other"); model.predict("img.jpg")
     with model.adapter_disabled():                     # the base model's exact predictions
         model.predict("img.jpg")
@@ -28,6 +32,7 @@ plain convs); the copy is cached until the adapter changes.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from copy import deepcopy
@@ -48,9 +53,13 @@ from ..io_format import atomic_path
 from ..io_peft import from_peft_config
 from ..layers import LoraLayer
 from .checks import check_settings
+from .offline import runs_project
 from .tasks import trainer_for
 from .trainer import LoraOptions, LoraTrainerMixin
 from .variants import Variant, fresh_variant
+
+# The LoRA settings LoraYOLO(...) and LoraYOLO.train(...) take.
+LORA_OPTIONS = tuple(f.name for f in dataclasses.fields(LoraOptions))
 
 
 class LoraYOLO(YOLO):  # type: ignore[misc]
@@ -58,7 +67,7 @@ class LoraYOLO(YOLO):  # type: ignore[misc]
 
     Args:
         model: a ``.pt`` checkpoint or ``.yaml`` config, as for ``YOLO``.
-        adapter: an adapter folder to load on it (as :meth:`load_adapter`, named after the folder).
+        adapter: an adapter folder to load on it (as :meth:`load_adapter`, named after its run).
         r, alpha, dropout, exclude, config, adapt_bn, adapter_name, max_fraction:
             the LoRA settings, see :class:`~lorakit.yolo.trainer.LoraOptions`. ``exclude``
             is a path pattern or a list of them (a string is one pattern).
@@ -101,6 +110,7 @@ class LoraYOLO(YOLO):  # type: ignore[misc]
         self.lora = lora
         self._base: Variant | None = None  # the base's own versions of the modules adapters replace
         self._variants: dict[str, Variant] = {}
+        self._adapter_dirs: dict[str, Path] = {}  # name -> the folder it was loaded from (export names)
         self._disabled = False
         self._view: tuple[Any, nn.Module] | None = None  # (state key, merged copy) for inference
         self._generation = 0
@@ -150,7 +160,8 @@ class LoraYOLO(YOLO):  # type: ignore[misc]
 
         Args:
             path: the adapter folder, e.g. ``runs/detect/train/weights/best_adapter``.
-            name: its name here (default: the folder's name).
+            name: its name here (default: :func:`adapter_name`: ``train-best`` for that
+                folder, so two runs' ``best_adapter`` folders get two names).
             activate: make it the active adapter (default).
             allow_other_base: as :func:`lorakit.io.load_adapter`.
 
@@ -160,7 +171,7 @@ class LoraYOLO(YOLO):  # type: ignore[misc]
                 shapes, other base). The model is unchanged on any error.
         """
         path = Path(path)
-        name = name or path.name
+        name = name or adapter_name(path)
         model = self._lora_model()
         if name in self._variants:
             raise ConfigError(f"LoraYOLO.load_adapter({str(path)!r}): an adapter named {name!r} is loaded already")
@@ -176,6 +187,7 @@ class LoraYOLO(YOLO):  # type: ignore[misc]
         report = load_adapter(model, path, name, allow_other_base=allow_other_base, modules=variant.modules)
         self._base = base
         self._variants[name] = variant
+        self._adapter_dirs[name] = path
         if activate:
             self._install(name)
         else:
@@ -202,6 +214,7 @@ class LoraYOLO(YOLO):  # type: ignore[misc]
         self._install(None if active == name else active)
         core.delete_adapter(self._lora_model(), name)
         del self._variants[name]
+        del self._adapter_dirs[name]
         self._changed()
 
     @contextmanager
@@ -259,7 +272,7 @@ class LoraYOLO(YOLO):  # type: ignore[misc]
         """
         check_settings(kwargs, "predict")
         with self._merged():
-            return super().predict(*args, **kwargs)
+            return super().predict(*args, **runs_project(kwargs.get("task") or str(self.task), kwargs))
 
     def val(self, *args: Any, **kwargs: Any) -> Any:
         """``YOLO.val`` with the active adapter merged.
@@ -269,7 +282,7 @@ class LoraYOLO(YOLO):  # type: ignore[misc]
         """
         check_settings(kwargs, "val")
         with self._merged():
-            return super().val(*args, **kwargs)
+            return super().val(*args, **runs_project(kwargs.get("task") or str(self.task), kwargs))
 
     def track(self, *args: Any, **kwargs: Any) -> Any:
         """``YOLO.track`` with the active adapter merged."""
@@ -297,7 +310,15 @@ class LoraYOLO(YOLO):  # type: ignore[misc]
         return path
 
     def train(self, trainer: Any = None, **kwargs: Any) -> Any:  # type: ignore[override]
-        """Train a LoRA adapter; arguments as ``YOLO.train``. Returns the metrics.
+        """Train a LoRA adapter; arguments as ``YOLO.train``, plus the LoRA settings. Returns the metrics.
+
+        The LoRA settings of the constructor (``r``, ``alpha``, ``dropout``, ``exclude``, ``config``,
+        ``adapt_bn``, ``adapter_name``, ``max_fraction``: :class:`~lorakit.yolo.trainer.LoraOptions`)
+        may be given here too, and then override the constructor's for this run; ``dropout`` is
+        LoRA's (Ultralytics uses it for classifier heads only). At the end it prints where the
+        merged checkpoints and the adapter folders are (:func:`saved_files`). Without ``project=``
+        the run goes under ``./runs/<task>/`` unless the user's Ultralytics settings chose a
+        ``runs_dir`` (:func:`~lorakit.yolo.offline.runs_project`).
 
         The trainer is the task's (:func:`~lorakit.yolo.tasks.trainer_for`: detect,
         segment, pose, obb, classify). ``optimizer="auto"`` (the default) means AdamW with lr 0.007 (LoRA wants
@@ -309,8 +330,15 @@ class LoraYOLO(YOLO):  # type: ignore[misc]
 
         Raises:
             ConfigError: adapters are loaded; a bad ``optimizer`` (MuSGD included) or ``device``
-                (:func:`~lorakit.yolo.checks.check_settings`), before any work.
+                (:func:`~lorakit.yolo.checks.check_settings`); bad LoRA settings, or LoRA settings
+                with ``resume=True``; all before any work.
         """
+        lora_kwargs = {k: kwargs.pop(k) for k in LORA_OPTIONS if k in kwargs}
+        if lora_kwargs and kwargs.get("resume"):
+            raise ConfigError(
+                f"LoraYOLO.train: resume=True continues the run with its own LoRA settings; drop {sorted(lora_kwargs)}"
+            )
+        lora = dataclasses.replace(self.lora, **lora_kwargs) if lora_kwargs else self.lora
         check_settings(kwargs, "train")
         if self._variants:
             raise ConfigError(
@@ -320,7 +348,10 @@ class LoraYOLO(YOLO):  # type: ignore[misc]
         cls = trainer or trainer_for(str(self.task))
         if not (isinstance(cls, type) and issubclass(cls, LoraTrainerMixin)):
             raise TypeError(f"LoraYOLO.train: trainer must subclass LoraTrainerMixin, got {cls!r}")
-        return super().train(trainer=partial(cls, lora=self.lora), **kwargs)
+        metrics = super().train(trainer=partial(cls, lora=lora), **runs_project(str(self.task), kwargs))
+        for line in saved_files(self.trainer):
+            print(line)
+        return metrics
 
     @property
     def adapter_dir(self) -> Path | None:
@@ -356,5 +387,54 @@ class LoraYOLO(YOLO):  # type: ignore[misc]
                 bad ``device`` (:func:`~lorakit.yolo.checks.check_settings`), before any work.
         """
         check_settings(kwargs, "export")
-        with self._merged():
+        active = None if self._disabled else self.active_adapter  # read before the merged copy replaces the model
+        with self._merged(), _named_after(self.model, None if active is None else self._adapter_dirs[active]):
             return super().export(**kwargs)
+
+
+@contextmanager
+def _named_after(model: Any, adapter: Path | None) -> Iterator[None]:
+    """Name ``model``'s export after the adapter folder (``weights/best_adapter.onnx`` next to it).
+
+    Ultralytics names it after the model's ``pt_path``: the base's, so every adapter's
+    export would land on ``base.onnx`` next to the base and overwrite the last one.
+    ``model`` is the merged copy (:meth:`LoraYOLO._merged`), so the base keeps its ``pt_path``.
+    """
+    if adapter is None or not isinstance(model, nn.Module):
+        yield
+        return
+    view: Any = model  # Ultralytics' models carry pt_path untyped
+    old = getattr(view, "pt_path", None)
+    view.pt_path = str(adapter.parent / f"{adapter.name}.pt")
+    try:
+        yield
+    finally:
+        view.pt_path = old
+
+
+def adapter_name(path: str | Path) -> str:
+    """The default name of an adapter loaded from folder ``path``: its run's, for a run's folder.
+
+    ``runs/detect/train2/weights/best_adapter`` -> ``train2-best`` (``last_adapter`` ->
+    ``train2-last``), so adapters of two runs, or the best and last of one, get distinct names;
+    any other folder keeps its own name.
+    """
+    path = Path(path).absolute()  # "best_adapter" given from inside weights/ names its run too
+    run = path.parent.parent.name
+    if path.name in ("best_adapter", "last_adapter") and path.parent.name == "weights" and run:
+        return f"{run}-{path.name.removesuffix('_adapter')}"
+    return path.name
+
+
+def saved_files(trainer: Any) -> list[str]:
+    """What a finished LoRA run wrote, as the lines ``LoraYOLO.train`` (and ``lorakit yolo train``) print:
+    the merged checkpoints (plain Ultralytics ``.pt``) and the adapter folders, best and last."""
+    if not isinstance(trainer, LoraTrainerMixin):
+        return []
+    t: Any = trainer  # Ultralytics' attributes (best, last) are untyped
+    merged = [f"{p} ({k})" for k, p in (("best", t.best), ("last", t.last)) if Path(p).is_file()]
+    adapters = [f"{p} ({k})" for k, p in (("best", t.best_adapter), ("last", t.last_adapter)) if Path(p).is_dir()]
+    return [
+        f"merged checkpoints (plain Ultralytics .pt): {', '.join(merged) or 'none written'}",
+        f"adapter folders: {', '.join(adapters) or 'none written'}",
+    ]

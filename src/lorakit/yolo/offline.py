@@ -17,6 +17,10 @@ What :func:`enable` sets, and why:
 * ``YOLO_CONFIG_DIR=<private dir>``: settings, fonts and DDP temp files go
   there instead of ``~/.config/Ultralytics``. A temp dir made here
   (``lorakit-yolo-*``) is removed when the process exits, also on an error.
+  It starts with a copy of the user's own ``settings.json`` (see
+  :func:`user_settings_file`), so their settings (``runs_dir``, ``datasets_dir``,
+  ``tensorboard``, ...) hold while their file is only read: Ultralytics writes
+  to (and may migrate) the copy, never the user's file.
 * ``YOLO_AUTOINSTALL=False``: never ``pip install`` anything (requirement
   checks; a checkpoint that pickles an unknown module makes
   ``torch_safe_load`` try to pip-install that module's name).
@@ -25,6 +29,13 @@ What :func:`enable` sets, and why:
 
 Models must then be ``.yaml`` files or local ``.pt`` files, and data YAMLs
 local (``yolo26n.pt`` or ``coco8.yaml`` by name would be downloaded).
+
+Where runs land: Ultralytics' default ``runs_dir`` is ``<git root>/runs``, where
+the git root is that of the folder *ultralytics is installed in* (a virtual
+environment inside a clone makes every run land in ``<clone>/runs``, from any
+folder), else the current folder. :func:`runs_project` gives ``LoraYOLO`` the
+``project=`` that puts runs under ``./runs`` instead, unless the user chose a
+``runs_dir`` in their settings.
 """
 
 from __future__ import annotations
@@ -35,6 +46,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 FONT_NAMES = ("Arial.ttf", "Arial.Unicode.ttf")
 _ENV = {"YOLO_OFFLINE": "1", "YOLO_AUTOINSTALL": "False"}
@@ -101,7 +113,45 @@ def _temp_config_dir() -> str:
     """
     path = tempfile.mkdtemp(prefix="lorakit-yolo-")
     atexit.register(_remove, path, os.getpid())
+    user = user_settings_file()
+    if user.is_file():
+        try:
+            data = user.read_bytes()
+        except OSError:  # unreadable: Ultralytics' defaults, as for a user without settings
+            return path
+        (Path(path) / "Ultralytics").mkdir()
+        (Path(path) / "Ultralytics" / "settings.json").write_bytes(data)
     return path
+
+
+def user_settings_file() -> Path:
+    """The user's own Ultralytics ``settings.json``: where Ultralytics looks without ``YOLO_CONFIG_DIR``
+    (``get_user_config_dir``: ``$XDG_CONFIG_HOME`` or ``~/.config`` on Linux, ``~/Library/Application
+    Support`` on macOS, ``~/AppData/Roaming`` on Windows). It may not exist."""
+    if sys.platform == "win32":
+        root = Path.home() / "AppData" / "Roaming"
+    elif sys.platform == "darwin":
+        root = Path.home() / "Library" / "Application Support"
+    else:
+        root = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    return root / "Ultralytics" / "settings.json"
+
+
+def runs_project(task: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` with ``project`` made ``<cwd>/runs/<task>[/<project>]`` when the Ultralytics settings'
+    ``runs_dir`` is Ultralytics' default (the user did not choose one) and ``project`` is not absolute.
+
+    Ultralytics' default is ``<git root of its install folder or cwd>/runs`` (see the module
+    docstring), and it puts a relative ``project`` under ``runs_dir/<task>``; lorakit uses
+    ``./runs`` as that ``runs_dir``, so a run lands in ``./runs/detect/train``. A ``runs_dir`` the
+    user set in their settings, an absolute ``project`` and ``resume`` (the run's own folder) are kept.
+    """
+    from ultralytics.utils import SETTINGS
+
+    project = str(kwargs.get("project") or "")
+    if kwargs.get("resume") or Path(project).is_absolute() or SETTINGS["runs_dir"] != SETTINGS.defaults["runs_dir"]:
+        return kwargs
+    return {**kwargs, "project": str(Path.cwd() / "runs" / task / project)}
 
 
 def _remove(path: str, owner: int) -> None:
