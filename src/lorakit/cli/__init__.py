@@ -10,7 +10,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from ..errors import LoraError
-from .args import ArgError
+from .args import ArgError, did_you_mean
 
 USAGE = """usage: lorakit VERB key=value ...
 
@@ -79,7 +79,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     verbs = _verbs()
     verb = verbs.get(args[0])
     if verb is None:
-        print(f"lorakit: unknown verb {args[0]!r}; verbs are {sorted(verbs)}\n\n{USAGE}", file=sys.stderr)
+        hint = did_you_mean(args[0], verbs)
+        print(f"lorakit: unknown verb {args[0]!r}{hint}; verbs are {sorted(verbs)}\n\n{USAGE}", file=sys.stderr)
         return 2
     try:
         return verb(args[1:])

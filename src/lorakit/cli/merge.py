@@ -88,7 +88,7 @@ def run(argv: list[str]) -> int:
     if out.resolve() in own:
         raise ArgError(f"out={str(out)!r} would overwrite the adapter itself")
 
-    model = load_base(opts["base"], opts.get("args"))
+    model = load_base(opts["base"], opts.get("args"), "base")
     report = load_adapter(model, adapter, "merge", strict=True, allow_other_base=_flag(opts, "allow_other_base"))
     merge_and_unload(model, "merge")
     tensors = merged_state(model)
