@@ -80,7 +80,7 @@ def runner(block: Block) -> str:
 # File names and placeholders a block may use: each needs a stand-in (or None: an output the block writes).
 _NAMES = re.compile(
     r"(?<![\w./-])(?:[\w.-]+/)*[\w.-]+\.(?:pt|yaml|yml|jpg|jpeg|png|jsonl|json|safetensors|onnx)\b"
-    r"|(?<![\w./-])(?:runs|adapters|images|path)/[\w./-]*[\w]"
+    r"|(?<![\w./-])(?:runs|adapters|images|path)/[\w./-]*"
     r"|(?<==)[A-Z][A-Z_]+\b"
 )
 _BIG = re.compile(r"\b(epochs=(?:[2-9]|\d\d+)|imgsz=(?:6[5-9]|[7-9]\d|\d{3,}))\b")

@@ -17,8 +17,9 @@ USAGE = """usage: lorakit VERB key=value ...
 verbs:
   inspect   list the layers LoRA can adapt in a model, and the parameter budget
             lorakit inspect model=torchvision.models:resnet18 r=8 [targets=...] [target_types=...]
+            (model=/base=: package.module:factory, a transformers model folder, or a YOLO .pt/.yaml)
   merge     load an adapter into its base model strictly, merge it, write the merged state_dict
-            lorakit merge base=pkg.module:factory adapter=DIR out=FILE.safetensors
+            lorakit merge base=pkg.module:factory|MODEL_DIR adapter=DIR out=FILE.safetensors
                           [args=...] [root=DIR] [overwrite=False] [allow_other_base=False]
   diff      what two adapter files differ in (config keys, tensors, shapes, values)
             lorakit diff a=DIR b=DIR [atol=0]      exit 0 identical, 1 different, 2 error
