@@ -21,10 +21,6 @@ NOT_RUN = {
         "creates a virtual environment and pip-installs torch and the extras (network, minutes); what it runs "
         "is tested directly: tests/yolo/test_demo.py (the demo) and the suite itself (make test)"
     ),
-    "lorakit yolo train   model=base.pt data=data.yaml epochs=20 imgsz=640 r=8": (
-        "a second YOLO training in subprocesses (about a minute more on 2 CPU cores); every verb of this "
-        "block runs through the same CLI on tiny models in tests/yolo/test_cli_yolo.py"
-    ),
 }
 
 # Which test file runs the blocks of each kind.
@@ -32,6 +28,7 @@ RUNNERS = {
     "python": "tests/unit/test_readme.py",
     "py": "tests/yolo/test_readme_yolo.py",
     "bash-cli": "tests/hf/test_readme_cli.py",
+    "bash-yolo": "tests/yolo/test_readme_yolo.py",
 }
 
 
@@ -56,7 +53,7 @@ def blocks() -> list[Block]:
 
 
 def runner(block: Block) -> str:
-    """``python``, ``py``, ``bash-cli``, ``not-run`` (in NOT_RUN) or ``text`` (a diagram, no code).
+    """A key of :data:`RUNNERS`, ``not-run`` (in NOT_RUN) or ``text`` (a diagram, no code).
 
     Raises AssertionError for a block no test runs, naming its line.
     """
@@ -69,6 +66,8 @@ def runner(block: Block) -> str:
         verbs = {tuple(c.split()[:2]) for c in commands}
         if all(v[0] == "lorakit" and v[1] in ("inspect", "merge", "diff", "hf") for v in verbs):
             return "bash-cli"
+        if all(v == ("lorakit", "yolo") for v in verbs):
+            return "bash-yolo"
     if block.lang == "" and not re.search(r"^\s*(lorakit|python|make|pip)\b", block.text, flags=re.M):
         return "text"
     raise AssertionError(

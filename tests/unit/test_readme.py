@@ -1,8 +1,8 @@
 """Every ```python block in README.md runs as written, and every other block has a runner.
 
-```py blocks (YOLO) run in tests/yolo/test_readme_yolo.py, ```bash blocks of ``lorakit inspect|merge|
-diff|hf`` in tests/hf/test_readme_cli.py, both with tiny stand-ins for the reader's files
-(tests/readme_blocks.py); blocks that cannot run here are listed there with the reason.
+```py blocks (YOLO) and ```bash blocks of ``lorakit yolo`` run in tests/yolo/test_readme_yolo.py,
+```bash blocks of ``lorakit inspect|merge|diff|hf`` in tests/hf/test_readme_cli.py, all with tiny
+stand-ins for the reader's files (tests/readme_blocks.py); blocks that cannot run here are listed there with the reason.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ def test_readme_block_runs(code: str, tmp_path, monkeypatch) -> None:
 
 def test_every_block_has_a_runner() -> None:
     kinds = [runner(b) for b in blocks()]  # raises, naming the line, for a block no test runs
-    assert {"python", "py", "bash-cli"} <= set(kinds), kinds
+    assert {"python", "py", "bash-cli", "bash-yolo"} <= set(kinds), kinds
     # Every block listed as not runnable is still in the README (a stale entry would hide nothing, but mislead).
     assert set(NOT_RUN) <= {b.first_line for b in blocks()}
 

@@ -71,3 +71,41 @@ def test_readme_yolo_blocks_run_in_order(tmp_path: Path, monkeypatch) -> None:
     assert ran >= 2
     assert (work / "adapters" / "my_domain" / "adapter_config.json").is_file()
     assert (work / "night.pt").is_file() and list((work / "runs").rglob("*.onnx"))
+
+
+def test_readme_yolo_cli_block_runs(tmp_path: Path, monkeypatch, capsys) -> None:
+    """The ``lorakit yolo`` block, line by line through the command's entry point (in this process: a
+    subprocess per line would import torch and ultralytics five times), with the same stand-ins."""
+    import shlex
+
+    from lorakit.cli import main
+
+    work, stand = tmp_path / "work", tmp_path / "stand_ins"
+    (stand / "images").mkdir(parents=True)
+    work.mkdir()
+    monkeypatch.chdir(work)
+    base = save_random_detector(stand / "base.pt", seed=0)
+    data = make_dataset(stand / "data", n_train=8, n_val=4, imgsz=64, seed=0)
+    cv2.imwrite(str(stand / "images" / "a.jpg"), np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8))
+    runs = work / "runs"  # project= on each writing verb: the outputs stay here whatever runs_dir is
+    best = runs / "detect" / "train" / "weights" / "best_adapter"
+    tiny = " ".join(f"{k}={v}" for k, v in TINY_TRAIN.items() if k != "verbose")
+    stand_ins: dict[str, str | None] = {
+        "base.pt": str(base),
+        "data.yaml": str(data),
+        "epochs=20 imgsz=640": f"epochs=1 imgsz=64 {tiny} project={runs / 'detect'} name=train",
+        "runs/detect/train/weights/best_adapter": str(best),
+        "DIR": str(best),
+        "images/": f"{stand / 'images'} imgsz=64 project={runs / 'predict'}",
+        "format=onnx": "format=onnx imgsz=64",
+        "merged.pt": None,
+    }
+    (block,) = [b for b in blocks() if runner(b) == "bash-yolo"]  # one block; a second needs its own stand-ins
+    val_extra = ["imgsz=64", "batch=8", "plots=False", f"project={runs / 'val'}"]  # val's line has no token to swap
+    for line in substitute(block, stand_ins).splitlines():
+        argv = shlex.split(line, comments=True)
+        argv += val_extra if argv[:3] == ["lorakit", "yolo", "val"] else []
+        assert argv[:2] == ["lorakit", "yolo"], line
+        code = main(argv[1:])
+        assert code == 0, f"README.md line {block.line}: {line}\n{capsys.readouterr().err[-3000:]}"
+    assert (work / "merged.pt").is_file() and list(tmp_path.rglob("*.onnx"))
