@@ -11,9 +11,10 @@
 
 from __future__ import annotations
 
+import argparse
 import math
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TypeVar
 
 import torch
@@ -101,7 +102,18 @@ def accuracy(model: nn.Module, domain: str, seed: int = 1234) -> float:
     return float((model(x).argmax(1) == y).float().mean())
 
 
-def main() -> int:
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the demo; returns 0 when every check passed, else 1.
+
+    ``--help`` prints the usage and exits 0 (argparse's ``SystemExit``) without running anything;
+    an unknown argument exits 2.
+    """
+    argparse.ArgumentParser(
+        prog="python -m lorakit.demo",
+        description="LoRA end to end on a small CNN: pre-train on task A, train only a LoRA adapter on a "
+        "shifted task B, then check that the disabled adapter gives the base outputs and that merging is exact. "
+        "Takes no arguments; about half a minute on a CPU; exits 1 if a check fails.",
+    ).parse_args(argv)
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = build_model()

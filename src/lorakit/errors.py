@@ -47,3 +47,25 @@ def check_materialised(tensor: object, what: str, outcome: str) -> None:
             f"{what} is on the meta device (no data), so {outcome}; materialise the model first, e.g. "
             "model.to_empty(device='cpu') and load its weights"
         )
+
+
+class MissingExtraError(LoraError, ImportError):
+    """An integration's package is not installed; the message is one line naming the pip extra."""
+
+
+def require_extra(module: str, extra: str, what: str) -> None:
+    """Raise :class:`MissingExtraError` (``pip install "lorakit[extra]"``) unless ``module`` can be imported.
+
+    Looks the module up without importing it (``importlib.util.find_spec``), so it can run before
+    ``lorakit.yolo.offline.enable()``, which must precede ``import ultralytics``.
+    """
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a broken or blocked install (sys.modules[module] = None)
+        found = False
+    if not found:
+        raise MissingExtraError(
+            f'{what} needs {module}, which is not installed; install it with: pip install "lorakit[{extra}]"'
+        )

@@ -34,7 +34,7 @@ def test_resume_refuses_changed_settings_naming_each(
     assert changes == {
         "data": ({"path": str(data), "sha256": changes["data"][0]["sha256"]},
                  {"path": str(cls), "sha256": changes["data"][1]["sha256"]}),
-        "task": ("causal", "classify"), "r": (4, 8), "alpha": (8.0, 16.0), "seed": (0, 1),
+        "task": ("causal", "classify"), "r": (4, 8), "alpha": (4.0, 8.0), "seed": (0, 1),  # alpha defaults to r
     }  # fmt: skip
     msg = str(info.value)
     for part in ("task: saved 'causal', now 'classify'", "r: saved 4, now 8", "seed: saved 0, now 1",

@@ -93,3 +93,36 @@ def test_core_demo_runs_and_passes_its_checks() -> None:
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "all checks passed" in done.stdout
     assert "logits equal base: True" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["inspct", "model=torch.nn:Linear"], "unknown verb 'inspct'; did you mean 'inspect'?"),
+        (["inspect", "model=torch.nn:Linear", "args=[2,3]", "targtes=x"], "did you mean 'targets'"),
+        (["merge", "bsae=x", "adapter=a", "out=o.safetensors"], "did you mean 'base'?"),
+        (["diff", "a=x", "bb=y"], "did you mean 'b'?"),
+    ],
+)
+def test_typos_name_the_close_key(argv, needle, capsys) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert needle in err, err
+
+
+def test_merge_errors_name_base_not_model(tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    for spec, needle in (("nope", "base='nope': expected"), ("no_such_pkg:f", "base='no_such_pkg:f': cannot import")):
+        assert main(["merge", f"base={spec}", "adapter=a", "out=o.safetensors"]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and "model=" not in err, err
+
+
+def test_core_demo_help_prints_usage_and_runs_nothing() -> None:
+    done = subprocess.run([sys.executable, "-m", "lorakit.demo", "--help"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    # The usage, and nothing the demo's run prints (its table, its verdict).
+    assert "trainable / total" not in done.stdout and "all checks passed" not in done.stdout
+    assert done.stdout.startswith("usage: python -m lorakit.demo")
+    bad = subprocess.run([sys.executable, "-m", "lorakit.demo", "--quick"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "unrecognized arguments: --quick" in bad.stderr

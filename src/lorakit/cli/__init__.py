@@ -10,15 +10,16 @@ import sys
 from collections.abc import Callable, Sequence
 
 from ..errors import LoraError
-from .args import ArgError
+from .args import ArgError, did_you_mean
 
 USAGE = """usage: lorakit VERB key=value ...
 
 verbs:
   inspect   list the layers LoRA can adapt in a model, and the parameter budget
             lorakit inspect model=torchvision.models:resnet18 r=8 [targets=...] [target_types=...]
+            (model=/base=: package.module:factory, a transformers model folder, or a YOLO .pt/.yaml)
   merge     load an adapter into its base model strictly, merge it, write the merged state_dict
-            lorakit merge base=pkg.module:factory adapter=DIR out=FILE.safetensors
+            lorakit merge base=pkg.module:factory|MODEL_DIR adapter=DIR out=FILE.safetensors
                           [args=...] [root=DIR] [overwrite=False] [allow_other_base=False]
   diff      what two adapter files differ in (config keys, tensors, shapes, values)
             lorakit diff a=DIR b=DIR [atol=0]      exit 0 identical, 1 different, 2 error
@@ -79,7 +80,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     verbs = _verbs()
     verb = verbs.get(args[0])
     if verb is None:
-        print(f"lorakit: unknown verb {args[0]!r}; verbs are {sorted(verbs)}\n\n{USAGE}", file=sys.stderr)
+        hint = did_you_mean(args[0], verbs)
+        print(f"lorakit: unknown verb {args[0]!r}{hint}; verbs are {sorted(verbs)}\n\n{USAGE}", file=sys.stderr)
         return 2
     try:
         return verb(args[1:])

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import difflib
+from collections.abc import Iterable
 from typing import Any
 
 from ..errors import LoraError
@@ -29,14 +31,26 @@ def wants_help(argv: list[str]) -> bool:
     return bool(argv) and argv[0] in ("-h", "--help", "help")
 
 
+def did_you_mean(word: str, known: Iterable[str], n: int = 3) -> str:
+    """``"; did you mean 'epochs'?"`` for the close matches of a mistyped ``word`` among ``known``
+    (difflib's ratio >= 0.6), or ``""`` when nothing is close. One helper for every verb's typos."""
+    close = difflib.get_close_matches(word, sorted(known), n=n, cutoff=0.6)
+    return f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+
+
 def parse_args(argv: list[str], allowed: set[str], verb: str) -> dict[str, Any]:
-    """Parse ``key=value`` tokens; unknown keys and tokens without ``=`` raise ArgError."""
+    """Parse ``key=value`` tokens.
+
+    Raises:
+        ArgError: a token without ``=``, or an unknown key (naming the close matches and every known key).
+    """
     out: dict[str, Any] = {}
     for token in argv:
         key, sep, value = token.partition("=")
         if not sep or not key:
             raise ArgError(f"expected key=value, got {token!r}")
         if key not in allowed:
-            raise ArgError(f"unknown key {key!r} for '{verb}'; known keys: {', '.join(sorted(allowed))}")
+            hint = did_you_mean(key, allowed)
+            raise ArgError(f"unknown key {key!r} for '{verb}'{hint}; known keys: {', '.join(sorted(allowed))}")
         out[key] = parse_value(value)
     return out

@@ -54,7 +54,7 @@ def run(argv: list[str]) -> int:
     opts = parse_args(argv, KEYS, "inspect")
     if "model" not in opts:
         raise ArgError("model=... is required, e.g. model=torchvision.models:resnet18")
-    model = load_base(str(opts["model"]), opts.get("args"))
+    model = load_base(str(opts["model"]), opts.get("args"), "model")
     r = opts.get("r", 8)
     if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
         raise ArgError(f"r must be an int > 0 (the LoRA rank), got r={r!r}")

@@ -8,9 +8,10 @@ and writes the plain model's ``state_dict`` (the base's own keys, no LoRA key)
 as one ``.safetensors`` file, atomically. Load it into a fresh base with
 ``model.load_state_dict(safetensors.torch.load_file(out))``.
 
-Base loaders (the hook for integrations). ``base=`` is either a factory spec
+Base loaders (the hook for integrations). ``base=`` is a factory spec
 ``package.module:factory`` (built by :func:`lorakit.cli.models.load_model`, with
-``args=``), or a file whose suffix has a registered loader::
+``args=``), a local transformers model folder (``config.json``; the ``hf`` extra),
+or a file whose suffix has a registered loader::
 
     from lorakit.cli.models import register_base_loader
     register_base_loader(".pt", load_yolo)      # load_yolo(spec: str, args) -> nn.Module
@@ -88,7 +89,7 @@ def run(argv: list[str]) -> int:
     if out.resolve() in own:
         raise ArgError(f"out={str(out)!r} would overwrite the adapter itself")
 
-    model = load_base(opts["base"], opts.get("args"))
+    model = load_base(opts["base"], opts.get("args"), "base")
     report = load_adapter(model, adapter, "merge", strict=True, allow_other_base=_flag(opts, "allow_other_base"))
     merge_and_unload(model, "merge")
     tensors = merged_state(model)

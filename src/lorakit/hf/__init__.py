@@ -19,10 +19,14 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from ..registry import register
-from .conv1d import Conv1D, Conv1DHandler
-from .parts import PartsConv1D, PartsLinear, restore_fused, target_fused
-from .targets import default_targets, lora_config, output_heads
+from ..errors import require_extra
+
+require_extra("transformers", "hf", "lorakit.hf")
+
+from ..registry import register  # noqa: E402
+from .conv1d import Conv1D, Conv1DHandler  # noqa: E402
+from .parts import PartsConv1D, PartsLinear, restore_fused, target_fused  # noqa: E402
+from .targets import default_targets, lora_config, output_heads  # noqa: E402
 
 register(Conv1D, Conv1DHandler())
 

@@ -18,13 +18,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO, cast
 
-from ..cli.args import ArgError, parse_args
+from ..cli.args import ArgError, did_you_mean, parse_args
 
 USAGE = """usage: lorakit hf SUBVERB key=value ...
 
   train     LoRA fine-tuning of a local transformers model on JSONL data
             lorakit hf train model=PATH data=FILE.jsonl out=DIR [r=16] [epochs=3] [eval=FILE.jsonl]
-                  [lr=1e-3] [batch_size=8] [max_len=256] [eval_every=0] [save_every=0] [resume=False] ...
+                  [alpha=r] [lr=2e-3] [batch_size=8] [max_len=256] [eval_every=0] [save_every=0] [resume=False] ...
             records: {"prompt","response"} or {"messages":[...]} (causal LM, loss on the response),
                      {"text","label"} (classification)
   generate  greedy generation with an adapter
@@ -44,7 +44,7 @@ def run(argv: list[str]) -> int:
         return _train(rest)
     if sub == "generate":
         return _generate(rest)
-    raise ArgError(f"unknown hf subverb {sub!r}; use train or generate")
+    raise ArgError(f"unknown hf subverb {sub!r}{did_you_mean(sub, ('train', 'generate'))}; use train or generate")
 
 
 def _train(argv: list[str]) -> int:

@@ -34,11 +34,14 @@ class TrainOptions:
     eval_fraction: float = 0.1
     task: str = "auto"  # auto | causal | classify
     r: int = 16
-    alpha: float | None = None  # default 2 * r
+    # Default alpha = r (s = 1), as LoraConfig, lorakit.hf.lora_config and LoraYOLO: one meaning of alpha
+    # everywhere. Under Adam the step of the update s*B*A scales with s*lr, so lr's default is 2e-3 (was 1e-3
+    # with alpha = 2r): the same effective step as before.
+    alpha: float | None = None
     dropout: float = 0.05
     targets: list[str] | str | None = None  # default: lorakit.hf.default_targets(model)
     epochs: int = 3
-    lr: float = 1e-3
+    lr: float = 2e-3
     weight_decay: float = 0.0
     batch_size: int = 8
     max_len: int = 256
@@ -52,8 +55,8 @@ class TrainOptions:
 
     @property
     def lora_alpha(self) -> float:
-        """``alpha``, or its default ``2 * r``."""
-        return float(2 * self.r) if self.alpha is None else float(self.alpha)
+        """``alpha``, or its default ``r`` (scaling 1, as everywhere in lorakit)."""
+        return float(self.r) if self.alpha is None else float(self.alpha)
 
 
 def _number(v: object) -> bool:

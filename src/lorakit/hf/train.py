@@ -150,6 +150,25 @@ def load_model(path: Path, task: str, labels: list[str] | None) -> nn.Module:
         raise ModelPathError(f"{path}: cannot load the model: {exc}") from None
 
 
+def load_folder(path: Path) -> nn.Module:
+    """The model in a local folder as the class its ``config.json`` names (``architectures[0]``, e.g.
+    ``GPT2LMHeadModel``), so its head loads too; ``AutoModel`` when it names none. Local files only.
+
+    Raises:
+        ModelPathError: no ``config.json``, or transformers cannot load the folder.
+    """
+    import transformers
+
+    config = load_config(_model_dir(str(path)))
+    names = getattr(config, "architectures", None) or []
+    cls = getattr(transformers, names[0], None) if names else None
+    cls = cls if cls is not None and hasattr(cls, "from_pretrained") else transformers.AutoModel
+    try:
+        return cast(nn.Module, cls.from_pretrained(str(path), local_files_only=True))
+    except (OSError, ValueError) as exc:
+        raise ModelPathError(f"{path}: cannot load the model: {exc}") from None
+
+
 @dataclass
 class Data:
     task: str

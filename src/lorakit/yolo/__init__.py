@@ -18,9 +18,14 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from . import offline
-from .data import make_dataset
-from .data_tasks import make_task_dataset
+from ..errors import require_extra
+
+# Before anything below: data.py needs cv2, which only ultralytics brings (a one-line error, not a traceback).
+require_extra("ultralytics", "yolo", "lorakit.yolo")
+
+from . import offline  # noqa: E402
+from .data import make_dataset  # noqa: E402
+from .data_tasks import make_task_dataset  # noqa: E402
 
 _LAZY = {
     "LoraYOLO": "model",
