@@ -1,8 +1,10 @@
 """A LoRA-aware Ultralytics ``DetectionTrainer``.
 
-Ultralytics' trainer rebuilds, re-freezes, EMA-copies and pickles the model
-(``notes/ultralytics.md`` section 3). Each override below undoes one of those
-steps for LoRA:
+Ultralytics' trainer rebuilds the model from its YAML (copying the pretrained
+weights by key and shape), sets ``requires_grad=True`` again on frozen layers in
+its freeze loop, keeps an EMA deep copy made after the optimizer, and pickles
+whole modules into ``last.pt``/``best.pt``. Each override below undoes one of
+those steps for LoRA:
 
 ===========================  ===========================================================
 override                     why
