@@ -48,6 +48,7 @@ from ..io_format import atomic_path
 from ..io_peft import from_peft_config
 from ..layers import LoraLayer
 from .checks import check_settings
+from .provenance import recorded_merge
 from .tasks import trainer_for
 from .trainer import LoraOptions, LoraTrainerMixin
 from .variants import Variant, fresh_variant
@@ -284,7 +285,9 @@ class LoraYOLO(YOLO):  # type: ignore[misc]
     def save_merged(self, path: str | Path) -> Path:
         """Write the current state (active adapter merged) as a plain Ultralytics ``.pt``.
 
-        The file loads with ``ultralytics.YOLO(path)`` without lorakit installed. It is
+        The file loads with ``ultralytics.YOLO(path)`` without lorakit installed. Its
+        ``train_args`` are the adapter run's (``data``, ``imgsz``), not the base's, and its
+        ``description`` names the adapter and the base (:mod:`.provenance`). It is
         written atomically (temp file, fsync, rename): a reader or a crash sees the old
         file or the new one, never half a checkpoint.
 
@@ -292,7 +295,9 @@ class LoraYOLO(YOLO):  # type: ignore[misc]
             OSError: the file cannot be written (the message names it).
         """
         path = Path(path)
-        with self._merged(), atomic_path(path) as tmp:
+        active = None if self._disabled else self.active_adapter  # its run's data and a description go in
+        source = self._variants[active].source if active else None
+        with self._merged(), recorded_merge(self, source), atomic_path(path) as tmp:
             self.save(tmp)
         return path
 
