@@ -199,7 +199,8 @@ def test_adapter_files(tmp_path: Path, base: SimpleNamespace, same_nc: SimpleNam
     with torch.no_grad():
         torch.testing.assert_close(layer_outputs(fresh, _x()), layer_outputs(ema, _x()), atol=1e-5, rtol=1e-5)
     meta = json.loads(read_adapter_files(t.last_adapter).metadata["lorakit_yolo"])
-    assert meta == {"task": "detect", "names": {"0": "rectangle", "1": "circle"}}
+    names = {"0": "rectangle", "1": "circle"}  # and the run's data and imgsz, for merged checkpoints
+    assert meta == {"task": "detect", "names": names, "data": str(base.data_a), "imgsz": IMGSZ}
 
 
 def test_new_class_count_trains_class_convs_fully(base: SimpleNamespace, new_nc: SimpleNamespace) -> None:
