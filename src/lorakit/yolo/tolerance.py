@@ -39,7 +39,7 @@ class Tolerance:
         floor: an absolute bound in the output's ``unit`` that is always allowed
             (a difference below it changes nothing that matters).
         unit: the unit of ``floor``, for messages (``"px"``, ``"probability"``).
-        why: one line saying where the numbers come from, printed with the check.
+        why: a short reason for the bound, for messages (the demo prints it with its exact checks).
     """
 
     ulps: float
