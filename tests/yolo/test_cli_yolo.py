@@ -21,7 +21,7 @@ import pytest
 import safetensors
 import torch
 from torch import nn
-from yolo_helpers import final_outputs, save_random_detector
+from yolo_helpers import checkpoint, final_outputs, save_random_detector, with_run_args
 
 from lorakit.cli import main
 
@@ -208,6 +208,32 @@ def test_merge_writes_a_plain_checkpoint_atomically(run: SimpleNamespace, capsys
     assert out_file.read_bytes() == before
     assert main([*argv, "overwrite=True"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged.pt"]
+
+
+def test_merge_output_carries_the_adapter_runs_data_and_says_it_is_a_merge(
+    run: SimpleNamespace, capsys: Any, tmp_path: Path
+) -> None:
+    """Issue 13 item 3: ``lorakit yolo merge`` wrote the base's ``train_args`` (its run's data set)
+    into the merged file, so ``yolo val model=merged.pt`` validated on the base's data with the
+    adapter's class names. The file must carry the adapter run's data and image size, its class
+    names, and a description naming the adapter and the base."""
+    from ultralytics import YOLO
+
+    from lorakit.yolo.data import DOMAINS
+
+    other = tmp_path / "other" / "data.yaml"  # the base's own run was on another data set
+    base = with_run_args(run.pt, tmp_path / "base_other.pt", data=str(other), imgsz=320, task="detect")
+    out_file = tmp_path / "merged.pt"
+    assert main(["yolo", "merge", f"model={base}", f"adapter={run.adapter}", f"out={out_file}"]) == 0
+    capsys.readouterr()
+    ckpt = checkpoint(out_file)
+    assert (ckpt["train_args"]["data"], ckpt["train_args"]["imgsz"]) == (str(run.data), IMGSZ)
+    assert ckpt["description"] == (
+        f"LoRA merge: adapter {run.adapter} merged into base {base}; adapter trained on {run.data}"
+    )
+    plain = YOLO(str(out_file))
+    assert plain.names == dict(enumerate(DOMAINS["A"]))
+    assert plain.overrides["data"] == str(run.data)  # what `yolo val model=merged.pt` validates on
 
 
 def _bad_cases(run: SimpleNamespace, tmp: Path) -> list[tuple[list[str], list[str]]]:

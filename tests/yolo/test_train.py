@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
-from yolo_helpers import TINY_TRAIN, layer_outputs, save_random_detector, start_snapshot
+from yolo_helpers import TINY_TRAIN, checkpoint, layer_outputs, save_random_detector, start_snapshot, with_run_args
 
 import lorakit
 
@@ -202,7 +202,8 @@ def test_adapter_files(tmp_path: Path, base: SimpleNamespace, same_nc: SimpleNam
     with torch.no_grad():
         torch.testing.assert_close(layer_outputs(fresh, _x()), layer_outputs(ema, _x()), atol=1e-5, rtol=1e-5)
     meta = json.loads(read_adapter_files(t.last_adapter).metadata["lorakit_yolo"])
-    assert meta == {"task": "detect", "names": {"0": "rectangle", "1": "circle"}}
+    names = {"0": "rectangle", "1": "circle"}  # and the run's data and imgsz, for merged checkpoints
+    assert meta == {"task": "detect", "names": names, "data": str(base.data_a), "imgsz": IMGSZ}
 
 
 def test_new_class_count_trains_class_convs_fully(base: SimpleNamespace, new_nc: SimpleNamespace) -> None:
@@ -224,6 +225,47 @@ def test_new_class_count_trains_class_convs_fully(base: SimpleNamespace, new_nc:
     for k, v in ref.items():
         if k not in head_params and not k.startswith(tuple(heads)):
             assert torch.equal(sd[k], v), k
+
+
+def test_merged_checkpoints_carry_the_adapter_runs_data_and_say_they_are_merges(
+    base: SimpleNamespace, new_nc: SimpleNamespace, tmp_path: Path
+) -> None:
+    """Issue 13 item 3: a merged checkpoint kept the base run's ``train_args`` (its data set, domain A),
+    so ``yolo val model=merged_B.pt`` validated on A with B's class names, and nothing said it was a
+    merge. The run's best.pt/last.pt and ``save_merged`` must carry the adapter run's data (what
+    ``YOLO(file)`` takes as its default ``data``), its class names, and a description naming adapter and base."""
+    from ultralytics import YOLO
+
+    from lorakit.yolo import LoraYOLO
+    from lorakit.yolo.data import DOMAINS
+
+    t, data_b, names_b = new_nc.trainer, str(base.data_b), dict(enumerate(DOMAINS["B"]))
+    for pt, adapter in ((t.best, t.best_adapter), (t.last, t.last_adapter)):
+        ckpt = checkpoint(pt)
+        assert ckpt["train_args"]["data"] == data_b, pt
+        assert (
+            ckpt["description"]
+            == f"LoRA merge: adapter {adapter} merged into base {base.pt}; adapter trained on {data_b}"
+        )
+        assert YOLO(str(pt)).names == names_b
+
+    # A base whose own run was on A, as a pre-trained base's checkpoint says; B's adapter merged into it.
+    base_a = with_run_args(base.pt, tmp_path / "base_a.pt", data=str(base.data_a), imgsz=320)
+    model = LoraYOLO(str(base_a), adapter=t.best_adapter)
+    merged = model.save_merged(tmp_path / "merged_b.pt")
+    ckpt = checkpoint(merged)
+    assert (ckpt["train_args"]["data"], ckpt["train_args"]["imgsz"]) == (data_b, IMGSZ)
+    assert ckpt["description"] == (
+        f"LoRA merge: adapter {t.best_adapter} merged into base {base_a}; adapter trained on {data_b}"
+    )
+    plain = YOLO(str(merged))
+    assert plain.names == names_b
+    assert plain.overrides["data"] == data_b  # what `yolo val model=merged_b.pt` validates on
+    assert checkpoint(base_a)["train_args"]["data"] == str(base.data_a)  # the base file is untouched
+
+    with model.adapter_disabled():  # no adapter active: the file is the base, with the base's own settings
+        again = checkpoint(model.save_merged(tmp_path / "base_again.pt"))
+    assert again["train_args"]["data"] == str(base.data_a) and "description" not in again
 
 
 def test_muon_refused(base: SimpleNamespace) -> None:

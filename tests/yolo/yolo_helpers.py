@@ -96,3 +96,18 @@ def start_snapshot(start: dict[str, Any]) -> Any:
         start["names"] = {id(p): n for n, p in m.named_parameters()}
 
     return snapshot
+
+
+def with_run_args(src: Path, dst: Path, **train_args: Any) -> Path:
+    """A copy of checkpoint ``src`` whose ``train_args`` say its run used ``train_args`` (as a base
+    pre-trained on another data set says); the weights are untouched, so adapters still fit it."""
+    ckpt = torch.load(src, map_location="cpu", weights_only=False)
+    ckpt["train_args"] = {**(ckpt.get("train_args") or {}), **train_args}
+    torch.save(ckpt, dst)
+    return dst
+
+
+def checkpoint(path: Path) -> dict[str, Any]:
+    """An Ultralytics checkpoint's dict (it pickles modules, so not ``weights_only``)."""
+    ckpt: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=False)
+    return ckpt

@@ -54,6 +54,7 @@ from ..io_peft import from_peft_config
 from ..layers import LoraLayer
 from .checks import check_settings
 from .offline import runs_project
+from .provenance import recorded_merge
 from .tasks import trainer_for
 from .trainer import LoraOptions, LoraTrainerMixin
 from .variants import Variant, fresh_variant
@@ -110,7 +111,6 @@ class LoraYOLO(YOLO):  # type: ignore[misc]
         self.lora = lora
         self._base: Variant | None = None  # the base's own versions of the modules adapters replace
         self._variants: dict[str, Variant] = {}
-        self._adapter_dirs: dict[str, Path] = {}  # name -> the folder it was loaded from (export names)
         self._disabled = False
         self._view: tuple[Any, nn.Module] | None = None  # (state key, merged copy) for inference
         self._generation = 0
@@ -187,7 +187,6 @@ class LoraYOLO(YOLO):  # type: ignore[misc]
         report = load_adapter(model, path, name, allow_other_base=allow_other_base, modules=variant.modules)
         self._base = base
         self._variants[name] = variant
-        self._adapter_dirs[name] = path
         if activate:
             self._install(name)
         else:
@@ -214,7 +213,6 @@ class LoraYOLO(YOLO):  # type: ignore[misc]
         self._install(None if active == name else active)
         core.delete_adapter(self._lora_model(), name)
         del self._variants[name]
-        del self._adapter_dirs[name]
         self._changed()
 
     @contextmanager
@@ -297,7 +295,9 @@ class LoraYOLO(YOLO):  # type: ignore[misc]
     def save_merged(self, path: str | Path) -> Path:
         """Write the current state (active adapter merged) as a plain Ultralytics ``.pt``.
 
-        The file loads with ``ultralytics.YOLO(path)`` without lorakit installed. It is
+        The file loads with ``ultralytics.YOLO(path)`` without lorakit installed. Its
+        ``train_args`` are the adapter run's (``data``, ``imgsz``), not the base's, and its
+        ``description`` names the adapter and the base (:mod:`.provenance`). It is
         written atomically (temp file, fsync, rename): a reader or a crash sees the old
         file or the new one, never half a checkpoint.
 
@@ -305,7 +305,9 @@ class LoraYOLO(YOLO):  # type: ignore[misc]
             OSError: the file cannot be written (the message names it).
         """
         path = Path(path)
-        with self._merged(), atomic_path(path) as tmp:
+        active = None if self._disabled else self.active_adapter  # its run's data and a description go in
+        source = self._variants[active].source if active else None
+        with self._merged(), recorded_merge(self, source), atomic_path(path) as tmp:
             self.save(tmp)
         return path
 
@@ -388,7 +390,8 @@ class LoraYOLO(YOLO):  # type: ignore[misc]
         """
         check_settings(kwargs, "export")
         active = None if self._disabled else self.active_adapter  # read before the merged copy replaces the model
-        with self._merged(), _named_after(self.model, None if active is None else self._adapter_dirs[active]):
+        folder = None if active is None else Path(self._variants[active].source["adapter"])
+        with self._merged(), _named_after(self.model, folder):
             return super().export(**kwargs)
 
 

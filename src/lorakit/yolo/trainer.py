@@ -1,8 +1,10 @@
 """A LoRA-aware Ultralytics ``DetectionTrainer``.
 
-Ultralytics' trainer rebuilds, re-freezes, EMA-copies and pickles the model
-(``notes/ultralytics.md`` section 3). Each override below undoes one of those
-steps for LoRA:
+Ultralytics' trainer rebuilds the model from its YAML (copying the pretrained
+weights by key and shape), sets ``requires_grad=True`` again on frozen layers in
+its freeze loop, keeps an EMA deep copy made after the optimizer, and pickles
+whole modules into ``last.pt``/``best.pt``. Each override below undoes one of
+those steps for LoRA:
 
 ===========================  ===========================================================
 override                     why
@@ -19,7 +21,8 @@ override                     why
                              Muon would orthogonalise the LoRA factors)
 ``save_model``               writes ``last.pt``/``best.pt`` with the EMA model *merged*
                              (plain ``nn.Conv2d``: loads, fuses and exports without
-                             lorakit) and the adapter next to them
+                             lorakit) and a ``description`` naming adapter and base
+                             (:mod:`.provenance`), and the adapter next to them
 ``check_resume``,            ``resume=True``: ``last.pt`` holds merged weights, so the
 ``get_model``,               base, the LoRA tensors and their EMA come from
 ``_load_checkpoint_state``   ``weights/lora_resume/`` (:mod:`.resume`); the optimizer
@@ -60,6 +63,7 @@ from ..inject import InjectReport, inject
 from ..layers import LoraLayer
 from . import resume
 from .checks import check_optimizer
+from .provenance import RUN_KEYS, describe_checkpoint, merge_description
 from .targets import class_convs, detector_config
 
 # What optimizer="auto" means for LoRA: 7x what full fine-tuning wanted on the synthetic A->B benchmark
@@ -143,11 +147,13 @@ class LoraOptions:
 YOLO_METADATA = "lorakit_yolo"  # safetensors header key: what a base needs besides the tensors (class names)
 
 
-def yolo_metadata(model: nn.Module, task: str | None = None) -> dict[str, Any]:
+def yolo_metadata(model: nn.Module, task: str | None = None, run: dict[str, Any] | None = None) -> dict[str, Any]:
     """The facts a base model needs to take this adapter besides its tensors.
 
     ``task``, the class ``names`` (the head's class convs are in the file, their names
-    are not) and, for pose models, ``kpt_shape``.
+    are not), for pose models ``kpt_shape``, and from ``run`` (the training arguments)
+    ``data`` and ``imgsz``: a checkpoint merged from this adapter carries them as its
+    ``train_args``, not the base's (:mod:`.provenance`).
     """
     layers = getattr(model, "model", None)
     head = layers[-1] if isinstance(layers, nn.Sequential) else None
@@ -158,20 +164,31 @@ def yolo_metadata(model: nn.Module, task: str | None = None) -> dict[str, Any]:
     }
     if head is not None and getattr(head, "kpt_shape", None) is not None:
         meta["kpt_shape"] = [int(k) for k in cast(Any, head).kpt_shape]
+    for key in RUN_KEYS:
+        value = (run or {}).get(key)
+        if value is not None:
+            meta[key] = str(value) if key == "data" else value
     return meta
 
 
-def save_adapter(model: nn.Module, path: str | Path, name: str = "default", task: str | None = None) -> Path:
+def save_adapter(
+    model: nn.Module,
+    path: str | Path,
+    name: str = "default",
+    task: str | None = None,
+    run: dict[str, Any] | None = None,
+) -> Path:
     """Write adapter ``name`` of ``model`` (plus its ``train_modules``) to the folder ``path``.
 
-    :func:`lorakit.io.save_adapter` with the detector's class names and task in the
-    safetensors header (key ``lorakit_yolo``), so that
-    :meth:`LoraYOLO.load_adapter <lorakit.yolo.LoraYOLO.load_adapter>` can give a base
-    model the adapter's classes.
+    :func:`lorakit.io.save_adapter` with the detector's class names and task (and the
+    run's ``data`` and ``imgsz`` from ``run``) in the safetensors header (key
+    ``lorakit_yolo``), so that :meth:`LoraYOLO.load_adapter <lorakit.yolo.LoraYOLO.load_adapter>`
+    can give a base model the adapter's classes.
     """
     from ..io import save_adapter as save
 
-    return save(model, path, name, metadata={YOLO_METADATA: json.dumps(yolo_metadata(model, task), sort_keys=True)})
+    meta = yolo_metadata(model, task, run)
+    return save(model, path, name, metadata={YOLO_METADATA: json.dumps(meta, sort_keys=True)})
 
 
 class _DropRequiresGradWarnings(logging.Filter):
@@ -223,6 +240,8 @@ class LoraTrainerMixin:
     optimizer: Any
     scheduler: Any
     wdir: Path
+    last: Path
+    best: Path
     world_size: int
     freeze_layer_names: list[str]
     best_fitness: Any
@@ -365,7 +384,11 @@ class LoraTrainerMixin:
         return optimizer
 
     def save_model(self) -> bool:
-        """Write merged ``last.pt``/``best.pt`` (EMA with LoRA folded in) and the adapter next to them."""
+        """Write merged ``last.pt``/``best.pt`` (EMA with LoRA folded in) and the adapter next to them.
+
+        Ultralytics writes this run's ``train_args`` (its ``data``, the adapter's); each
+        file also gets a ``description`` naming its adapter folder and the base.
+        """
         assert self.ema is not None
         lora_ema = self.ema.ema
         self.ema.ema = merge_and_unload(deepcopy(lora_ema))
@@ -374,10 +397,12 @@ class LoraTrainerMixin:
         finally:
             self.ema.ema = lora_ema
         if saved:
-            task = self.args.task
-            save_adapter(lora_ema, self.last_adapter, self.lora.adapter_name, task)
-            if self.best_fitness == self.fitness:
-                save_adapter(lora_ema, self.best_adapter, self.lora.adapter_name, task)
+            task, best = self.args.task, self.best_fitness == self.fitness
+            run = {"data": self.args.data, "imgsz": self.args.imgsz}
+            for pt, adapter, written in ((self.last, self.last_adapter, True), (self.best, self.best_adapter, best)):
+                if written:
+                    save_adapter(lora_ema, adapter, self.lora.adapter_name, task, run)
+                    describe_checkpoint(pt, merge_description(adapter, self.args.model, self.args.data))
             assert self.lora_config is not None
             resume.write_epoch(
                 self.wdir,

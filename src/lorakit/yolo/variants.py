@@ -44,11 +44,15 @@ class Variant:
 
     ``modules`` are the adapter's copies of its fully trained modules, handed to
     :func:`lorakit.io.load_adapter`; the core installs them. :meth:`install` sets the rest.
+    ``source`` is where an adapter came from: ``{"adapter": folder, **header}`` (its
+    ``lorakit_yolo`` header entry: the run's ``data``...), for a merged checkpoint's
+    ``train_args`` (:mod:`.provenance`); empty for the base.
     """
 
     modules: dict[str, nn.Module] = field(default_factory=dict)
     names: dict[int, str] = field(default_factory=dict)
     head: dict[str, Any] = field(default_factory=dict)
+    source: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def capture(cls, model: nn.Module) -> Variant:
@@ -110,7 +114,9 @@ def fresh_variant(model: nn.Module, base: Variant, paths: list[str], files: Adap
     into these copies, once they are installed.
     """
     meta = yolo_meta(files)
-    out = Variant(names=dict(base.names), head=dict(base.head))
+    out = Variant(
+        names=dict(base.names), head=dict(base.head), source={"adapter": str(files.weights_file.parent), **meta}
+    )
     for p in paths:
         module = deepcopy(base.modules[p])
         w = files.tensors.get(f"{PREFIX}{p}.weight")
