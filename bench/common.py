@@ -21,6 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from lorakit.machine import cpu_name
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 
@@ -136,18 +138,10 @@ def machine() -> dict[str, Any]:
     info: dict[str, Any] = {
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_name(),
         "cores": os.cpu_count(),
         "threads": 1,
     }
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    info["cpu"] = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
     from importlib.metadata import PackageNotFoundError, version
 
     for mod in ("transformers", "peft", "ultralytics", "lorakit", "safetensors"):

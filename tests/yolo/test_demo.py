@@ -18,6 +18,8 @@ from typing import Any
 
 import pytest
 
+from lorakit.machine import cpu_name
+
 pytestmark = pytest.mark.slow
 
 _GUARD = textwrap.dedent(
@@ -73,6 +75,7 @@ def test_quick_demo_runs_offline_and_passes_its_checks(quick: dict[str, Any]) ->
     assert "LoRA / full fine-tuning mAP50-95 on B" in proc.stdout  # the table is printed
     lines = [line for line in proc.stdout.splitlines() if line.startswith(("| merged_equals", "| onnx_equals"))]
     assert len(lines) == 2 and all("ulp of scale" in line for line in lines), lines  # each states its bound
+    assert f"on {cpu_name()} (" in (out / "results.md").read_text()  # figures name the CPU they came from
 
 
 def test_quick_demo_json(quick: dict[str, Any]) -> None:

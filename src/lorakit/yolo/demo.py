@@ -46,6 +46,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from ..machine import cpu_name
 from .tolerance import Tolerance, compare_parts
 
 ARMS = ("full", "head", "lora")
@@ -622,7 +623,8 @@ def run(out: Path, s: Settings) -> int:
         f"pre-trained {s.pretrain_epochs} epochs on A ({base['pretrain_s']:.0f} s), adapted {s.epochs} epochs "
         f"to B (batch {s.batch}, no warmup, AdamW lr: full {s.lr_full}, head {s.lr_head}, LoRA {lora_lr} = "
         f"LoraYOLO's default, r={lora['r']} on {lora['adapted']} convs + the new class convs, BatchNorm adapting); "
-        f"seed {s.seed}; 1 CPU thread per run; {total:,} parameters at 3 classes. "
+        f"seed {s.seed}; 1 CPU thread per run on {cpu_name()} ({os.cpu_count()} cores); {total:,} parameters at "
+        "3 classes. "
         f"Wall time {summary['wall_s']:.0f} s.\n\n"
         "Stored per domain: full fine-tuning needs the whole model (fp16 `.pt` as Ultralytics saves it), head-only "
         "the Detect head, LoRA the adapter folder (fp32 safetensors + JSON). Peak RSS is each child process's "
