@@ -25,13 +25,12 @@ a local dataset whose images exist, ``source=`` local files.
 
 from __future__ import annotations
 
-import difflib
 import glob
 from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..cli.args import ArgError, parse_value
+from ..cli.args import ArgError, did_you_mean, parse_value
 from ..config import LoraConfig, as_patterns
 from ..errors import LoraError
 from . import offline
@@ -93,9 +92,7 @@ def run(argv: list[str]) -> int:
     }
     verb = verbs.get(sub)
     if verb is None:
-        close = difflib.get_close_matches(sub, verbs, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ArgError(f"unknown yolo subverb {sub!r}{hint} (use {', '.join(verbs)})")
+        raise ArgError(f"unknown yolo subverb {sub!r}{did_you_mean(sub, verbs, n=1)} (use {', '.join(verbs)})")
     # Before anything imports ultralytics: its import probes the network (see lorakit.yolo.offline).
     offline.enable()
     return verb(rest)
@@ -139,9 +136,9 @@ def _unknown(key: str, allowed: set[str], own: Collection[str], verb: str) -> st
     msg = f"yolo {verb}: unknown key {key!r}"
     if key in LORA_KEYS:
         return f"{msg}: LoRA settings are for 'yolo train'; {verb} reads them from the adapter= folder"
-    close = difflib.get_close_matches(key, sorted(allowed), n=3, cutoff=0.6)
-    if close:
-        return f"{msg}; did you mean {' or '.join(repr(c) for c in close)}?"
+    hint = did_you_mean(key, allowed)
+    if hint:
+        return msg + hint
     extra = " and Ultralytics' settings (yolo cfg)" if len(allowed) > len(own) else ""
     return f"{msg}; known keys: {', '.join(sorted(own))}{extra}"
 
