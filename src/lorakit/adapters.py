@@ -139,7 +139,7 @@ def set_adapter(model: nn.Module, names: str | Iterable[str]) -> None:
             merged = d["lora_merged"]
             d["_lora_live"] = tuple(adapters[n] for n in active if n in adapters and n not in merged)
     if objects is not None:
-        if not any(layer.lora_disabled for layer in layers):  # disabled(): the base's stay until its exit
+        if not _is_disabled(layers):  # disabled(): the base's stay until its exit
             owned.install(model, objects)
         owned.set_trainable(model, active)
 
@@ -163,10 +163,11 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         MixedBatchError: called inside :func:`lorakit.mixed_batch`.
     """
     _names(model, name)
-    _not_mixing(_layers(model), "delete_adapter")
+    layers = _layers(model)
+    _not_mixing(layers, "delete_adapter")
     remaining = tuple(n for n in active_adapters(model) if n != name)
     if owned.OWNED_ATTR in model.__dict__:
-        owned.install(model, owned.live(model, () if _is_disabled(model) else remaining))
+        owned.install(model, owned.live(model, () if _is_disabled(layers) else remaining))
         owned.drop(model, name)
     for _, layer in list(lora_layers(model)):
         if name not in layer.lora:
@@ -209,8 +210,9 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
         owned.install(model, owned.live(model, active_adapters(model)))
 
 
-def _is_disabled(model: nn.Module) -> bool:
-    return any(layer.lora_disabled for layer in _layers(model))
+def _is_disabled(layers: Iterable[LoraLayer]) -> bool:
+    """Inside :func:`disabled` (every LoRA layer is marked then)."""
+    return any(layer.lora_disabled for layer in layers)
 
 
 def _check_finite(model: nn.Module, names: tuple[str, ...]) -> None:
