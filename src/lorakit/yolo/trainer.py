@@ -19,10 +19,15 @@ override                     why
                              builds the groups from trainable parameters only, with an
                              explicit optimizer ("auto" -> AdamW lr 0.007; MuSGD refused:
                              Muon would orthogonalise the LoRA factors)
-``save_model``               writes ``last.pt``/``best.pt`` with the EMA model *merged*
-                             (plain ``nn.Conv2d``: loads, fuses and exports without
-                             lorakit) and a ``description`` naming adapter and base
-                             (:mod:`.provenance`), and the adapter next to them
+``validate``                 validates the EMA model *merged* (plain ``nn.Conv2d``, as
+                             fast as full fine-tuning's), one copy refreshed in place
+                             (:mod:`.merged`)
+``save_model``               writes ``last.pt``/``best.pt`` from that merged copy (loads,
+                             fuses and exports without lorakit), and the adapter next
+                             to them
+``final_eval``               Ultralytics' final validation of ``best.pt``; then each
+                             file gets a ``description`` naming adapter and base
+                             (:mod:`.provenance`) and the resume state goes
 ``check_resume``,            ``resume=True``: ``last.pt`` holds merged weights, so the
 ``get_model``,               base, the LoRA tensors and their EMA come from
 ``_load_checkpoint_state``   ``weights/lora_resume/`` (:mod:`.resume`); the optimizer
@@ -33,8 +38,15 @@ override                     why
                              state of the last saved epoch are restored from memory
 ===========================  ===========================================================
 
-``final_eval`` needs no override: it re-validates ``best.pt`` from disk with
-``fuse=True``, which works because that file is already merged.
+Ultralytics' ``final_eval`` re-validates ``best.pt`` from disk with ``fuse=True``,
+which works because that file is already merged.
+
+Per epoch a LoRA run writes what full fine-tuning writes (``last.pt``, ``best.pt``
+when it improved) plus the adapter (``last_adapter``; ``best_adapter`` copied from it
+byte for byte) and the resume state (:mod:`.resume`), all small. The description is
+written once, at the end (reading and re-writing a checkpoint cost about 0.3 s per
+file per epoch): a run killed before its end leaves ``last.pt``/``best.pt`` without it,
+loading as usual.
 """
 
 from __future__ import annotations
@@ -56,13 +68,14 @@ from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.utils import DEFAULT_CFG, LOGGER
 from ultralytics.utils.torch_utils import ModelEMA, unwrap_model
 
-from ..adapters import merge_and_unload
 from ..config import LoraConfig, as_patterns
 from ..errors import ConfigError
 from ..inject import InjectReport, inject
+from ..io import copy_adapter
 from ..layers import LoraLayer
 from . import resume
 from .checks import check_optimizer
+from .merged import MergedCopy
 from .provenance import RUN_KEYS, describe_checkpoint, merge_description
 from .targets import class_convs, detector_config
 
@@ -265,6 +278,7 @@ class LoraTrainerMixin:
         self._lora_trainable: set[str] = set()
         self._last_good: dict[str, Any] | None = None  # NaN recovery point, see _handle_nan_recovery
         self._resume: resume.ResumeState | None = None  # set by check_resume when resuming
+        self._merged: MergedCopy | None = None  # the EMA merged, for validation and checkpoints
         super().__init__(cfg, overrides, _callbacks)  # type: ignore[call-arg]
         if self.world_size > 1:
             raise NotImplementedError(f"{type(self).__name__}: multi-GPU (DDP) training is not supported yet")
@@ -338,8 +352,12 @@ class LoraTrainerMixin:
             self.ema.updates = ckpt["updates"]
 
     def final_eval(self) -> None:
-        """Ultralytics' final validation of ``best.pt``; then the resume state goes (the run is finished)."""
+        """Ultralytics' final validation of ``best.pt``; then the checkpoints get their ``description``
+        and the resume state goes (the run is finished)."""
         super().final_eval()  # type: ignore[misc]
+        for pt, adapter in ((self.last, self.last_adapter), (self.best, self.best_adapter)):
+            if pt.is_file() and adapter.is_dir():
+                describe_checkpoint(pt, merge_description(adapter, self.args.model, self.args.data))
         resume.remove(self.wdir)
 
     def head_modules(self, model: nn.Module) -> list[str]:
@@ -383,26 +401,41 @@ class LoraTrainerMixin:
         LOGGER.info(f"LoRA: the optimizer keeps {len(kept)} trainable tensors ({numbers:,} numbers)")
         return optimizer
 
-    def save_model(self) -> bool:
-        """Write merged ``last.pt``/``best.pt`` (EMA with LoRA folded in) and the adapter next to them.
+    def merged_ema(self) -> nn.Module:
+        """The EMA model with LoRA merged: one plain copy, refreshed when the EMA has changed."""
+        assert self.ema is not None
+        ema = self.ema.ema
+        if self._merged is None or not self._merged.fits(ema):  # first use, or a new EMA of another structure
+            self._merged = MergedCopy(ema)
+        return self._merged.refresh(ema, int(self.ema.updates))
 
-        Ultralytics writes this run's ``train_args`` (its ``data``, the adapter's); each
-        file also gets a ``description`` naming its adapter folder and the base.
-        """
+    @contextmanager
+    def _ema_merged(self) -> Iterator[None]:
+        """Inside the block ``self.ema.ema`` is :meth:`merged_ema` (what Ultralytics validates and pickles)."""
         assert self.ema is not None
         lora_ema = self.ema.ema
-        self.ema.ema = merge_and_unload(deepcopy(lora_ema))
+        self.ema.ema = self.merged_ema()
         try:
-            saved = bool(super().save_model())  # type: ignore[misc]
+            yield
         finally:
             self.ema.ema = lora_ema
+
+    def validate(self) -> tuple[Any, Any]:
+        """Ultralytics' validation, of the EMA merged (the LoRA EMA would pay its extra convolutions per image)."""
+        with self._ema_merged():
+            return cast(tuple[Any, Any], super().validate())  # type: ignore[misc]
+
+    def save_model(self) -> bool:
+        """Write merged ``last.pt``/``best.pt`` (the EMA with LoRA folded in), the adapter and the resume state."""
+        assert self.ema is not None
+        lora_ema = self.ema.ema
+        with self._ema_merged():
+            saved = bool(super().save_model())  # type: ignore[misc]
         if saved:
-            task, best = self.args.task, self.best_fitness == self.fitness
             run = {"data": self.args.data, "imgsz": self.args.imgsz}
-            for pt, adapter, written in ((self.last, self.last_adapter, True), (self.best, self.best_adapter, best)):
-                if written:
-                    save_adapter(lora_ema, adapter, self.lora.adapter_name, task, run)
-                    describe_checkpoint(pt, merge_description(adapter, self.args.model, self.args.data))
+            save_adapter(lora_ema, self.last_adapter, self.lora.adapter_name, self.args.task, run)
+            if self.best_fitness == self.fitness:
+                copy_adapter(self.last_adapter, self.best_adapter)
             assert self.lora_config is not None
             resume.write_epoch(
                 self.wdir,

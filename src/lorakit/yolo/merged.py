@@ -1,0 +1,96 @@
+"""One plain, merged copy of a LoRA run's EMA model, made once and refreshed in place.
+
+Ultralytics validates ``trainer.ema.ema`` after each epoch and pickles it into
+``last.pt``/``best.pt``. For a LoRA run both want the merged model: a plain
+``nn.Conv2d`` validates at full fine-tuning's speed (the LoRA EMA pays the extra A
+and B convolutions on every image) and pickles without lorakit. Rebuilding it each
+epoch (``merge_and_unload(deepcopy(ema))``) cost about 0.5 s on yolo26n, most of it
+the deep copy (bench/yolo_train_profile.py); this copy is built once and refreshed
+by copying tensors:
+
+    merged[k] = ema[k]                                    every state entry but the adapted weights
+    merged[p.weight] = W_p + sum_i s_i * delta W_i(p)     each adapted layer p, active adapters i
+
+computed in fp32 and cast to the weight's dtype: the arithmetic of
+:func:`lorakit.merge`, so the refreshed copy equals ``merge_and_unload(deepcopy(ema))``
+bitwise. Fully trained modules (BatchNorm, new class convs) are the EMA's active
+copies at the same paths, so their entries are copied like any other.
+"""
+
+from __future__ import annotations
+
+import weakref
+from copy import deepcopy
+
+import torch
+from torch import nn
+
+from ..adapters import merge_and_unload
+from ..inject import lora_layers
+from ..layers import LoraLayer
+
+# Plain attributes of the EMA model (yaml, nc, args, names, stride: ModelEMA.update_attr copies them from the live
+# model each epoch) are followed, so a checkpoint written from the copy says the same; these are not: the copy's
+# train/eval mode is its own, and the loss object is built per model on first use.
+_SKIP_ATTRS = ("training", "criterion")
+
+
+def _live_names(layer: LoraLayer) -> tuple[str, ...]:
+    """The adapters whose delta the forward adds (what ``merge_and_unload`` with no names merges)."""
+    if layer.lora_disabled:
+        return ()
+    return tuple(n for n in layer.lora_active if n in layer.lora and n not in layer.lora_merged)
+
+
+class MergedCopy:
+    """A plain model equal to the LoRA model ``source`` merged, kept current by :meth:`refresh`.
+
+    Attributes:
+        model: the merged copy (original layer classes only; no lorakit state).
+    """
+
+    def __init__(self, source: nn.Module) -> None:
+        self.model = merge_and_unload(deepcopy(source))
+        self._source = weakref.ref(source)  # not an id(): a freed model's id can be reused
+        self._version = -1  # nothing copied yet: the first refresh copies even for this source
+
+    def fits(self, source: nn.Module) -> bool:
+        """True when ``source`` is the model last refreshed from, or has every state entry of the copy
+        with the same shape (a new EMA of the same model, as NaN recovery and resume make)."""
+        if self._source() is source:
+            return True
+        have = source.state_dict()
+        return all(k in have and have[k].shape == v.shape for k, v in self.model.state_dict().items())
+
+    def refresh(self, source: nn.Module, version: int) -> nn.Module:
+        """Copy ``source``'s state into the copy, adapted weights merged; return the copy.
+
+        ``version`` identifies ``source``'s state (the EMA's update count): a second
+        call with the same source object and version is free.
+
+        Raises:
+            KeyError: ``source`` lacks a state entry of the copy (its structure changed;
+                build a new :class:`MergedCopy`).
+        """
+        if self._source() is source and version == self._version:
+            return self.model
+        have = source.state_dict()
+        own = self.model.state_dict()
+        adapted = {}
+        for path, layer in lora_layers(source):
+            names = _live_names(layer)
+            if names:
+                adapted[".".join(filter(None, (path, layer.lora_handler.weight_name)))] = (layer, names)
+        with torch.no_grad():
+            for key, target in own.items():
+                if key in adapted:
+                    layer, names = adapted[key]
+                    merged = have[key].float() + layer.lora_delta(names)
+                    target.copy_(merged.to(target.dtype))
+                else:
+                    target.copy_(have[key])
+        for key, value in vars(source).items():
+            if not key.startswith("_") and key not in _SKIP_ATTRS and key in vars(self.model):
+                setattr(self.model, key, value)
+        self._source, self._version = weakref.ref(source), version
+        return self.model
