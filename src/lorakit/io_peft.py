@@ -126,8 +126,11 @@ def grouped_conv_A(file: Path, key: str, dense: torch.Tensor, groups: int) -> to
 # -- config: lorakit -> PEFT --------------------------------------------------------------
 
 
-def _peft_selects(target: list[str], name: str) -> bool:
-    return name in target or any(name.endswith("." + t) for t in target)
+def _peft_selects(target: set[str], name: str) -> bool:
+    """PEFT's list rule: ``name`` is a target or ends with ``"." + target``, i.e. one of its dotted suffixes is
+    (a set lookup per suffix: models have hundreds of modules and targets)."""
+    parts = name.split(".")
+    return any(".".join(parts[i:]) in target for i in range(len(parts)))
 
 
 def _pattern_key(path: str, others: list[str]) -> str:
@@ -147,7 +150,7 @@ def to_peft_config(
     r = Counter(ad.r for _, ad in adapted).most_common(1)[0][0]
     alpha = Counter(ad.alpha for _, ad in adapted).most_common(1)[0][0]
     target: list[str] | str = sorted(paths)
-    if {n for n in names if _peft_selects(cast(list[str], target), n)} != set(paths):
+    if {n for n in names if _peft_selects(set(paths), n)} != set(paths):
         target = "(" + "|".join(re.escape(p) for p in sorted(paths)) + ")"
     rank_pattern = {_pattern_key(p, paths): ad.r for p, ad in adapted if ad.r != r}
     alpha_pattern = {_pattern_key(p, paths): _num(ad.alpha) for p, ad in adapted if ad.alpha != alpha}

@@ -73,10 +73,20 @@ def write_base(wdir: Path, model: nn.Module) -> Path:
 
 
 def write_epoch(
-    wdir: Path, epoch: int, live: nn.Module, ema: nn.Module, config: LoraConfig, adapter_name: str, adapt_bn: bool
+    wdir: Path,
+    epoch: int,
+    live: nn.Module,
+    ema: nn.Module,
+    config: LoraConfig,
+    adapter_name: str,
+    adapt_bn: bool,
+    keys: list[str] | None = None,
 ) -> Path:
-    """Write epoch ``epoch``'s changing tensors of the live model and the EMA; keep the two newest files."""
-    keys = changing_keys(live, config)
+    """Write epoch ``epoch``'s changing tensors of the live model and the EMA; keep the two newest files.
+
+    ``keys``: :func:`changing_keys` of ``live`` when the caller has them (they cost a pattern match per module).
+    """
+    keys = changing_keys(live, config) if keys is None else keys
     live_sd, ema_sd = live.state_dict(), ema.state_dict()
     tensors = _own({f"live/{k}": live_sd[k] for k in keys} | {f"ema/{k}": ema_sd[k] for k in keys})
     meta = {

@@ -279,6 +279,7 @@ class LoraTrainerMixin:
         self._last_good: dict[str, Any] | None = None  # NaN recovery point, see _handle_nan_recovery
         self._resume: resume.ResumeState | None = None  # set by check_resume when resuming
         self._merged: MergedCopy | None = None  # the EMA merged, for validation and checkpoints
+        self._changing_keys: list[str] | None = None  # what the resume state holds (resume.changing_keys)
         super().__init__(cfg, overrides, _callbacks)  # type: ignore[call-arg]
         if self.world_size > 1:
             raise NotImplementedError(f"{type(self).__name__}: multi-GPU (DDP) training is not supported yet")
@@ -437,14 +438,18 @@ class LoraTrainerMixin:
             if self.best_fitness == self.fitness:
                 copy_adapter(self.last_adapter, self.best_adapter)
             assert self.lora_config is not None
+            live = unwrap_model(self.model)
+            if self._changing_keys is None:  # the model's structure is fixed for the run: find them once
+                self._changing_keys = resume.changing_keys(live, self.lora_config)
             resume.write_epoch(
                 self.wdir,
                 self.epoch,
-                unwrap_model(self.model),
+                live,
                 lora_ema,
                 self.lora_config,
                 self.lora.adapter_name,
                 self.lora.adapt_bn,
+                keys=self._changing_keys,
             )
             self._last_good = self._snapshot()
         return saved
@@ -453,12 +458,12 @@ class LoraTrainerMixin:
         """Copies of what training changes: trainable tensors, their EMA, the optimizer state (adapter-sized)."""
         assert self.ema is not None
         live = {n: p.detach().clone() for n, p in unwrap_model(self.model).named_parameters() if p.requires_grad}
-        ema = {k: v.detach().clone() for k, v in self.ema.ema.state_dict().items() if k in live}
+        ema = self.ema.ema.state_dict()
         return {
             "model": live,
-            "ema": ema,
+            "ema": {k: ema[k].detach().clone() for k in live if k in ema},
             "updates": self.ema.updates,
-            "optimizer": deepcopy(self.optimizer.state_dict()),
+            "optimizer": _cloned(self.optimizer.state_dict()),
         }
 
     def _handle_nan_recovery(self, epoch: int) -> bool:
@@ -501,6 +506,18 @@ class LoraTrainerMixin:
         t.optimizer.zero_grad()
         t.scheduler.last_epoch = epoch - 1
         return True
+
+
+def _cloned(obj: Any) -> Any:
+    """``obj`` (an optimizer state dict) with every tensor cloned: ``deepcopy``'s result at a tenth of its
+    cost (it re-creates each tensor's storage through Python; 0.2 s for yolo26n's 1,300 Adam tensors)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _cloned(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_cloned(v) for v in obj)
+    return obj
 
 
 class LoraDetectionTrainer(LoraTrainerMixin, DetectionTrainer):  # type: ignore[misc]
