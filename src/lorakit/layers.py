@@ -196,6 +196,15 @@ def adapter_dict(layer: LoraLayer) -> dict[str, LoraAdapter]:
     return cast(dict[str, LoraAdapter], cast(nn.ModuleDict, layer._modules["lora"])._modules)
 
 
+# A conv layer's measured form: ("weight" | "activation", the live rank it was measured for); see lorakit.conv_forms
+CONV_FORM_ATTR = "lora_conv_form"
+
+
+def live_rank(layer: LoraLayer) -> int:
+    """Total rank of the adapters ``layer``'s forward adds."""
+    return sum(ad.r for ad in layer._lora_live)
+
+
 _LORA_CLASSES: dict[type[nn.Module], type[LoraLayer]] = {}
 
 
@@ -241,7 +250,7 @@ def unwrap(layer: LoraLayer) -> nn.Module:
     """
     layer._buffers.pop("lora_base_weight", None)
     del layer.lora
-    for attr in ("lora_active", "lora_merged", "lora_disabled", "_lora_live", "_lora_mixed"):
+    for attr in ("lora_active", "lora_merged", "lora_disabled", "_lora_live", "_lora_mixed", CONV_FORM_ATTR):
         layer.__dict__.pop(attr, None)
     base_cls = layer._lora_base_cls
     module: nn.Module = layer
@@ -359,24 +368,37 @@ class ConvHandler(LinearHandler):
       the weight gradient of the whole conv, ``out in/G K`` per output pixel, from
       which dA and dB follow cheaply.
 
-    ``mode="auto"`` (default) takes the weight form when that count is the smaller
-    one and no dropout is active: thin and 1x1 convs, typical of small YOLOs.
-    Set ``lorakit.handler_for(nn.Conv2d).mode`` to ``"activation"`` or ``"weight"``
-    to force one.
+    ``mode="auto"`` (default), when no dropout is active, takes the form measured for
+    the layer by :func:`lorakit.conv_forms.measure_conv_forms` if there is one, else
+    the weight form unless the activation form's count, weighted by
+    :attr:`thin_cost`, is the smaller. Set
+    ``lorakit.handler_for(nn.Conv2d).mode`` to ``"activation"`` or ``"weight"`` to
+    force one.
     """
 
     kind = "conv"
     mode = "auto"
+    # What one multiply-add of the activation form's thin convolutions (r channels) costs next to one of the
+    # whole weight gradient: thin convs run far from GEMM speed. Measured on a 2-core x86 CPU, one thread
+    # (bench/conv_forms.py, yolo26n r=8, every adapted conv at its real shape): with 4 the rule came within
+    # 0.3 % (imgsz 160, batch 16) and 0.9 % (imgsz 640, batch 8) of the per-layer faster form; with 1 (plain
+    # counts) 16 % and 15 % above it, and slower than full fine-tuning's convs.
+    thin_cost = 4.0
 
     def use_weight_form(self, module: LoraLayer) -> bool:
-        """The ``mode`` rule above, for the live adapters of ``module``."""
+        """The ``mode`` rule above, for the live adapters of ``module``; in ``"auto"`` a form
+        measured for this layer and rank (:func:`lorakit.conv_forms.measure_conv_forms`) wins."""
         if self.mode != "auto":
             return self.mode == "weight"
+        r = live_rank(module)
+        measured = module.__dict__.get(CONV_FORM_ATTR)
+        if measured is not None and measured[1] == r:
+            return bool(measured[0] == "weight")
         m = cast(nn.Conv2d, module)
         per_group_in = m.in_channels // m.groups
         k = math.prod(m.kernel_size)
-        r = sum(ad.r for ad in module._lora_live)
-        return m.out_channels * per_group_in * k < 3 * (r * per_group_in * k + m.out_channels * r // m.groups)
+        thin = 3 * (r * per_group_in * k + m.out_channels * r // m.groups)
+        return m.out_channels * per_group_in * k < self.thin_cost * thin
 
     def check(self, module: nn.Module, r: int, name: str) -> None:
         m = cast(nn.Conv2d, module)

@@ -44,14 +44,14 @@ def base(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     )
 
 
-def _train(base: SimpleNamespace, data: Path, name: str, epochs: int) -> SimpleNamespace:
+def _train(base: SimpleNamespace, data: Path, name: str, epochs: int, **lora: Any) -> SimpleNamespace:
     from lorakit.yolo import LoraYOLO
 
     start: dict[str, Any] = {}
 
     # BatchNorm frozen (adapt_bn=False): the invariants below (base bitwise unchanged, only LoRA factors
     # train, disabled == base) are those of that mode; the default (adapt_bn=True) runs in test_demo.py.
-    model = LoraYOLO(str(base.pt), r=8, adapt_bn=False)
+    model = LoraYOLO(str(base.pt), r=8, adapt_bn=False, **lora)
     model.add_callback("on_pretrain_routine_end", start_snapshot(start))
     model.train(data=str(data), epochs=epochs, project=str(base.root / "runs"), name=name, **TRAIN)
     return SimpleNamespace(model=model, trainer=model.trainer, start=start)
@@ -64,7 +64,7 @@ def same_nc(base: SimpleNamespace) -> SimpleNamespace:
 
 @pytest.fixture(scope="module")
 def new_nc(base: SimpleNamespace) -> SimpleNamespace:
-    return _train(base, base.data_b, "new_nc", epochs=1)
+    return _train(base, base.data_b, "new_nc", epochs=1, measure_forms=True)
 
 
 def _base_model(base: SimpleNamespace) -> nn.Module:
@@ -266,6 +266,14 @@ def test_merged_checkpoints_carry_the_adapter_runs_data_and_say_they_are_merges(
     with model.adapter_disabled():  # no adapter active: the file is the base, with the base's own settings
         again = checkpoint(model.save_merged(tmp_path / "base_again.pt"))
     assert again["train_args"]["data"] == str(base.data_a) and "description" not in again
+
+
+def test_measure_forms_records_a_form_on_every_adapted_conv(new_nc: SimpleNamespace) -> None:
+    from lorakit.layers import CONV_FORM_ATTR
+
+    convs = [m for m in new_nc.trainer.model.modules() if isinstance(m, lorakit.LoraLayer)]
+    assert len(convs) > 90
+    assert all(m.__dict__.get(CONV_FORM_ATTR, ("", 0))[0] in ("weight", "activation") for m in convs)
 
 
 def test_muon_refused(base: SimpleNamespace) -> None:

@@ -55,6 +55,7 @@ import dataclasses
 import json
 import logging
 import math
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from copy import deepcopy
@@ -69,6 +70,7 @@ from ultralytics.utils import DEFAULT_CFG, LOGGER
 from ultralytics.utils.torch_utils import ModelEMA, unwrap_model
 
 from ..config import LoraConfig, as_patterns
+from ..conv_forms import measure_conv_forms
 from ..errors import ConfigError
 from ..inject import InjectReport, inject
 from ..io import copy_adapter
@@ -106,6 +108,12 @@ class LoraOptions:
             an fp16 overflow); with BN updating they stayed at full fine-tuning's size.
         adapter_name: the adapter's name in the model and in saved files.
         max_fraction: see :func:`lorakit.yolo.targets.detector_config`.
+        measure_forms: before the first epoch, time both LoRA forms of every adapted conv at
+            the run's batch and image size and use the faster per layer
+            (:func:`lorakit.conv_forms.measure_conv_forms`; about one training step). Off by
+            default: the built-in rule (``ConvHandler.thin_cost``) was calibrated the same way on
+            a CPU and came within 1 % of the per-layer faster forms; other hardware (a GPU) may
+            differ.
     """
 
     r: int = 8
@@ -116,6 +124,7 @@ class LoraOptions:
     adapt_bn: bool = True
     adapter_name: str = "default"
     max_fraction: float = 1.0
+    measure_forms: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "exclude", as_patterns("exclude", self.exclude))
@@ -369,6 +378,23 @@ class LoraTrainerMixin:
     def _setup_train(self) -> None:
         with _muted_unfreeze_warnings():
             super()._setup_train()  # type: ignore[misc]
+        if self.lora.measure_forms:
+            self._measure_forms()
+
+    def _measure_forms(self) -> None:
+        """Time both forms of each LoRA conv at this run's batch and image size; keep the faster."""
+        t: Any = self  # Ultralytics' trainer attributes are untyped
+        size, batch = int(t.args.imgsz), int(t.batch_size)
+        channels = int((t.data or {}).get("channels", 3))
+        x = torch.zeros(batch, channels, size, size, device=t.device)
+        t0 = time.perf_counter()
+        with torch.autocast(t.device.type, enabled=bool(t.amp)):  # the precision training runs in
+            measured = measure_conv_forms(unwrap_model(t.model), lambda: t.model(x))
+        weight = sum(1 for m in measured.values() if m["chosen"])
+        LOGGER.info(
+            f"LoRA: conv forms measured at batch {batch}, imgsz {size} in {time.perf_counter() - t0:.1f} s: "
+            f"{weight} weight form, {len(measured) - weight} activation form"
+        )
 
     def build_optimizer(
         self,
