@@ -29,8 +29,9 @@ other           the rest of the epoch (scheduler, logging, callbacks)
 ==============  ====================================================================
 
 Reported per phase: the median seconds per epoch (first epoch left out: caching and
-warm-up), and the ratio LoRA / full. ``wall`` is the whole ``train()`` call including
-setup and the final validation of ``best.pt``. Writes
+warm-up), wall-clock and CPU time (see :class:`Phases`), and the ratios LoRA / full.
+``wall`` is the whole ``train()`` call including setup and the final validation of
+``best.pt``. Writes
 ``bench/results/yolo_train_profile.json`` and ``.png``.
 """
 
@@ -54,17 +55,24 @@ ARMS = ["full", "lora"]
 
 
 class Phases:
-    """Seconds per phase per epoch, filled by wrappers around the trainer's own methods."""
+    """Seconds per phase per epoch, filled by wrappers around the trainer's own methods.
+
+    Each phase is timed twice: wall-clock (``perf_counter``) and this process's CPU time
+    (``process_time``). Training runs on one thread, so CPU time is the compute itself and
+    barely moves when other processes share the machine; wall time also counts waiting
+    (file syncs, and being descheduled on a busy machine).
+    """
 
     def __init__(self) -> None:
         self.epochs: list[dict[str, float]] = []
         self.cur: dict[str, float] = {}
-        self.epoch_t0 = 0.0
+        self.epoch_t0 = (0.0, 0.0)
         self.setup = 0.0
         self.final_eval = 0.0
 
-    def add(self, phase: str, seconds: float) -> None:
-        self.cur[phase] = self.cur.get(phase, 0.0) + seconds
+    def add(self, phase: str, wall: float, cpu: float) -> None:
+        self.cur[phase] = self.cur.get(phase, 0.0) + wall
+        self.cur[f"{phase} cpu"] = self.cur.get(f"{phase} cpu", 0.0) + cpu
 
     def timed(self, phase: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         """``fn`` timed into ``phase``; a nested call (``DetectionModel.loss`` calls ``self.forward``) counts once."""
@@ -72,26 +80,29 @@ class Phases:
 
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             depth[0] += 1
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             try:
                 return fn(*args, **kwargs)
             finally:
                 depth[0] -= 1
                 if depth[0] == 0:
-                    self.add(phase, time.perf_counter() - t0)
+                    self.add(phase, time.perf_counter() - t0, time.process_time() - c0)
 
         return wrapper
 
     def epoch_start(self, trainer: Any) -> None:
         self.cur = {}
-        self.epoch_t0 = time.perf_counter()
+        self.epoch_t0 = (time.perf_counter(), time.process_time())
 
     def epoch_end(self, trainer: Any) -> None:
-        total = time.perf_counter() - self.epoch_t0
-        cur = {p: self.cur.get(p, 0.0) for p in PHASES if p != "other"}
-        cur["optimizer"] -= cur["EMA"]  # optimizer_step's time includes the EMA update
-        cur["other"] = total - sum(cur.values())
-        cur["epoch"] = total
+        wall, cpu = time.perf_counter() - self.epoch_t0[0], time.process_time() - self.epoch_t0[1]
+        cur: dict[str, float] = {}
+        for suffix, total in (("", wall), (" cpu", cpu)):
+            part = {p + suffix: self.cur.get(p + suffix, 0.0) for p in PHASES if p != "other"}
+            part["optimizer" + suffix] -= part["EMA" + suffix]  # optimizer_step's time includes the EMA update
+            part["other" + suffix] = total - sum(part.values())
+            part["epoch" + suffix] = total
+            cur |= part
         self.epochs.append(cur)
 
 
@@ -102,11 +113,11 @@ def _instrument(model: Any, ph: Phases) -> None:
     backward = torch.Tensor.backward
 
     def timed_backward(self: Any, *args: Any, **kwargs: Any) -> Any:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         try:
             return backward(self, *args, **kwargs)
         finally:
-            ph.add("backward", time.perf_counter() - t0)
+            ph.add("backward", time.perf_counter() - t0, time.process_time() - c0)
 
     def wrap(trainer: Any) -> None:
         torch.Tensor.backward = timed_backward  # type: ignore[method-assign]
@@ -124,13 +135,13 @@ def _instrument(model: Any, ph: Phases) -> None:
             def __iter__(self) -> Any:
                 inner = it(self)
                 while True:
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.process_time()
                     try:
                         batch = next(inner)
                     except StopIteration:
-                        ph.add("data", time.perf_counter() - t0)
+                        ph.add("data", time.perf_counter() - t0, time.process_time() - c0)
                         return
-                    ph.add("data", time.perf_counter() - t0)
+                    ph.add("data", time.perf_counter() - t0, time.process_time() - c0)
                     yield batch
 
         loader.__class__ = TimedLoader
@@ -208,10 +219,10 @@ def child(arm: str, model_name: str, imgsz: int, epochs: int, work: Path) -> dic
         args |= {"optimizer": "AdamW", "lr0": 0.001}
     ph = Phases()
     _instrument(model, ph)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     ph.setup = t0
     model.train(**args)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     metrics = getattr(model.trainer, "metrics", {}) or {}
     trainable = sum(p.numel() for g in model.trainer.optimizer.param_groups for p in g["params"])
     return {
@@ -220,6 +231,7 @@ def child(arm: str, model_name: str, imgsz: int, epochs: int, work: Path) -> dic
         "imgsz": imgsz,
         "epochs_run": len(ph.epochs),
         "wall": wall,
+        "wall cpu": cpu,
         "setup": ph.setup,
         "final_eval": ph.final_eval,
         "per_epoch": ph.epochs,
@@ -243,12 +255,17 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         for phase in [*PHASES, "epoch", "wall", "final_eval", "map50_95"]:
             row: dict[str, Any] = {"model": model_name, "imgsz": imgsz, "phase": phase}
             for a in ARMS:
-                if phase in ("wall", "final_eval", "map50_95"):
-                    vals = [r[phase] for r in by_arm[a]]
-                    row[a] = statistics.median(vals) if vals else float("nan")
-                else:
-                    row[a] = _median(by_arm[a], phase)
+                for suffix, col in (("", a), (" cpu", f"{a} cpu")):
+                    if phase in ("final_eval", "map50_95") and suffix:
+                        continue
+                    if phase in ("wall", "final_eval", "map50_95"):
+                        vals = [r[phase + suffix] for r in by_arm[a]]
+                        row[col] = statistics.median(vals) if vals else float("nan")
+                    else:
+                        row[col] = _median(by_arm[a], phase + suffix)
             row["ratio"] = row["lora"] / row["full"] if row["full"] else float("nan")
+            if "full cpu" in row:
+                row["ratio cpu"] = row["lora cpu"] / row["full cpu"] if row["full cpu"] else float("nan")
             rows.append(row)
     return rows
 
@@ -294,19 +311,22 @@ def main() -> int:
         ("model", "model", ""),
         ("imgsz", "imgsz", ""),
         ("phase", "phase (s per epoch; wall: whole run)", ""),
-        ("full", "full fine-tuning", ".3f"),
-        ("lora", "lorakit LoRA", ".3f"),
-        ("ratio", "LoRA / full", ".2f"),
+        ("full", "full: wall", ".3f"),
+        ("lora", "LoRA: wall", ".3f"),
+        ("ratio", "LoRA / full: wall", ".2f"),
+        ("full cpu", "full: CPU", ".3f"),
+        ("lora cpu", "LoRA: CPU", ".3f"),
+        ("ratio cpu", "LoRA / full: CPU", ".2f"),
     ]
     text = common.table(rows, cols)
     print("\n" + text)
     path = common.write_json(args.name, {"machine": common.machine(), "args": vars(args), "rows": rows, "runs": runs})
     groups = {
-        f"{r['model']}@{r['imgsz']} {r['phase']}": {"full": r["full"], "lora": r["lora"]}
+        f"{r['model']}@{r['imgsz']} {r['phase']}": {"full": r["full cpu"], "lora": r["lora cpu"]}
         for r in rows
         if r["phase"] in PHASES
     }
-    plot = common.bar_plot(args.name, groups, "seconds per epoch (median)", "YOLO training phases: full vs LoRA")
+    plot = common.bar_plot(args.name, groups, "CPU seconds per epoch (median)", "YOLO training phases: full vs LoRA")
     print(f"\nwrote {path}" + (f" and {plot}" if plot else ""))
     return 0
 

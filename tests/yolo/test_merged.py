@@ -76,4 +76,3 @@ def test_a_new_ema_of_the_same_model_fits_another_model_does_not() -> None:
     from ultralytics.nn.tasks import DetectionModel
 
     assert not copy.fits(DetectionModel("yolo26n.yaml", nc=5, verbose=False))  # other class count
-
