@@ -36,7 +36,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
-import safetensors.torch
 import torch
 from torch import nn
 
@@ -69,6 +68,7 @@ from .io_format import (
     fingerprint,
     parse_json,
     parse_safetensors,
+    safetensors_bytes,
     same_base,
 )
 from .io_peft import (
@@ -218,7 +218,7 @@ def save_adapter(
     bad = [k for k, v in extra.items() if k in own or not isinstance(k, str) or not isinstance(v, str)]
     if bad:
         raise ConfigError(f"cannot save adapter {name!r} to {folder}: metadata keys {bad} are reserved or not str->str")
-    _write_folder(folder, safetensors.torch.save(tensors, metadata={**extra, **own}), cfg_text)
+    _write_folder(folder, safetensors_bytes(tensors, metadata={**extra, **own}), cfg_text)
     return folder
 
 

@@ -23,6 +23,7 @@ import json
 import math
 import os
 import stat
+import sys
 import tempfile
 import zlib
 from collections.abc import Callable, Iterator, Mapping
@@ -302,6 +303,56 @@ def _checksums_from(path: Path, metadata: Mapping[str, str]) -> dict[str, str]:
     if not isinstance(sums, dict) or not all(isinstance(v, str) for v in sums.values()):
         raise AdapterFileError(path, "metadata lorakit_checksums is not a JSON object of strings")
     return sums
+
+
+# safetensors' dtype names for the dtypes this writer covers, in the library's own dtype order (its writer sorts
+# tensors by that order, last first, then by name; item sizes fall along it, so every tensor starts aligned)
+_ST_NAME = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}  # fmt: skip
+_ST_ORDER = {
+    torch.bool: 0, torch.uint8: 1, torch.int8: 2, torch.float8_e5m2: 3, torch.float8_e4m3fn: 4, torch.int16: 5,
+    torch.float16: 7, torch.bfloat16: 8, torch.int32: 9, torch.float32: 11, torch.float64: 12, torch.int64: 13,
+}  # fmt: skip
+
+
+def safetensors_bytes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> bytes:
+    """The safetensors file of ``tensors`` and ``metadata``: what ``safetensors.torch.save`` writes, faster.
+
+    ``safetensors.torch.save`` spends about 0.1 ms of Python per tensor; a YOLO adapter
+    with its BatchNorm layers has ~800 tensors and its run writes ~1,800 every epoch.
+    Here the tensors' bytes are gathered in one ``torch.cat``. The layout is the
+    library's, byte for byte up to the order of the metadata entries: header length
+    (u64 little-endian), the JSON header (UTF-8) padded with spaces to a multiple of 8,
+    then the data, tensors ordered as the library orders them (by dtype, then name;
+    each starts aligned to its item size). Anything this writer does not cover (a dtype
+    not in its table, tensors sharing memory, a big-endian machine) goes to
+    ``safetensors.torch.save``, with its checks and errors.
+    """
+    items = sorted(tensors.items(), key=lambda kv: (-_ST_ORDER.get(kv[1].dtype, 0), kv[0]))
+    storages = {t.untyped_storage().data_ptr() for _, t in items if t.numel()}
+    if (
+        sys.byteorder != "little"
+        or any(t.dtype not in _ST_NAME for _, t in items)
+        or len(storages) < sum(1 for _, t in items if t.numel())
+    ):
+        return bytes(safetensors.torch.save(dict(tensors), metadata=None if metadata is None else dict(metadata)))
+    # metadata keys sorted: the library writes them in hash-map order, which varies
+    header: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))} if metadata is not None else {}
+    parts: list[torch.Tensor] = []
+    offset = 0
+    for name, t in items:
+        flat = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        end = offset + len(flat)
+        header[name] = {"dtype": _ST_NAME[t.dtype], "shape": list(t.shape), "data_offsets": [offset, end]}
+        offset = end
+        parts.append(flat)
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    data = torch.cat(parts).numpy().tobytes() if parts else b""
+    return len(text).to_bytes(8, "little") + text + data
 
 
 def tensor_bytes(t: torch.Tensor) -> bytes:

@@ -31,7 +31,7 @@ from torch import nn
 
 from ..config import LoraConfig
 from ..errors import ConfigError
-from ..io_format import atomic_write
+from ..io_format import atomic_write, safetensors_bytes
 from ..owned import train_paths
 
 FOLDER = "lora_resume"
@@ -68,7 +68,7 @@ def write_base(wdir: Path, model: nn.Module) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     state = _own({k: v for k, v in model.state_dict().items() if ".lora." not in k})
     path = folder / BASE_FILE
-    atomic_write(path, safetensors.torch.save(state))
+    atomic_write(path, safetensors_bytes(state))
     return path
 
 
@@ -97,7 +97,7 @@ def write_epoch(
     }
     folder = wdir / FOLDER
     path = folder / f"epoch{epoch}.safetensors"
-    atomic_write(path, safetensors.torch.save(tensors, metadata=meta))
+    atomic_write(path, safetensors_bytes(tensors, metadata=meta))
     for old in sorted(folder.glob("epoch*.safetensors"), key=_epoch_of)[:-2]:
         old.unlink(missing_ok=True)
     return path
