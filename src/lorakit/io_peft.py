@@ -35,8 +35,7 @@ from .registry import LayerHandler
 
 PREFIX = "base_model.model."
 
-# Which PEFT field means what: lorakit.peft_names, the one home of that mapping.
-_USED = {"peft_type", *peft_names.RENAMED, *peft_names.SAME}
+# Which PEFT field means what (read, skipped, refused unless off): lorakit.peft_names.
 _SAFE_INITS = (True, False, "gaussian", "eva", "orthogonal")  # inits that leave the base weights alone
 
 

@@ -2,13 +2,16 @@
 
 :class:`~lorakit.config.LoraConfig` accepts PEFT's keywords through this module, and
 :mod:`lorakit.io_peft` reads and writes ``adapter_config.json`` with it. Every field of
-PEFT 0.21's ``LoraConfig`` is in exactly one of these tables:
+PEFT 0.21's ``LoraConfig`` but ``peft_type`` (``"LORA"``) is in exactly one of these tables:
 
 * :data:`RENAMED`, :data:`SAME`: the same setting under PEFT's name or the same name;
-* :data:`NO_EFFECT`: nothing for lorakit to do (metadata, PEFT's wrapper class, the
-  storage order PEFT itself reads from the layer); the constructor accepts the values
-  for which that holds, the file reader skips them;
-* :data:`UNSUPPORTED`: a feature lorakit does not implement; accepted only "off".
+* :data:`NO_EFFECT`: nothing to do when reading a file (metadata, PEFT's wrapper class,
+  the storage order PEFT reads from the layer, settings of features that are off): the
+  reader skips them. The constructor takes ``task_type``, ``inference_mode`` and
+  ``fan_in_fan_out`` with the values for which nothing changes (:func:`translate`) and
+  refuses the others by name;
+* :data:`UNSUPPORTED`: a feature lorakit does not implement: a file must have it off
+  (:data:`OFF`); the constructor takes ``use_dora=False`` and refuses the others by name.
 
 Pattern semantics follow the name: PEFT's ``target_modules``/``exclude_modules`` given
 as one string are PEFT's regex (full match on the module path) unless it is
