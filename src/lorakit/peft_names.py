@@ -119,9 +119,30 @@ def check_keywords(given: Collection[str], known: Collection[str]) -> None:
         raise ConfigError(f"LoraConfig: unknown keyword {name!r}{did_you_mean(name, known)}")
     for peft, ours in RENAMED.items():
         if peft in given and ours in given:
-            raise ConfigError(
-                f"LoraConfig: {ours}= and {peft}= are one field (PEFT's {peft} is lorakit's {ours}); give only one"
-            )
+            raise clash_error("LoraConfig", peft)
+
+
+def clash_error(where: str, peft: str) -> ConfigError:
+    """The error for a field given under PEFT's name ``peft`` and under lorakit's."""
+    ours = RENAMED[peft]
+    return ConfigError(f"{where}: {ours}= and {peft}= are one field (PEFT's {peft} is lorakit's {ours}); give only one")
+
+
+def rename(where: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """``kwargs`` with PEFT's :data:`RENAMED` keywords under lorakit's names and meanings, for
+    a caller that reads those fields before LoraConfig does (``where`` names it in errors).
+    Other keywords pass unchanged; a PEFT name set to None is dropped (not given).
+
+    Raises:
+        ConfigError: a field under both names; a value lorakit does not implement (:func:`translate`).
+    """
+    out = {k: v for k, v in kwargs.items() if k not in RENAMED}
+    for peft, ours in RENAMED.items():
+        if kwargs.get(peft) is not None:
+            if ours in kwargs:
+                raise clash_error(where, peft)
+            out.update(translate({peft: kwargs[peft]}))
+    return out
 
 
 def translate(values: Mapping[str, Any]) -> dict[str, Any]:
