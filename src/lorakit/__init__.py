@@ -52,6 +52,7 @@ from .io_errors import (
     UnsafeFormatError,
 )
 from .layers import LoraAdapter, LoraLayer
+from .loraplus import loraplus_groups
 from .mixed import mixed_batch
 from .registry import LayerHandler, handler_for, register
 
@@ -92,6 +93,7 @@ __all__ = [
     "list_adapters",
     "load_adapter",
     "lora_layers",
+    "loraplus_groups",
     "merge",
     "merge_and_unload",
     "mixed_batch",

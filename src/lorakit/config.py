@@ -15,6 +15,9 @@ Target patterns (``targets``, ``exclude``, ``train_modules`` and the keys of
 
 ``target_types`` selects by layer type: class names (``"Conv2d"``, matched
 against the layer's class and its bases) or classes.
+
+PEFT's field names work too (``lora_alpha``, ``target_modules``, ...): the mapping and
+what each PEFT value means here are in :mod:`lorakit.peft_names`.
 """
 
 from __future__ import annotations
@@ -23,9 +26,10 @@ import fnmatch
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import KW_ONLY, InitVar, asdict, dataclass, field, fields
 from typing import Any, cast
 
+from . import peft_names
 from .errors import ConfigError
 
 INITS = ("kaiming", "gaussian", "random")
@@ -129,8 +133,20 @@ class LoraConfig:
             never change and the base model stays exactly the base model.
             ``"update"``: BatchNorm behaves as usual (statistics move in training).
 
+    PEFT's names, keyword-only, for PEFT users (:mod:`lorakit.peft_names`): ``lora_alpha``
+    (alpha), ``lora_dropout`` (dropout), ``target_modules`` (targets; one string is PEFT's
+    regex), ``exclude_modules`` (exclude), ``modules_to_save`` (train_modules),
+    ``init_lora_weights`` (True, False, ``"gaussian"``: init ``"kaiming"``, ``"random"``,
+    ``"gaussian"``), ``use_dora`` (False only), ``task_type`` (tasks without a head),
+    ``inference_mode`` (False only), ``fan_in_fan_out`` (read from each layer anyway).
+    They are not stored: the config equals the one spelled with lorakit's names, and
+    ``to_dict`` writes lorakit's. ``dataclasses.replace`` takes lorakit's names (it passes
+    every field, so a PEFT name there names a field twice).
+
     Raises:
-        ConfigError (a ``ValueError``) naming the field and the value when a value is invalid.
+        ConfigError (a ``ValueError``) naming the field and the value when a value is invalid;
+        naming the keyword for a PEFT option lorakit does not implement, an unknown keyword
+        (with close known names), or one field given under both names.
     """
 
     r: int = 8
@@ -147,22 +163,68 @@ class LoraConfig:
     bias: str = "none"
     train_modules: Sequence[str] = ()
     batchnorm: str = "frozen"
+    # PEFT's names (class docstring): read by __post_init__, never stored; None is "not given".
+    _: KW_ONLY
+    lora_alpha: InitVar[float | None] = None
+    lora_dropout: InitVar[float | None] = None
+    target_modules: InitVar[Sequence[str] | str | None] = None
+    exclude_modules: InitVar[Sequence[str] | str | None] = None
+    modules_to_save: InitVar[Sequence[str] | None] = None
+    init_lora_weights: InitVar[bool | str | None] = None
+    use_dora: InitVar[bool | None] = None
+    task_type: InitVar[str | None] = None
+    inference_mode: InitVar[bool | None] = None
+    fan_in_fan_out: InitVar[bool | None] = None
 
-    def __post_init__(self) -> None:
+    def __new__(cls, *args: Any, **kwargs: Any) -> LoraConfig:
+        # Runs before the dataclass __init__, which would refuse these keywords with a bare TypeError.
+        # A PEFT name set to None is not given (dataclasses.replace passes every name, None for these).
+        given = [f.name for f in fields(cls)][: len(args)]
+        given += [k for k, v in kwargs.items() if not (v is None and k in peft_names.RENAMED)]
+        peft_names.check_keywords(given, cls.__dataclass_fields__)
+        return super().__new__(cls)
+
+    def __post_init__(
+        self,
+        lora_alpha: float | None,
+        lora_dropout: float | None,
+        target_modules: Sequence[str] | str | None,
+        exclude_modules: Sequence[str] | str | None,
+        modules_to_save: Sequence[str] | None,
+        init_lora_weights: bool | str | None,
+        use_dora: bool | None,
+        task_type: str | None,
+        inference_mode: bool | None,
+        fan_in_fan_out: bool | None,
+    ) -> None:
+        peft = {
+            "lora_alpha": lora_alpha, "lora_dropout": lora_dropout, "target_modules": target_modules,
+            "exclude_modules": exclude_modules, "modules_to_save": modules_to_save,
+            "init_lora_weights": init_lora_weights, "use_dora": use_dora, "task_type": task_type,
+            "inference_mode": inference_mode, "fan_in_fan_out": fan_in_fan_out,
+        }  # fmt: skip
+        for name, value in peft_names.translate(peft).items():
+            object.__setattr__(self, name, value)
+        # Messages name the keyword the caller wrote.
+        shown = {ours: p for p, ours in peft_names.RENAMED.items() if peft[p] is not None}
+
+        def key(name: str) -> str:
+            return shown.get(name, name)
+
         # Normalise list/str inputs to tuples so configs read from YAML, JSON or a
         # CLI compare equal to ones written in Python.
         for name in ("targets", "exclude", "train_modules"):
-            object.__setattr__(self, name, as_patterns(f"LoraConfig.{name}", getattr(self, name)))
+            object.__setattr__(self, name, as_patterns(f"LoraConfig.{key(name)}", getattr(self, name)))
         object.__setattr__(self, "target_types", _as_types(self.target_types))
         _check_rank("r", self.r)
         if self.alpha is not None:
-            _check_alpha("alpha", self.alpha)
+            _check_alpha(key("alpha"), self.alpha)
         if (
             isinstance(self.dropout, bool)
             or not isinstance(self.dropout, (int, float))
             or not (0.0 <= self.dropout < 1.0)
         ):
-            raise ConfigError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
+            raise ConfigError(f"LoraConfig.{key('dropout')} must be in [0, 1), got {self.dropout!r}")
         if self.init not in INITS:
             raise ConfigError(f"LoraConfig.init must be one of {INITS}, got {self.init!r}")
         if self.bias not in BIASES:
@@ -173,7 +235,7 @@ class LoraConfig:
             raise ConfigError(f"LoraConfig.use_rslora must be a bool, got {self.use_rslora!r}")
         for name in ("targets", "exclude", "train_modules"):
             for p in getattr(self, name):
-                _check_pattern(name, p)
+                _check_pattern(key(name), p)
         for t in self.target_types:
             if not (isinstance(t, str) and t) and not isinstance(t, type):
                 raise ConfigError(f"LoraConfig.target_types: expected class names or classes, got {t!r}")

@@ -26,6 +26,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from . import peft_names
 from .config import LoraConfig
 from .errors import ConfigError
 from .io_errors import AdapterConfigError, AdapterFileError
@@ -34,25 +35,7 @@ from .registry import LayerHandler
 
 PREFIX = "base_model.model."
 
-# PEFT 0.21 LoraConfig fields that do not change how the tensors are read.
-_IGNORED = {
-    "auto_mapping", "base_model_name_or_path", "revision", "inference_mode", "peft_version", "task_type",
-    "fan_in_fan_out", "megatron_core", "qalora_group_size", "ensure_weight_tying", "loftq_config",
-    "eva_config", "runtime_config", "layers_pattern",
-}  # fmt: skip
-# Fields that must keep their "off" value: lorakit cannot reproduce what they do.
-_MUST_BE_OFF = {
-    "use_dora": "DoRA", "lora_bias": "LoRA biases (lora_B.bias)", "use_qalora": "QALoRA",
-    "layers_to_transform": "layers_to_transform", "target_parameters": "target_parameters",
-    "trainable_token_indices": "trainable tokens", "layer_replication": "layer replication",
-    "alora_invocation_tokens": "aLoRA", "use_bdlora": "BD-LoRA", "megatron_config": "Megatron layers",
-    "corda_config": "CorDA", "lora_ga_config": "LoRA-GA", "velora_config": "VeLoRA",
-    "monteclora_config": "MonteCLoRA", "arrow_config": "Arrow routing", "kasa_config": "KaSA",
-}  # fmt: skip
-_USED = {
-    "peft_type", "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "rank_pattern",
-    "alpha_pattern", "use_rslora", "bias", "modules_to_save", "init_lora_weights",
-}  # fmt: skip
+# Which PEFT field means what (read, skipped, refused unless off): lorakit.peft_names.
 _SAFE_INITS = (True, False, "gaussian", "eva", "orthogonal")  # inits that leave the base weights alone
 
 
@@ -162,7 +145,7 @@ def to_peft_config(
         # PEFT wants True for (in, out)-stored layers (Conv1D) and warns otherwise.
         "fan_in_fan_out": all(cast(LoraLayer, model.get_submodule(p)).lora_handler.fan_in_fan_out for p in paths),
         "inference_mode": True,
-        "init_lora_weights": config.init != "random",
+        "init_lora_weights": peft_names.INIT_TO_PEFT[config.init],
         "lora_alpha": _num(alpha),
         "lora_dropout": config.dropout,
         "modules_to_save": sorted(train_paths) or None,
@@ -193,11 +176,11 @@ def from_peft_config(file: Path, raw: object, strict: bool) -> tuple[LoraConfig,
         raise AdapterConfigError(file, "adapter_config.json must hold a JSON object")
     if raw.get("peft_type") != "LORA":
         raise AdapterConfigError(file, f"peft_type must be 'LORA', got {raw.get('peft_type')!r}")
-    unknown = sorted(set(raw) - _IGNORED - set(_MUST_BE_OFF) - _USED)
+    unknown = sorted(set(raw) - peft_names.PEFT_FIELDS)
     if unknown and strict:
         raise AdapterConfigError(file, f"unknown config keys {unknown} (strict=False loads anyway and reports them)")
-    for key, what in _MUST_BE_OFF.items():
-        if raw.get(key) not in (None, False, [], {}):
+    for key, what in peft_names.UNSUPPORTED.items():
+        if raw.get(key) not in peft_names.OFF:
             raise AdapterConfigError(file, f"{key}={raw[key]!r}: {what} is not supported by lorakit")
     init = raw.get("init_lora_weights", True)
     if init not in _SAFE_INITS:
@@ -207,18 +190,16 @@ def from_peft_config(file: Path, raw: object, strict: bool) -> tuple[LoraConfig,
             "reproduce that (convert it to a plain LoRA with PEFT's path_initial_model_for_weight_conversion)",
         )
     target = raw.get("target_modules")
-    if isinstance(target, str):
-        targets: list[str] = ["re:" + target]
-    elif isinstance(target, list) and target and all(isinstance(t, str) for t in target):
-        targets = list(target)
-    else:
+    if not (
+        isinstance(target, str) or (isinstance(target, list) and target and all(isinstance(t, str) for t in target))
+    ):
         raise AdapterConfigError(file, f"target_modules must be a regex string or a list of names, got {target!r}")
     exclude = raw.get("exclude_modules")
-    if isinstance(exclude, str):
-        excludes = ["re:" + exclude]
-    elif exclude is None or (isinstance(exclude, list) and all(isinstance(e, str) for e in exclude)):
-        excludes = list(exclude or [])
-    else:
+    if not (
+        exclude is None
+        or isinstance(exclude, str)
+        or (isinstance(exclude, list) and all(isinstance(e, str) for e in exclude))
+    ):
         raise AdapterConfigError(
             file, f"exclude_modules must be a regex string or a list of names, got {exclude!r:.80}"
         )
@@ -233,17 +214,18 @@ def from_peft_config(file: Path, raw: object, strict: bool) -> tuple[LoraConfig,
         return {rf"re:(.*\.)?({k})": v for k, v in value.items()}
 
     try:
+        # PEFT's names: LoraConfig maps them (string target/exclude_modules are regexes there too)
         cfg = LoraConfig(
             r=raw.get("r", 8),
-            alpha=raw.get("lora_alpha", 8),
-            dropout=raw.get("lora_dropout", 0.0),
-            targets=tuple(targets),
-            exclude=tuple(excludes),
+            lora_alpha=raw.get("lora_alpha", 8),
+            lora_dropout=raw.get("lora_dropout", 0.0),
+            target_modules=target,
+            exclude_modules=exclude,
             rank_pattern=patterns("rank_pattern"),
             alpha_pattern=patterns("alpha_pattern"),
             use_rslora=raw.get("use_rslora", False),
             bias=raw.get("bias", "none"),
-            train_modules=tuple(train or ()),
+            modules_to_save=train,
         )
     except (ConfigError, TypeError) as exc:
         raise AdapterConfigError(file, str(exc)) from None

@@ -43,6 +43,9 @@ class TrainOptions:
     epochs: int = 3
     lr: float = 2e-3
     weight_decay: float = 0.0
+    # LoRA+ (lorakit.loraplus_groups): B factors learn at lr * loraplus_ratio (16 is the paper's choice),
+    # A factors and the rest at lr. None: one lr for all.
+    loraplus_ratio: float | None = None
     batch_size: int = 8
     max_len: int = 256
     seed: int = 0
@@ -91,6 +94,8 @@ def check_options(o: TrainOptions) -> None:
         raise bad("lr", "a finite number > 0")
     if not _number(o.weight_decay) or not o.weight_decay >= 0:
         raise bad("weight_decay", "a finite number >= 0")
+    if o.loraplus_ratio is not None and (not _number(o.loraplus_ratio) or not o.loraplus_ratio > 0):
+        raise bad("loraplus_ratio", "a finite number > 0 (B's lr / A's lr; 16 in the LoRA+ paper) or None")
     if not _number(o.eval_fraction) or not 0 <= o.eval_fraction < 1:
         raise bad("eval_fraction", "a number in [0, 1)")
     if not _number(o.dropout) or not 0 <= o.dropout < 1:

@@ -3,7 +3,8 @@
 A resumed run must be the run that was saved: its adapter was built from ``r``,
 ``alpha``, ``dropout`` and ``targets``, its examples, their order and their split come
 from ``model`` (tokenizer), ``data``, ``eval``, ``eval_fraction``, ``task``, ``seed``,
-``batch_size`` and ``max_len``, and its optimizer state from ``weight_decay``. A change
+``batch_size`` and ``max_len``, and its optimizer state from ``weight_decay`` and
+``loraplus_ratio`` (which also decides the optimizer's parameter groups). A change
 to any of these (:data:`FIXED`) is a :class:`ResumeMismatchError` naming each changed key
 with its saved and new value. Files are compared by content (sha256), not by path: the
 same file moved is the same run; the same path rewritten is not. ``lr`` and ``epochs``
@@ -26,7 +27,7 @@ from .options import TrainOptions, TrainWarning
 
 RUN_FILE = "run.json"
 FIXED = ("model", "data", "eval", "eval_fraction", "task", "r", "alpha", "dropout", "targets", "seed",
-         "batch_size", "max_len", "weight_decay")  # fmt: skip
+         "batch_size", "max_len", "weight_decay", "loraplus_ratio")  # fmt: skip
 ADJUSTABLE = ("lr", "epochs")
 # The files of a model folder that decide its architecture and its tokens (weights are
 # too large to hash on every start; load_adapter's base-weight fingerprint covers them).
@@ -96,6 +97,7 @@ def run_record(o: TrainOptions, task: str) -> dict[str, Any]:
         "batch_size": o.batch_size,
         "max_len": o.max_len,
         "weight_decay": o.weight_decay,
+        "loraplus_ratio": o.loraplus_ratio,
         "lr": o.lr,
         "epochs": o.epochs,
     }

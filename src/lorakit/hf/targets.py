@@ -25,7 +25,8 @@ from typing import Any
 
 from torch import nn
 
-from ..config import ALL_LINEAR, LoraConfig, match_pattern
+from .. import peft_names
+from ..config import ALL_LINEAR, LoraConfig, as_patterns, match_pattern
 from ..errors import TargetError
 
 DECODER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -96,13 +97,23 @@ def lora_config(model: nn.Module, targets: str | list[str] | None = None, **kwar
     :func:`default_targets`; ``"all-linear"`` never reaches an output head; a sequence
     or token classification head (new weights) is trained fully via ``train_modules``.
 
-    ``kwargs`` are other LoraConfig fields (``r``, ``alpha``, ``dropout``, ...); ``exclude``
-    and ``train_modules`` given there are kept and extended.
+    ``kwargs`` are other LoraConfig fields (``r``, ``alpha``, ``dropout``, ...), under
+    lorakit's or PEFT's names (``lora_alpha``, ``target_modules``, ...); ``exclude`` and
+    ``train_modules`` given there are kept and extended.
+
+    Raises:
+        ConfigError: a bad LoraConfig value or keyword; ``targets`` and ``target_modules`` both given.
     """
+    kwargs = peft_names.rename("lorakit.hf.lora_config", kwargs)  # exclude/train_modules are extended here
+    if "targets" in kwargs:  # PEFT's target_modules
+        if targets is not None:
+            raise peft_names.clash_error("lorakit.hf.lora_config", "target_modules")
+        targets = kwargs.pop("targets")
     chosen = default_targets(model) if targets is None else ([targets] if isinstance(targets, str) else targets)
     heads = output_heads(model)
-    exclude = list(kwargs.pop("exclude", ()))
-    train = list(kwargs.pop("train_modules", ()))
+    # one string is one pattern, never its characters
+    exclude = list(as_patterns("lorakit.hf.lora_config: exclude", kwargs.pop("exclude", None)))
+    train = list(as_patterns("lorakit.hf.lora_config: train_modules", kwargs.pop("train_modules", None)))
     if ALL_LINEAR in chosen:
         exclude += [f"re:{h}(\\..*)?" for h in heads]
     arch = type(model).__name__

@@ -22,8 +22,9 @@ A NaN/Inf loss stops the run at once (:class:`NonFiniteLossError`), as does Ctrl
 leaves a temporary file behind, and the checkpoints already written stay intact.
 
 The learning rate decays linearly from ``lr`` to 0 over the run (a function of the step,
-so there is no scheduler state to save). Classification trains a fresh head fully
-(``train_modules``); it is saved with the adapter.
+so there is no scheduler state to save). With ``loraplus_ratio`` (LoRA+,
+:func:`lorakit.loraplus_groups`) B factors start at ``lr * loraplus_ratio`` and decay alike.
+Classification trains a fresh head fully (``train_modules``); it is saved with the adapter.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from ..errors import ConfigError, NonFiniteError
 from ..inject import inject
 from ..io import load_adapter, save_adapter
 from ..io_format import atomic_write
+from ..loraplus import loraplus_groups
 from .callbacks import prepare_for_training
 from .data import (
     DataError,
@@ -383,7 +385,12 @@ def train(o: TrainOptions) -> dict[str, Any]:
     model.train()
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+    if o.loraplus_ratio is None:
+        opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+    else:
+        opt = torch.optim.AdamW(loraplus_groups(model, o.lr, o.loraplus_ratio, o.weight_decay))
+    # each group's starting lr, before a checkpoint's (decayed) values are loaded over it
+    start_lrs = [float(g["lr"]) for g in opt.param_groups]
     st = State()
     if ckpt is not None:
         _load_optimizer(opt, ckpt, names)
@@ -406,8 +413,8 @@ def train(o: TrainOptions) -> dict[str, Any]:
             epoch, pos = divmod(st.step, spe)
             batches = batcher.epoch(epoch)
             for chunk in batches[pos:]:
-                for g in opt.param_groups:
-                    g["lr"] = o.lr * (1.0 - st.step / total)
+                for g, lr in zip(opt.param_groups, start_lrs, strict=True):
+                    g["lr"] = lr * (1.0 - st.step / total)
                 loss = model(**batcher.collate(chunk)).loss
                 value = float(loss.detach())
                 if not math.isfinite(value):  # stop before a NaN reaches the adapter or the optimizer state
