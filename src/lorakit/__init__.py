@@ -52,7 +52,7 @@ from .io_errors import (
     UnsafeFormatError,
 )
 from .layers import LoraAdapter, LoraLayer
-from .loraplus import loraplus_groups
+from .loraplus import loraplus_groups, loraplus_split
 from .mixed import mixed_batch
 from .registry import LayerHandler, handler_for, register
 
@@ -94,6 +94,7 @@ __all__ = [
     "load_adapter",
     "lora_layers",
     "loraplus_groups",
+    "loraplus_split",
     "merge",
     "merge_and_unload",
     "mixed_batch",

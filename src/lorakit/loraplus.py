@@ -24,10 +24,64 @@ import math
 from typing import Any
 
 from torch import nn
+from torch.optim import Optimizer
 
 from .errors import ConfigError, TargetError
 from .inject import lora_layers
 from .layers import adapter_dict
+
+
+def _factor_ids(model: nn.Module, who: str) -> tuple[set[int], set[int]]:
+    """The ids of every adapter's A and B factors in ``model``.
+
+    Raises:
+        TargetError: ``model`` has no LoRA layers.
+    """
+    a_ids: set[int] = set()
+    b_ids: set[int] = set()
+    layers = 0
+    for _, layer in lora_layers(model):
+        layers += 1
+        for ad in adapter_dict(layer).values():
+            a_ids.add(id(ad.A))
+            b_ids.add(id(ad.B))
+    if not layers:
+        raise TargetError(f"{who}: {type(model).__name__} has no LoRA layers; inject an adapter (lorakit.inject) first")
+    return a_ids, b_ids
+
+
+def loraplus_split(optimizer: Optimizer, model: nn.Module, ratio: float = 16.0) -> Optimizer:
+    """LoRA+ on an optimizer built already (by a training engine, with its own groups).
+
+    Each group's B factors move to a new group with the same settings and ``lr * ratio``
+    (and ``initial_lr * ratio`` when a scheduler has set it), so weight decay, an engine's
+    own group keys (Ultralytics' bias warm-up) and schedules that scale each group's ``lr``
+    keep working. Call it before the first step. Returns ``optimizer``.
+
+    Raises:
+        ConfigError: ``ratio`` is not a finite number > 0, or ``optimizer`` has state already.
+        TargetError: ``model`` has no LoRA layers.
+    """
+    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio) or ratio <= 0:
+        raise ConfigError(f"loraplus_split: ratio must be a finite number > 0, got {ratio!r}")
+    if optimizer.state:
+        raise ConfigError("loraplus_split: the optimizer has stepped already; split its groups before training")
+    _, b_ids = _factor_ids(model, "loraplus_split")
+    added = []
+    for group in optimizer.param_groups:
+        b = [p for p in group["params"] if id(p) in b_ids]
+        if not b:
+            continue
+        group["params"] = [p for p in group["params"] if id(p) not in b_ids]
+        scaled = {k: v for k, v in group.items() if k != "params"}
+        scaled["lr"] = group["lr"] * ratio
+        if "initial_lr" in group:
+            scaled["initial_lr"] = group["initial_lr"] * ratio
+        added.append({**scaled, "params": b})
+    optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
+    for group in added:
+        optimizer.add_param_group(group)
+    return optimizer
 
 
 def loraplus_groups(
@@ -57,18 +111,7 @@ def loraplus_groups(
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         if not ok or not (value > 0 if low == "> 0" else value >= 0):
             raise ConfigError(f"loraplus_groups: {name} must be a finite number {low}, got {value!r}")
-    a_ids: set[int] = set()
-    b_ids: set[int] = set()
-    layers = 0
-    for _, layer in lora_layers(model):
-        layers += 1
-        for ad in adapter_dict(layer).values():
-            a_ids.add(id(ad.A))
-            b_ids.add(id(ad.B))
-    if not layers:
-        raise TargetError(
-            f"loraplus_groups: {type(model).__name__} has no LoRA layers; inject an adapter (lorakit.inject) first"
-        )
+    a_ids, b_ids = _factor_ids(model, "loraplus_groups")
     a: list[nn.Parameter] = []
     b: list[nn.Parameter] = []
     other: list[nn.Parameter] = []

@@ -108,3 +108,48 @@ def test_a_model_whose_factors_are_all_frozen_is_a_target_error() -> None:
     model.requires_grad_(False)
     with pytest.raises(TargetError, match="no LoRA factor of Net trains"):
         loraplus_groups(model, lr=1e-3)
+
+
+def test_split_moves_each_groups_B_factors_to_a_scaled_copy_of_the_group() -> None:
+    """``loraplus_split`` for optimizers an engine built (Ultralytics' decay/no-decay/bias groups)."""
+    from lorakit import loraplus_split
+
+    model = adapted_net(train_modules=["head"], bias="lora_only")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.dim() > 1]
+    no_decay = [p for p in trainable if p.dim() <= 1]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.05, "param_group": "weight"}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=2e-3,
+    )
+    for g in opt.param_groups:
+        g["initial_lr"] = g["lr"]  # as an lr scheduler sets it
+    _, b = _lora_factors(model)
+    b_ids = {id(p) for p in b}
+    assert loraplus_split(opt, model, ratio=4.0) is opt
+    groups = opt.param_groups
+    grouped = [p for g in groups for p in g["params"]]
+    assert len(grouped) == len({id(p) for p in grouped}) == len(trainable)  # each parameter exactly once
+    scaled = [g for g in groups if any(id(p) in b_ids for p in g["params"])]
+    assert scaled and all(all(id(p) in b_ids for p in g["params"]) for g in scaled)
+    assert {id(p) for g in scaled for p in g["params"]} == b_ids
+    for g in scaled:  # settings copied from the group the factors came from, lr and initial_lr x4
+        assert g["lr"] == g["initial_lr"] == 2e-3 * 4
+        assert (g["weight_decay"], g.get("param_group")) == (0.05, "weight")
+    assert all(g["lr"] == 2e-3 for g in groups if g not in scaled)
+
+
+def test_split_refusals() -> None:
+    from lorakit import loraplus_split
+
+    model = adapted_net()
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    with pytest.raises(ConfigError, match="ratio must be"):
+        loraplus_split(opt, model, ratio=0)
+    with pytest.raises(TargetError, match="no LoRA layers"):
+        loraplus_split(opt, make_net(), ratio=16)
+    adam = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    model(IDS).sum().backward()
+    adam.step()
+    with pytest.raises(ConfigError, match="stepped already"):
+        loraplus_split(adam, model, ratio=16)

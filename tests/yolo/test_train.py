@@ -64,7 +64,7 @@ def same_nc(base: SimpleNamespace) -> SimpleNamespace:
 
 @pytest.fixture(scope="module")
 def new_nc(base: SimpleNamespace) -> SimpleNamespace:
-    return _train(base, base.data_b, "new_nc", epochs=1, measure_forms=True)
+    return _train(base, base.data_b, "new_nc", epochs=1, measure_forms=True, loraplus_ratio=16)
 
 
 def _base_model(base: SimpleNamespace) -> nn.Module:
@@ -274,6 +274,23 @@ def test_measure_forms_records_a_form_on_every_adapted_conv(new_nc: SimpleNamesp
     convs = [m for m in new_nc.trainer.model.modules() if isinstance(m, lorakit.LoraLayer)]
     assert len(convs) > 90
     assert all(m.__dict__.get(CONV_FORM_ATTR, ("", 0))[0] in ("weight", "activation") for m in convs)
+
+
+def test_loraplus_scales_each_groups_B_factors_and_resume_keeps_the_ratio(
+    new_nc: SimpleNamespace, tmp_path: Path
+) -> None:
+    from lorakit.yolo import resume
+
+    t = new_nc.trainer
+    b_ids = {id(ad.B) for _, layer in lorakit.lora_layers(t.model) for ad in layer.lora.values()}
+    groups = t.optimizer.param_groups
+    with_b = [g for g in groups if any(id(p) in b_ids for p in g["params"])]
+    assert {id(p) for g in with_b for p in g["params"]} == b_ids  # B factors only, all of them
+    others = {g["lr"] for g in groups if g not in with_b}
+    assert len(others) == 1 and {g["lr"] for g in with_b} == {16 * others.pop()}  # the schedule kept the ratio
+    resume.write_base(tmp_path, t.model)
+    resume.write_epoch(tmp_path, 3, t.model, t.ema.ema, t.lora_config, "default", False, loraplus_ratio=16.0)
+    assert resume.read(tmp_path / "last.pt", 3).loraplus_ratio == 16.0
 
 
 def test_muon_refused(base: SimpleNamespace) -> None:

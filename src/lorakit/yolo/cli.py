@@ -46,7 +46,8 @@ USAGE = """usage: lorakit yolo SUBVERB key=value ...
             best.pt/last.pt and the adapter folders
             lorakit yolo train model=base.pt|yolo26n.yaml data=data.yaml [epochs=100] [imgsz=640] [batch=16]
                   [r=8] [alpha=r] [dropout=0.0] [adapt_bn=True] [exclude=PATTERN,...] [adapter_name=default]
-                  [max_fraction=1.0] [measure_forms=False] [any other YOLO train setting]
+                  [max_fraction=1.0] [measure_forms=False]
+                  [loraplus_ratio=None] [any other YOLO train setting]
   val       mAP of base + adapter (without adapter=, of the base)
             lorakit yolo val model=base.pt [adapter=DIR] data=data.yaml [imgsz=640] [batch=16] ...
   predict   detections of base + adapter; images saved under project/name unless save=False
@@ -71,6 +72,7 @@ LORA_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "adapter_name": ((str,), "a name, e.g. adapter_name=cars"),
     "max_fraction": ((int, float), "a number, e.g. max_fraction=0.5"),
     "measure_forms": ((bool,), "True or False"),
+    "loraplus_ratio": ((int, float, type(None)), "a number or None, e.g. loraplus_ratio=16"),
 }
 # Ultralytics settings this command sets itself: the sub-verb is the mode; model= is opened here;
 # dropout= is LoRA's; stream= would leave predict's results unconsumed.

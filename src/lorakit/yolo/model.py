@@ -69,7 +69,7 @@ class LoraYOLO(YOLO):  # type: ignore[misc]
     Args:
         model: a ``.pt`` checkpoint or ``.yaml`` config, as for ``YOLO``.
         adapter: an adapter folder to load on it (as :meth:`load_adapter`, named after its run).
-        r, alpha, dropout, exclude, config, adapt_bn, adapter_name, max_fraction, measure_forms:
+        r, alpha, dropout, exclude, config, adapt_bn, adapter_name, max_fraction, measure_forms, loraplus_ratio:
             the LoRA settings, see :class:`~lorakit.yolo.trainer.LoraOptions`. ``exclude``
             is a path pattern or a list of them (a string is one pattern).
         task, verbose: as for ``YOLO``.
@@ -93,6 +93,7 @@ class LoraYOLO(YOLO):  # type: ignore[misc]
         adapter_name: str = "default",
         max_fraction: float = 1.0,
         measure_forms: bool = False,
+        loraplus_ratio: float | None = None,
         task: str | None = None,
         verbose: bool = False,
     ) -> None:
@@ -106,6 +107,7 @@ class LoraYOLO(YOLO):  # type: ignore[misc]
             adapter_name=adapter_name,
             max_fraction=max_fraction,
             measure_forms=measure_forms,
+            loraplus_ratio=loraplus_ratio,
         )
         super().__init__(model, task=task, verbose=verbose)
         if not isinstance(self, LoraYOLO):  # YOLO.__init__ switched the class (World/YOLOE/RT-DETR)
@@ -317,8 +319,9 @@ class LoraYOLO(YOLO):  # type: ignore[misc]
         """Train a LoRA adapter; arguments as ``YOLO.train``, plus the LoRA settings. Returns the metrics.
 
         The LoRA settings of the constructor (``r``, ``alpha``, ``dropout``, ``exclude``, ``config``,
-        ``adapt_bn``, ``adapter_name``, ``max_fraction``, ``measure_forms``: :class:`~lorakit.yolo.trainer.LoraOptions`)
-        may be given here too, and then override the constructor's for this run; ``dropout`` is
+        ``adapt_bn``, ``adapter_name``, ``max_fraction``, ``measure_forms``, ``loraplus_ratio``:
+        :class:`~lorakit.yolo.trainer.LoraOptions`) may be given here too, and then override the
+        constructor's for this run; ``dropout`` is
         LoRA's (Ultralytics uses it for classifier heads only). At the end it prints where the
         merged checkpoints and the adapter folders are (:func:`saved_files`). Without ``project=``
         the run goes under ``./runs/<task>/`` unless the user's Ultralytics settings chose a

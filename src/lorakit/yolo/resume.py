@@ -49,6 +49,7 @@ class ResumeState:
     base: dict[str, torch.Tensor]
     live: dict[str, torch.Tensor]
     ema: dict[str, torch.Tensor]
+    loraplus_ratio: float | None = None  # decides the optimizer's groups, so it must be the run's own
 
 
 def changing_keys(model: nn.Module, config: LoraConfig) -> list[str]:
@@ -81,6 +82,7 @@ def write_epoch(
     adapter_name: str,
     adapt_bn: bool,
     keys: list[str] | None = None,
+    loraplus_ratio: float | None = None,
 ) -> Path:
     """Write epoch ``epoch``'s changing tensors of the live model and the EMA; keep the two newest files.
 
@@ -93,6 +95,7 @@ def write_epoch(
         "epoch": str(epoch),
         "adapter_name": adapter_name,
         "adapt_bn": json.dumps(adapt_bn),
+        "loraplus_ratio": json.dumps(loraplus_ratio),
         "config": json.dumps(config.to_dict(), sort_keys=True),
     }
     folder = wdir / FOLDER
@@ -132,13 +135,15 @@ def read(last: Path, epoch: int) -> ResumeState:
     try:
         config = LoraConfig.from_dict(json.loads(meta["config"]))
         name, adapt_bn, saved_epoch = meta["adapter_name"], bool(json.loads(meta["adapt_bn"])), int(meta["epoch"])
+        ratio = json.loads(meta.get("loraplus_ratio", "null"))
+        ratio = None if ratio is None else float(ratio)
     except (KeyError, ValueError, TypeError) as exc:
         raise ConfigError(f"cannot resume {last}: {epoch_file} has a malformed header ({exc!r})") from None
     if saved_epoch != epoch:
         raise ConfigError(f"cannot resume {last}: {epoch_file} says epoch {saved_epoch}, last.pt {epoch}")
     live = {k.removeprefix("live/"): v for k, v in tensors.items() if k.startswith("live/")}
     ema = {k.removeprefix("ema/"): v for k, v in tensors.items() if k.startswith("ema/")}
-    return ResumeState(config, name, adapt_bn, epoch, base, live, ema)
+    return ResumeState(config, name, adapt_bn, epoch, base, live, ema, ratio)
 
 
 def copy_into(model: nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:

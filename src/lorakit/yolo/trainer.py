@@ -75,6 +75,7 @@ from ..errors import ConfigError
 from ..inject import InjectReport, inject
 from ..io import copy_adapter
 from ..layers import LoraLayer
+from ..loraplus import loraplus_split
 from . import resume
 from .checks import check_optimizer
 from .merged import MergedCopy
@@ -114,6 +115,9 @@ class LoraOptions:
             default: the built-in rule (``ConvHandler.thin_cost``) was calibrated the same way on
             a CPU and came within 1 % of the per-layer faster forms; other hardware (a GPU) may
             differ.
+        loraplus_ratio: LoRA+ (:func:`lorakit.loraplus_split`): each optimizer group's B
+            factors learn at ``ratio`` times its lr (16 is the paper's choice); None: off.
+            Kept on ``resume=True`` (it decides the optimizer's groups).
     """
 
     r: int = 8
@@ -125,9 +129,15 @@ class LoraOptions:
     adapter_name: str = "default"
     max_fraction: float = 1.0
     measure_forms: bool = False
+    loraplus_ratio: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "exclude", as_patterns("exclude", self.exclude))
+        ratio = self.loraplus_ratio
+        if ratio is not None and (
+            isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio) or ratio <= 0
+        ):
+            raise ConfigError(f"LoraOptions: loraplus_ratio must be None or a finite number > 0, got {ratio!r}")
         if self.config is not None:
             fields = {f.name: f.default for f in dataclasses.fields(self)}
             clash = [n for n in ("r", "alpha", "dropout", "exclude") if getattr(self, n) != fields[n]]
@@ -310,7 +320,12 @@ class LoraTrainerMixin:
         ckpt = cast(Any, load_checkpoint)(last)[1]
         state = resume.read(last, int(ckpt.get("epoch", -1)))
         self._resume = state
-        self.lora = LoraOptions(config=state.config, adapt_bn=state.adapt_bn, adapter_name=state.adapter_name)
+        self.lora = LoraOptions(
+            config=state.config,
+            adapt_bn=state.adapt_bn,
+            adapter_name=state.adapter_name,
+            loraplus_ratio=state.loraplus_ratio,
+        )
         LOGGER.info(f"LoRA: resuming adapter {state.adapter_name!r} from epoch {state.epoch + 1} ({last})")
 
     def get_model(self, cfg: Any = None, weights: Any = None, verbose: bool = True) -> nn.Module:
@@ -423,6 +438,9 @@ class LoraTrainerMixin:
         )
         for group in optimizer.param_groups:
             group["params"] = [p for p in group["params"] if p.requires_grad]
+        if self.lora.loraplus_ratio is not None:
+            loraplus_split(optimizer, unwrap_model(model), self.lora.loraplus_ratio)
+            LOGGER.info(f"LoRA+: B factors learn at {self.lora.loraplus_ratio:g}x their group's lr")
         kept = [p for g in optimizer.param_groups for p in g["params"]]
         numbers = sum(p.numel() for p in kept)
         LOGGER.info(f"LoRA: the optimizer keeps {len(kept)} trainable tensors ({numbers:,} numbers)")
@@ -476,6 +494,7 @@ class LoraTrainerMixin:
                 self.lora.adapter_name,
                 self.lora.adapt_bn,
                 keys=self._changing_keys,
+                loraplus_ratio=self.lora.loraplus_ratio,
             )
             self._last_good = self._snapshot()
         return saved
