@@ -43,8 +43,10 @@ from torch import nn
 from .adapters import _check_finite, _names
 from .config import LoraConfig
 from .errors import ConfigError
-from .inject import _CONFIGS_ATTR, _check_name, lora_layers
+from .inject import _check_name
 from .layers import ConvHandler, LoraAdapter, LoraLayer
+from .state import CONFIGS_ATTR as _CONFIGS_ATTR
+from .state import lora_layers
 
 METHODS = ("cat", "svd", "linear")
 

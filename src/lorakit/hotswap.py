@@ -48,11 +48,12 @@ from torch import nn
 from . import owned
 from .adapters import list_adapters
 from .errors import AdapterNotFoundError, ConfigError
-from .inject import _CONFIGS_ATTR, lora_layers
 from .io import AdapterFiles, _match, read_adapter_files
 from .io_errors import AdapterConfigError, AdapterFileError, KeyMismatchError, NonFiniteTensorError
 from .io_peft import factor_keys, layout
 from .layers import LoraAdapter, LoraLayer
+from .state import CONFIGS_ATTR as _CONFIGS_ATTR
+from .state import lora_layers
 
 
 @dataclass(frozen=True)

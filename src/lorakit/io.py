@@ -45,7 +45,7 @@ from ._version import __version__
 from .adapters import active_adapters, delete_adapter, list_adapters, set_adapter
 from .config import LoraConfig
 from .errors import AdapterNotFoundError, ConfigError, LoraError, NonFiniteError, check_materialised
-from .inject import _CONFIGS_ATTR, inject, lora_layers, select_targets
+from .inject import inject, select_targets
 from .io_errors import (
     AdapterConfigError,
     AdapterFileError,
@@ -84,6 +84,8 @@ from .io_peft import (
     to_peft_config,
 )
 from .layers import LoraAdapter, LoraLayer
+from .state import CONFIGS_ATTR as _CONFIGS_ATTR
+from .state import lora_layers
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 

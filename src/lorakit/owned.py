@@ -37,7 +37,7 @@ from torch import nn
 
 from .config import match_pattern
 from .errors import ConfigError
-from .layers import LoraAdapter, LoraLayer
+from .layer_base import LoraAdapter, LoraLayer
 
 OWNED_ATTR = "lorakit_owned"
 
