@@ -13,12 +13,12 @@ from typing import cast
 import torch
 from torch import nn
 
-from . import owned
+from . import owned, state
 from .batchnorm import release_batchnorm
 from .config import as_strings
 from .errors import AdapterNotFoundError, ConfigError, MixedBatchError, NonFiniteError, check_materialised
 from .layer_base import LoraAdapter, LoraLayer, adapter_dict, unwrap
-from .state import CONFIGS_ATTR, GRADS_ATTR, cached_layers, lora_layers
+from .state import cached_layers, lora_layers
 
 
 def list_adapters(model: nn.Module) -> list[str]:
@@ -87,7 +87,8 @@ def set_adapter(model: nn.Module, names: str | Iterable[str]) -> None:
     # any() stops at the first layer that has the name: no full list of names per switch
     if any(not any(n in d for d in dicts) for n in active):
         _names(model, active, layers)  # raises, naming what the model has
-    objects = owned.live(model, active) if owned.OWNED_ATTR in model.__dict__ else None  # may raise
+    st = state.peek(model)
+    objects = owned.live(model, active) if st is not None and st.owned else None  # may raise
     for layer, adapters in zip(layers, dicts, strict=True):
         d = layer.__dict__
         d["lora_active"] = active
@@ -129,7 +130,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     layers = cached_layers(model)
     _not_mixing(layers, "delete_adapter")
     remaining = tuple(n for n in active_adapters(model) if n != name)
-    if owned.OWNED_ATTR in model.__dict__:
+    if owned.entries(model):
         owned.install(model, owned.live(model, () if _is_disabled(layers) else remaining))
         owned.drop(model, name)
     for _, layer in list(lora_layers(model)):
@@ -144,7 +145,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
             unwrap(layer)
         else:
             layer.lora_refresh()
-    configs = model.__dict__.get(CONFIGS_ATTR, {})
+    configs = state.configs(model)
     configs.pop(name, None)
     if not configs:
         _forget(model)
@@ -273,10 +274,9 @@ def _forget(model: nn.Module) -> None:
     """Drop model-level lorakit state once no adapter is left: the base parameters get
     back the ``requires_grad`` they had before the first :func:`inject`, and BatchNorm
     follows ``train()``/``eval()`` again."""
-    model.__dict__.pop(CONFIGS_ATTR, None)
     release_batchnorm(model)  # before the copies are forgotten: it unhooks them too
-    model.__dict__.pop(owned.OWNED_ATTR, None)
-    grads = model.__dict__.pop(GRADS_ATTR, {})
+    gone = state.forget(model)
+    grads = gone.requires_grad if gone is not None else {}
     for name, param in model.named_parameters():
         if name in grads:
             param.requires_grad_(grads[name])

@@ -45,14 +45,13 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from . import owned
+from . import owned, state
 from .adapters import list_adapters
 from .errors import AdapterNotFoundError, ConfigError
 from .io import AdapterFiles, _match, read_adapter_files
 from .io_errors import AdapterConfigError, AdapterFileError, KeyMismatchError, NonFiniteTensorError
 from .io_peft import factor_keys, layout
 from .layers import LoraAdapter, LoraLayer
-from .state import CONFIGS_ATTR as _CONFIGS_ATTR
 from .state import lora_layers
 
 
@@ -192,7 +191,7 @@ def hotswap_adapter(
         p: (ad.A, ad.B, ad.A.detach().clone(), ad.B.detach().clone(), ad.scaling.clone(), ad.r, ad.alpha, ad.dropout)
         for p, ad in adapters.items()
     }
-    configs = cast(dict[str, Any], model.__dict__.setdefault(_CONFIGS_ATTR, {}))
+    configs = state.of(model).configs
     old_cfg = configs.get(name)
     padded: list[str] = []
     grown: list[str] = []
@@ -292,7 +291,7 @@ def prepare_hotswap(model: nn.Module, name: str, r: int) -> tuple[str, ...]:
     todo = [(p, layer) for p, layer in own if cast(LoraAdapter, layer.lora[name]).A.shape[0] < r]
     for p, layer in todo:
         layer.lora_handler.check(layer, r, p or "<root>")
-    cfg = model.__dict__.get(_CONFIGS_ATTR, {}).get(name)
+    cfg = state.configs(model).get(name)
     rslora = bool(getattr(cfg, "use_rslora", False))
     with torch.no_grad():
         for _, layer in todo:

@@ -6,19 +6,16 @@ import difflib
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import cast
 
 from torch import nn
 
-from . import owned
+from . import owned, state
 from .adapters import active_adapters, set_adapter
 from .batchnorm import _keep_eval as _keep_eval  # pickles made before the move name lorakit.inject._keep_eval
 from .batchnorm import freeze_batchnorm, release_batchnorm
 from .config import ALL_LINEAR, LoraConfig, is_wildcard, match_pattern
 from .errors import ConfigError, TargetError
 from .layer_base import LayerHandler, LoraAdapter, LoraLayer, handler_for, registered_types, wrap
-from .state import CONFIGS_ATTR as _CONFIGS_ATTR
-from .state import GRADS_ATTR as _GRADS_ATTR
 from .state import lora_layers
 
 __all__ = [
@@ -264,10 +261,9 @@ def inject(
                 layer_params=layer_params,
             )
         )
-    if _CONFIGS_ATTR not in model.__dict__:  # first adapter: remember what unload must restore
-        model.__dict__[_GRADS_ATTR] = {n: p.requires_grad for n, p in model.named_parameters()}
-    configs = cast(dict[str, LoraConfig], model.__dict__.setdefault(_CONFIGS_ATTR, {}))
-    configs[name] = config
+    if state.peek(model) is None:  # first adapter: remember what unload must restore
+        state.of(model).requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+    state.of(model).configs[name] = config
     owned.add(model, name, copies)
 
     for p in model.parameters():

@@ -40,7 +40,7 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from . import owned
+from . import owned, state
 from ._version import __version__
 from .adapters import active_adapters, delete_adapter, list_adapters, set_adapter
 from .config import LoraConfig
@@ -84,7 +84,6 @@ from .io_peft import (
     to_peft_config,
 )
 from .layers import LoraAdapter, LoraLayer
-from .state import CONFIGS_ATTR as _CONFIGS_ATTR
 from .state import lora_layers
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
@@ -167,7 +166,7 @@ def save_adapter(
     """
     folder = Path(path)
     layers = [(p, layer) for p, layer in lora_layers(model) if name in layer.lora]
-    config = cast(dict[str, LoraConfig], model.__dict__.get(_CONFIGS_ATTR, {})).get(name)
+    config = state.configs(model).get(name)
     if not layers or config is None:
         raise AdapterNotFoundError(f"cannot save adapter {name!r} to {folder}: the model has {list_adapters(model)}")
     tensors: dict[str, torch.Tensor] = {}
@@ -541,7 +540,7 @@ def load_adapter(
         BaseModelMismatchError: other base weights, without ``allow_other_base``.
     """
     p = Path(path)
-    if name in list_adapters(model) or name in model.__dict__.get(_CONFIGS_ATTR, {}):
+    if name in list_adapters(model) or name in state.configs(model):
         raise ConfigError(f"cannot load {p} as adapter {name!r}: the model already has it; delete_adapter it first")
     files = read_adapter_files(p, allow_pickle=allow_pickle)
     m = _match(model, files, strict=strict, allow_other_base=allow_other_base, modules=modules)
