@@ -2,6 +2,11 @@
 
 Each subclass also derives from the builtin a caller would naturally catch
 (``ValueError`` for bad values), so ``except ValueError`` keeps working.
+
+This is the home of the core's errors, the command line's included. The errors about
+adapter files, which all carry the file's ``path``, have theirs in :mod:`lorakit.io_errors`;
+the integrations' own (``lorakit.hf``: training data, model folders, resume) sit beside
+the code that raises them.
 """
 
 from __future__ import annotations
@@ -30,6 +35,10 @@ class NonFiniteError(LoraError, ValueError):
 class MixedBatchError(LoraError, ValueError):
     """A mixed batch cannot run (training mode, merged adapters, a batch of another size,
     adapters with fully trained modules), or a state change was asked for inside one."""
+
+
+class ArgError(LoraError, ValueError):
+    """A command-line argument is malformed or unknown (the CLI prints it on one line and exits 2)."""
 
 
 class MetaTensorError(LoraError, ValueError):

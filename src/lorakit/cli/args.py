@@ -7,11 +7,7 @@ import difflib
 from collections.abc import Iterable
 from typing import Any
 
-from ..errors import LoraError
-
-
-class ArgError(LoraError, ValueError):
-    """A command-line argument is malformed or unknown."""
+from ..errors import ArgError as ArgError  # defined with the other errors; imported from here by every verb
 
 
 def parse_value(text: str) -> Any:
