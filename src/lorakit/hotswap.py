@@ -48,9 +48,10 @@ from torch import nn
 from . import owned, state
 from .adapters import list_adapters
 from .errors import AdapterNotFoundError, ConfigError
-from .io import AdapterFiles, _match, read_adapter_files
 from .io_errors import AdapterConfigError, AdapterFileError, KeyMismatchError, NonFiniteTensorError
+from .io_match import match_files
 from .io_peft import factor_keys, layout
+from .io_read import AdapterFiles, read_adapter_files
 from .layers import LoraAdapter, LoraLayer
 from .state import lora_layers
 
@@ -149,7 +150,7 @@ def hotswap_adapter(
         files, where = _from_state(path_or_state, config), None
     else:
         files, where = read_adapter_files(path_or_state, allow_pickle=allow_pickle), Path(path_or_state)
-    m = _match(model, files, strict=strict, allow_other_base=allow_other_base)
+    m = match_files(model, files, strict=strict, allow_other_base=allow_other_base)
     if m.unexpected:
         raise KeyMismatchError(
             files.weights_file, [], m.unexpected, f"hot-swapping adapter {name!r} cannot add tensors"
