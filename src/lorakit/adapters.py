@@ -6,7 +6,6 @@ never merge or unmerge anything.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import cast
@@ -14,11 +13,12 @@ from typing import cast
 import torch
 from torch import nn
 
-from . import owned
+from . import owned, state
+from .batchnorm import release_batchnorm
 from .config import as_strings
 from .errors import AdapterNotFoundError, ConfigError, MixedBatchError, NonFiniteError, check_materialised
-from .inject import _CONFIGS_ATTR, _GRADS_ATTR, lora_layers, release_batchnorm
-from .layers import STRUCTURE, LoraAdapter, LoraLayer, adapter_dict, unwrap, watch_structure
+from .layer_base import LoraAdapter, LoraLayer, adapter_dict, unwrap
+from .state import cached_layers, lora_layers
 
 
 def list_adapters(model: nn.Module) -> list[str]:
@@ -61,43 +61,6 @@ def _names(model: nn.Module, names: str | Iterable[str], layers: list[LoraLayer]
     return wanted
 
 
-def _fast_lora_layers(model: nn.Module) -> list[LoraLayer]:
-    """The LoRA layers of ``model`` (unordered, each once), by an iterative walk over
-    ``_modules`` that does not descend into LoRA layers: several times faster than
-    ``named_modules()`` on large models."""
-    found: dict[int, LoraLayer] = {}
-    stack = [model]
-    while stack:
-        m = stack.pop()
-        if isinstance(m, LoraLayer):
-            found[id(m)] = m
-            continue
-        stack.extend(c for c in m._modules.values() if c is not None)
-    return list(found.values())
-
-
-# model -> (STRUCTURE stamp, its LoRA layers). Kept beside the model, not in its __dict__:
-# nothing of it is pickled or deep-copied with the model (merged checkpoints stay plain).
-_LAYER_CACHE: weakref.WeakKeyDictionary[nn.Module, tuple[int, list[LoraLayer]]] = weakref.WeakKeyDictionary()
-
-
-def _layers(model: nn.Module) -> list[LoraLayer]:
-    """:func:`_fast_lora_layers`, cached per model until any module tree changes.
-
-    The cache is stamped with :data:`lorakit.layers.STRUCTURE`, which torch's global
-    module-registration hook and wrap/unwrap bump; so a stale list is never used, even
-    after a user replaces a submodule. (Only a raw ``del model.x`` goes unseen: the
-    removed layer then just keeps receiving switches, harmlessly.)
-    """
-    watch_structure()
-    cached = _LAYER_CACHE.get(model)
-    if cached is not None and cached[0] == STRUCTURE[0]:
-        return cached[1]
-    layers = _fast_lora_layers(model)
-    _LAYER_CACHE[model] = (STRUCTURE[0], layers)
-    return layers
-
-
 def set_adapter(model: nn.Module, names: str | Iterable[str]) -> None:
     """Activate ``names`` (one name or several, whose deltas then add up).
 
@@ -117,14 +80,15 @@ def set_adapter(model: nn.Module, names: str | Iterable[str]) -> None:
     """
     # A cached layer list and plain attribute writes: this is on the serving path
     # (switching per request), so it stays well under a millisecond.
-    layers = _layers(model)
+    layers = cached_layers(model)
     active = _as_names(names)
     _not_mixing(layers, "set_adapter")
     dicts = [adapter_dict(layer) for layer in layers]
     # any() stops at the first layer that has the name: no full list of names per switch
     if any(not any(n in d for d in dicts) for n in active):
         _names(model, active, layers)  # raises, naming what the model has
-    objects = owned.live(model, active) if owned.OWNED_ATTR in model.__dict__ else None  # may raise
+    st = state.peek(model)
+    objects = owned.live(model, active) if st is not None and st.owned else None  # may raise
     for layer, adapters in zip(layers, dicts, strict=True):
         d = layer.__dict__
         d["lora_active"] = active
@@ -163,10 +127,10 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         MixedBatchError: called inside :func:`lorakit.mixed_batch`.
     """
     _names(model, name)
-    layers = _layers(model)
+    layers = cached_layers(model)
     _not_mixing(layers, "delete_adapter")
     remaining = tuple(n for n in active_adapters(model) if n != name)
-    if owned.OWNED_ATTR in model.__dict__:
+    if owned.entries(model):
         owned.install(model, owned.live(model, () if _is_disabled(layers) else remaining))
         owned.drop(model, name)
     for _, layer in list(lora_layers(model)):
@@ -181,7 +145,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
             unwrap(layer)
         else:
             layer.lora_refresh()
-    configs = model.__dict__.get(_CONFIGS_ATTR, {})
+    configs = state.configs(model)
     configs.pop(name, None)
     if not configs:
         _forget(model)
@@ -247,7 +211,7 @@ def merge(model: nn.Module, names: str | Iterable[str] | None = None) -> None:
         MixedBatchError: called inside :func:`lorakit.mixed_batch`.
     """
     wanted = active_adapters(model) if names is None else _names(model, names)
-    _not_mixing(_layers(model), "merge")
+    _not_mixing(cached_layers(model), "merge")
     _check_finite(model, wanted)
     done: list[tuple[LoraLayer, tuple[str, ...]]] = []
     try:
@@ -269,7 +233,7 @@ def merge(model: nn.Module, names: str | Iterable[str] | None = None) -> None:
 
 def unmerge(model: nn.Module) -> None:
     """Restore every merged weight to its pristine value, bitwise."""
-    _not_mixing(_layers(model), "unmerge")
+    _not_mixing(cached_layers(model), "unmerge")
     for _, layer in lora_layers(model):
         layer.lora_set_merged(())
 
@@ -310,10 +274,9 @@ def _forget(model: nn.Module) -> None:
     """Drop model-level lorakit state once no adapter is left: the base parameters get
     back the ``requires_grad`` they had before the first :func:`inject`, and BatchNorm
     follows ``train()``/``eval()`` again."""
-    model.__dict__.pop(_CONFIGS_ATTR, None)
     release_batchnorm(model)  # before the copies are forgotten: it unhooks them too
-    model.__dict__.pop(owned.OWNED_ATTR, None)
-    grads = model.__dict__.pop(_GRADS_ATTR, {})
+    gone = state.forget(model)
+    grads = gone.requires_grad if gone is not None else {}
     for name, param in model.named_parameters():
         if name in grads:
             param.requires_grad_(grads[name])

@@ -40,11 +40,13 @@ from typing import cast
 import torch
 from torch import nn
 
+from . import state
 from .adapters import _check_finite, _names
 from .config import LoraConfig
 from .errors import ConfigError
-from .inject import _CONFIGS_ATTR, _check_name, lora_layers
+from .inject import _check_name
 from .layers import ConvHandler, LoraAdapter, LoraLayer
+from .state import lora_layers
 
 METHODS = ("cat", "svd", "linear")
 
@@ -227,7 +229,7 @@ def combine_adapters(
             )
         plans.append((path, layer, A, B, CombinedLayer(path or "<root>", A.shape[0], norm, error), terms[0][1].A.dtype))
 
-    cfgs = cast(dict[str, LoraConfig], model.__dict__.setdefault(_CONFIGS_ATTR, {}))
+    cfgs = state.of(model).configs
     first = cfgs.get(wanted[0])
     ranks = [p[2].shape[0] for p in plans]
     common = max(set(ranks), key=ranks.count)

@@ -30,8 +30,8 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from .inject import lora_layers
 from .layers import CONV_FORM_ATTR, ConvHandler, LoraLayer, live_rank
+from .state import lora_layers
 
 FORMS = ("activation", "weight")
 

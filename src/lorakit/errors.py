@@ -2,9 +2,17 @@
 
 Each subclass also derives from the builtin a caller would naturally catch
 (``ValueError`` for bad values), so ``except ValueError`` keeps working.
+
+This is the home of the core's errors, the command line's included. The errors about
+adapter files, which all carry the file's ``path``, have theirs in :mod:`lorakit.io_errors`;
+the integrations' own (``lorakit.hf``: training data, model folders, resume) sit beside
+the code that raises them.
 """
 
 from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
 
 
 class LoraError(Exception):
@@ -30,6 +38,10 @@ class NonFiniteError(LoraError, ValueError):
 class MixedBatchError(LoraError, ValueError):
     """A mixed batch cannot run (training mode, merged adapters, a batch of another size,
     adapters with fully trained modules), or a state change was asked for inside one."""
+
+
+class ArgError(LoraError, ValueError):
+    """A command-line argument is malformed or unknown (the CLI prints it on one line and exits 2)."""
 
 
 class MetaTensorError(LoraError, ValueError):
@@ -69,3 +81,11 @@ def require_extra(module: str, extra: str, what: str) -> None:
         raise MissingExtraError(
             f'{what} needs {module}, which is not installed; install it with: pip install "lorakit[{extra}]"'
         )
+
+
+def did_you_mean(word: str, known: Iterable[str], n: int = 3) -> str:
+    """``"; did you mean 'epochs'?"`` for the close matches of a mistyped ``word`` among ``known``
+    (difflib's ratio >= 0.6), or ``""`` when nothing is close: the hint every typo error appends
+    (configs, CLI keys and verbs)."""
+    close = difflib.get_close_matches(word, sorted(known), n=n, cutoff=0.6)
+    return f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""

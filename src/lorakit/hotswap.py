@@ -45,14 +45,15 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from . import owned
+from . import owned, state
 from .adapters import list_adapters
 from .errors import AdapterNotFoundError, ConfigError
-from .inject import _CONFIGS_ATTR, lora_layers
-from .io import AdapterFiles, _match, read_adapter_files
 from .io_errors import AdapterConfigError, AdapterFileError, KeyMismatchError, NonFiniteTensorError
+from .io_match import match_files
 from .io_peft import factor_keys, layout
+from .io_read import AdapterFiles, read_adapter_files
 from .layers import LoraAdapter, LoraLayer
+from .state import lora_layers
 
 
 @dataclass(frozen=True)
@@ -149,7 +150,7 @@ def hotswap_adapter(
         files, where = _from_state(path_or_state, config), None
     else:
         files, where = read_adapter_files(path_or_state, allow_pickle=allow_pickle), Path(path_or_state)
-    m = _match(model, files, strict=strict, allow_other_base=allow_other_base)
+    m = match_files(model, files, strict=strict, allow_other_base=allow_other_base)
     if m.unexpected:
         raise KeyMismatchError(
             files.weights_file, [], m.unexpected, f"hot-swapping adapter {name!r} cannot add tensors"
@@ -191,7 +192,7 @@ def hotswap_adapter(
         p: (ad.A, ad.B, ad.A.detach().clone(), ad.B.detach().clone(), ad.scaling.clone(), ad.r, ad.alpha, ad.dropout)
         for p, ad in adapters.items()
     }
-    configs = cast(dict[str, Any], model.__dict__.setdefault(_CONFIGS_ATTR, {}))
+    configs = state.of(model).configs
     old_cfg = configs.get(name)
     padded: list[str] = []
     grown: list[str] = []
@@ -291,7 +292,7 @@ def prepare_hotswap(model: nn.Module, name: str, r: int) -> tuple[str, ...]:
     todo = [(p, layer) for p, layer in own if cast(LoraAdapter, layer.lora[name]).A.shape[0] < r]
     for p, layer in todo:
         layer.lora_handler.check(layer, r, p or "<root>")
-    cfg = model.__dict__.get(_CONFIGS_ATTR, {}).get(name)
+    cfg = state.configs(model).get(name)
     rslora = bool(getattr(cfg, "use_rslora", False))
     with torch.no_grad():
         for _, layer in todo:

@@ -4,21 +4,31 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import cast
 
 from torch import nn
 
-from . import owned
+from . import owned, state
+from .adapters import active_adapters, set_adapter
+from .batchnorm import _keep_eval as _keep_eval  # pickles made before the move name lorakit.inject._keep_eval
+from .batchnorm import freeze_batchnorm, release_batchnorm
 from .config import ALL_LINEAR, LoraConfig, is_wildcard, match_pattern
 from .errors import ConfigError, TargetError
-from .layers import LoraAdapter, LoraLayer, wrap
-from .registry import LayerHandler, handler_for, registered_types
+from .layer_base import LayerHandler, LoraAdapter, LoraLayer, handler_for, registered_types, wrap
+from .state import lora_layers
+
+__all__ = [
+    "InjectReport",
+    "Target",
+    "freeze_batchnorm",
+    "inject",
+    "lora_layers",
+    "release_batchnorm",
+    "select_targets",
+]
 
 _NAME_RE = re.compile(r"[A-Za-z0-9_\-]+")
-_CONFIGS_ATTR = "lorakit_configs"
-_GRADS_ATTR = "lorakit_requires_grad"  # requires_grad of every parameter before the first inject
 
 
 @dataclass(frozen=True)
@@ -72,13 +82,6 @@ class InjectReport:
             )
         lines.append(self.summary())
         return "\n".join(lines)
-
-
-def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
-    """``(path, layer)`` for every LoRA layer in ``model``."""
-    for name, module in model.named_modules():
-        if isinstance(module, LoraLayer):
-            yield name, module
 
 
 def _type_matches(module: nn.Module, wanted: Sequence[str | type]) -> bool:
@@ -226,8 +229,6 @@ def inject(
     biases = owned.bias_paths(model, config.bias, [p for p, _, _ in found], train)
     copies = owned.plan(model, name, train, biases, modules)
 
-    from .adapters import active_adapters, set_adapter  # adapters imports inject
-
     previously_active = active_adapters(model)
     targets = []
     for path, module, handler, r in plans:
@@ -260,10 +261,9 @@ def inject(
                 layer_params=layer_params,
             )
         )
-    if _CONFIGS_ATTR not in model.__dict__:  # first adapter: remember what unload must restore
-        model.__dict__[_GRADS_ATTR] = {n: p.requires_grad for n, p in model.named_parameters()}
-    configs = cast(dict[str, LoraConfig], model.__dict__.setdefault(_CONFIGS_ATTR, {}))
-    configs[name] = config
+    if state.peek(model) is None:  # first adapter: remember what unload must restore
+        state.of(model).requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+    state.of(model).configs[name] = config
     owned.add(model, name, copies)
 
     for p in model.parameters():
@@ -274,30 +274,3 @@ def inject(
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return InjectReport(adapter=name, targets=tuple(targets), trainable=trainable, total=total)
-
-
-def _keep_eval(module: nn.Module, args: object) -> None:
-    # A forward pre-hook (a module-level function, so models still pickle): runs
-    # before every BatchNorm forward and undoes what model.train() set.
-    module.training = False
-
-
-def freeze_batchnorm(model: nn.Module) -> int:
-    """Make every BatchNorm layer of ``model`` run in eval mode from now on,
-    even under ``model.train()``: normalise with the running statistics and
-    never update them. Returns how many layers were frozen. Idempotent;
-    :func:`release_batchnorm` undoes it."""
-    for module in owned.every_module(model):  # also the copies and originals not installed now
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and _keep_eval not in module._forward_pre_hooks.values():
-            module.register_forward_pre_hook(_keep_eval)
-    return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-
-
-def release_batchnorm(model: nn.Module) -> None:
-    """Undo :func:`freeze_batchnorm` (the layers follow ``model.train()/eval()`` again)."""
-    for module in owned.every_module(model):
-        hooks = module._forward_pre_hooks
-        for key in [k for k, fn in hooks.items() if fn is _keep_eval]:
-            del hooks[key]
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.training = model.training

@@ -27,8 +27,8 @@ from torch import nn
 from torch.optim import Optimizer
 
 from .errors import ConfigError, TargetError
-from .inject import lora_layers
 from .layers import adapter_dict
+from .state import lora_layers
 
 
 def _factor_ids(model: nn.Module, who: str) -> tuple[set[int], set[int]]:

@@ -14,7 +14,7 @@ original places by a pointer swap::
 
 Module paths and parameter names never change, so ``state_dict`` keys, optimizers
 built after the switch, Ultralytics and transformers see an ordinary model. The
-copies not installed live in the model's ``__dict__`` (:data:`OWNED_ATTR`), outside
+copies not installed live in the model's lorakit state (:mod:`lorakit.state`), outside
 the module tree: they are pickled and deep-copied with the model but not moved by
 ``model.to()``; an installed object is moved to the device and dtype of the one it
 replaces.
@@ -29,44 +29,44 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import cast
 
 import torch
 from torch import nn
 
+from . import state
 from .config import match_pattern
 from .errors import ConfigError
-from .layers import LoraAdapter, LoraLayer
+from .layer_base import LoraAdapter, LoraLayer
+from .state import Obj, Owned
 
-OWNED_ATTR = "lorakit_owned"
+__all__ = [
+    "OWNED_ATTR",
+    "Obj",
+    "Owned",
+    "add",
+    "base_object",
+    "bias_paths",
+    "drop",
+    "entries",
+    "every_module",
+    "install",
+    "live",
+    "owned_by",
+    "plan",
+    "set_trainable",
+    "tensor_of",
+    "train_paths",
+]
 
-Obj = nn.Module | nn.Parameter
-
-
-@dataclass
-class Owned:
-    """One place whose object each owning adapter replaces with its own copy.
-
-    ``attr`` is ``""`` for the module at ``path``, or the name of a parameter of it
-    (``"bias"``). ``base`` is the model's original object; ``copies`` maps adapter name
-    to its copy.
-    """
-
-    path: str
-    attr: str
-    base: Obj
-    copies: dict[str, Obj] = field(default_factory=dict)
-
-    @property
-    def name(self) -> str:
-        """The place as a dotted path: ``"head"`` or ``"layers.0.bias"``."""
-        return ".".join(p for p in (self.path, self.attr) if p)
+# The owned table lives in the model's lorakit state (:mod:`lorakit.state`); a model
+# without that key holds no lorakit trace at all. Kept under its old name for old imports.
+OWNED_ATTR = state.ATTR
 
 
 def entries(model: nn.Module) -> dict[str, Owned]:
     """The model's owned places by :attr:`Owned.name` (empty when nothing is owned)."""
-    return cast(dict[str, Owned], model.__dict__.get(OWNED_ATTR, {}))
+    return state.owned_table(model)
 
 
 def train_paths(model: nn.Module, patterns: Sequence[str]) -> list[str]:
@@ -167,7 +167,7 @@ def plan(
 
 def add(model: nn.Module, name: str, planned: Sequence[tuple[str, str, Obj]]) -> None:
     """Record adapter ``name``'s copies (from :func:`plan`); installs nothing."""
-    table = model.__dict__.setdefault(OWNED_ATTR, {})
+    table = state.of(model).owned
     for path, attr, obj in planned:
         key = ".".join(p for p in (path, attr) if p)
         if key not in table:
@@ -235,8 +235,6 @@ def drop(model: nn.Module, name: str) -> None:
         table[key].copies.pop(name, None)
         if not table[key].copies:
             del table[key]
-    if not table:
-        model.__dict__.pop(OWNED_ATTR, None)
 
 
 def every_module(model: nn.Module) -> Iterator[nn.Module]:

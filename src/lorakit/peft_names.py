@@ -24,8 +24,7 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from typing import Any
 
-from .cli.args import did_you_mean
-from .errors import ConfigError
+from .errors import ConfigError, did_you_mean
 
 # PEFT keyword -> the lorakit field with the same meaning.
 RENAMED: dict[str, str] = {

@@ -17,6 +17,7 @@ import safetensors.torch
 import torch
 
 import lorakit
+from lorakit import state
 from lorakit.io import LoadReport, load_adapter, save_adapter
 from lorakit.io_errors import (
     AdapterConfigError,
@@ -260,7 +261,7 @@ def test_failure_after_inject_rolls_back_everything(tmp_path: Path, monkeypatch:
         load_adapter(m, tmp_path)
     assert state_hash(m) == before and torch.equal(m(IDS), y)
     assert lorakit.list_adapters(m) == ["other"] and lorakit.active_adapters(m) == ("other",)
-    assert "default" not in m.lorakit_configs
+    assert "default" not in state.configs(m)
 
 
 def test_save_errors(tmp_path: Path) -> None:

@@ -3,15 +3,10 @@
 from __future__ import annotations
 
 import ast
-import difflib
-from collections.abc import Iterable
 from typing import Any
 
-from ..errors import LoraError
-
-
-class ArgError(LoraError, ValueError):
-    """A command-line argument is malformed or unknown."""
+from ..errors import ArgError as ArgError  # defined with the other errors; imported from here by every verb
+from ..errors import did_you_mean as did_you_mean  # lives with the errors whose messages it completes
 
 
 def parse_value(text: str) -> Any:
@@ -29,13 +24,6 @@ def parse_value(text: str) -> Any:
 def wants_help(argv: list[str]) -> bool:
     """``lorakit VERB --help`` (or ``-h``, ``help``): the verb prints its usage instead of running."""
     return bool(argv) and argv[0] in ("-h", "--help", "help")
-
-
-def did_you_mean(word: str, known: Iterable[str], n: int = 3) -> str:
-    """``"; did you mean 'epochs'?"`` for the close matches of a mistyped ``word`` among ``known``
-    (difflib's ratio >= 0.6), or ``""`` when nothing is close. One helper for every verb's typos."""
-    close = difflib.get_close_matches(word, sorted(known), n=n, cutoff=0.6)
-    return f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
 
 
 def parse_args(argv: list[str], allowed: set[str], verb: str) -> dict[str, Any]:

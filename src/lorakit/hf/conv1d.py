@@ -22,7 +22,7 @@ from ..fused import LoraLinearFn, new_seed
 from ..layers import LinearHandler, LoraLayer
 
 if TYPE_CHECKING:
-    from ..mixed import MixedPlan
+    from ..mixed_kernels import MixedPlan
 
 
 def conv1d_forward(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -72,7 +72,7 @@ class LinearLikeHandler(LinearHandler):
         return y
 
     def mixed_forward(self, module: LoraLayer, x: torch.Tensor, plan: MixedPlan) -> torch.Tensor:
-        from ..mixed import linear_mixed
+        from ..mixed_kernels import linear_mixed
 
         # Mixed batches use the stored B as it is (see lorakit.hf.parts for why that is exact).
         return linear_mixed(x, self.base_forward(module, x), plan)

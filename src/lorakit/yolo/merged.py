@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from ..adapters import merge_and_unload
-from ..inject import lora_layers
 from ..layers import LoraLayer
+from ..state import lora_layers
 
 # Plain attributes of the EMA model (yaml, nc, args, names, stride: ModelEMA.update_attr copies them from the live
 # model each epoch) are followed, so a checkpoint written from the copy says the same; these are not: the copy's
