@@ -7,17 +7,10 @@ means the base model. This is for serving many tenants or tasks from one base.
 How it stays fast: on entry each LoRA layer stacks the factors of the adapters used
 once (zero-padded to the largest rank: zero rows and columns add nothing), and every
 forward inside the block runs a fixed handful of batched products for the whole batch,
-whatever the number of distinct adapters K:
-
-    Linear     samples grouped by adapter into a (G, S) grid (see linear_mixed):
-               h = x_g (s_g A_g)^T and y_g = h B_g^T as two bmm's, added back per sample
-    Conv       stacks with an all-zero "no adapter" slot K; the batch is folded into
-               channels, (1, N*C, H, W), and A, B become one grouped conv each with
-               N*G groups (sample n, group g -> group n*G+g)
-    Embedding  one lookup in the stacked table (K+1)*V x r with ids offset by i_n*V
-
-PEFT instead loops in Python over the distinct adapters with index lists. The plan and
-the kernels are in :mod:`lorakit.mixed_kernels` (re-exported here).
+whatever the number of distinct adapters; PEFT instead loops in Python over the
+distinct adapters with index lists. The plan and the kernels, with how each layer type
+batches, are in :mod:`lorakit.mixed_kernels` (re-exported here); this module builds the
+plans and runs the block.
 """
 
 from __future__ import annotations
