@@ -10,7 +10,7 @@ from typing import cast
 
 from torch import nn
 
-from . import owned
+from . import init_svd, owned
 from .config import ALL_LINEAR, LoraConfig, is_wildcard, match_pattern
 from .errors import ConfigError, TargetError
 from .layers import LoraAdapter, LoraLayer, wrap
@@ -221,6 +221,8 @@ def inject(
     for path, module, handler in found:  # check everything before changing anything
         r = config.rank_for(path)
         handler.check(module, r, path or "<root>")
+        if init_svd.is_svd_init(config.init):  # it changes base weights: refuse before any changes
+            init_svd.check(module, handler, r, config.init, path or "<root>")
         plans.append((path, module, handler, r))
     train = owned.train_paths(model, config.train_modules)
     biases = owned.bias_paths(model, config.bias, [p for p, _, _ in found], train)
@@ -230,6 +232,7 @@ def inject(
 
     previously_active = active_adapters(model)
     targets = []
+    initials: dict[str, init_svd.Initial] = {}
     for path, module, handler, r in plans:
         weight = getattr(module, handler.weight_name)
         a_shape, b_shape = handler.factor_shapes(module, r)
@@ -243,7 +246,10 @@ def inject(
             dtype=weight.dtype,
             device=weight.device,
         )
-        handler.init_factors(adapter.A, adapter.B, config.init, r)
+        if init_svd.is_svd_init(config.init):
+            initials[path] = init_svd.init_from_weight(module, handler, adapter, config.init, path or "<root>")
+        else:
+            handler.init_factors(adapter.A, adapter.B, config.init, r)
         adapter.train(module.training)  # a new module starts in train mode; follow the layer
         layer_params = sum(p.numel() for p in module.parameters(recurse=False))
         layer = wrap(module)
@@ -264,6 +270,7 @@ def inject(
         model.__dict__[_GRADS_ATTR] = {n: p.requires_grad for n, p in model.named_parameters()}
     configs = cast(dict[str, LoraConfig], model.__dict__.setdefault(_CONFIGS_ATTR, {}))
     configs[name] = config
+    init_svd.record(model, name, initials if init_svd.is_svd_init(config.init) else None)
     owned.add(model, name, copies)
 
     for p in model.parameters():

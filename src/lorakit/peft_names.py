@@ -22,10 +22,11 @@ which is lorakit's rule for plain names too.
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
-from typing import Any
+from typing import Any, cast
 
 from .cli.args import did_you_mean
 from .errors import ConfigError
+from .init_svd import is_svd_init
 
 # PEFT keyword -> the lorakit field with the same meaning.
 RENAMED: dict[str, str] = {
@@ -42,10 +43,9 @@ SAME = ("r", "rank_pattern", "alpha_pattern", "use_rslora", "bias")
 
 # init_lora_weights -> lorakit init. True: A Kaiming-uniform (a=sqrt(5)), B = 0; "gaussian":
 # A ~ N(0, 1/r), B = 0; False: A and B both Kaiming-uniform (nn.Linear's default), not a no-op.
+# "pissa", "pissa_niter_<N>", "olora" (lorakit.init_svd.is_svd_init) keep their name in both.
 INIT_FROM_PEFT: dict[bool | str, str] = {True: "kaiming", "gaussian": "gaussian", False: "random"}
 INIT_TO_PEFT: dict[str, bool | str] = {v: k for k, v in INIT_FROM_PEFT.items()}
-# Values that are planned in lorakit (issue 14): named so in the refusal.
-_PLANNED_INITS = ("pissa", "olora")
 
 # PEFT fields with nothing for lorakit to do.
 NO_EFFECT = frozenset({
@@ -83,19 +83,21 @@ def init_from_peft(value: object) -> str:
     """lorakit's ``init`` for PEFT's ``init_lora_weights`` value.
 
     Raises:
-        ConfigError: a value lorakit does not implement (named; PiSSA/OLoRA are said to be planned).
+        ConfigError: a value lorakit does not implement (named).
     """
     if isinstance(value, (bool, str)) and value in INIT_FROM_PEFT:
         return INIT_FROM_PEFT[value]
-    if isinstance(value, str) and value.startswith(_PLANNED_INITS):
-        raise ConfigError(
-            f"LoraConfig: init_lora_weights={value!r} is not implemented in lorakit yet (PiSSA/OLoRA are planned); "
-            "use True, False or 'gaussian'"
-        )
+    if is_svd_init(value):
+        return cast(str, value)
     raise ConfigError(
         f"LoraConfig: init_lora_weights={value!r} is not implemented in lorakit; use True (lorakit's init='kaiming'), "
-        "False ('random') or 'gaussian'"
+        "False ('random'), 'gaussian', 'pissa', 'pissa_niter_N' or 'olora'"
     )
+
+
+def init_to_peft(init: str) -> bool | str:
+    """PEFT's ``init_lora_weights`` for lorakit's ``init``."""
+    return INIT_TO_PEFT.get(init, init)
 
 
 def check_keywords(given: Collection[str], known: Collection[str]) -> None:
