@@ -93,3 +93,13 @@ def test_plain_pissa_save_reruns_the_init_in_peft(tmp_path: Path) -> None:
     lorakit.save_adapter(m, tmp_path)
     pm = peft_load(tiny_llama(), tmp_path)  # (PEFT warns that PiSSA changes the base weights)
     torch.testing.assert_close(logits(pm), trained, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_peft_has_no_conv_init_either(init: str) -> None:
+    """lorakit refuses PiSSA/OLoRA on convolutions (tests/unit/test_pissa_olora.py); PEFT does too."""
+    net = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3))
+    with pytest.raises(ValueError, match="Unknown initialization"):
+        peft.get_peft_model(net, peft.LoraConfig(r=4, target_modules=["0"], init_lora_weights=init))
+    with pytest.raises(lorakit.TargetError, match="PEFT defines these inits for Linear layers only"):
+        lorakit.inject(torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3)), lorakit.LoraConfig(r=4, targets=["0"], init=init))
