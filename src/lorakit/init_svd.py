@@ -32,6 +32,9 @@ instead as an ordinary LoRA on the original weights, via :func:`as_lora_on_origi
 
 The factors at init (``A0``, ``B0``) and the original weight's fingerprint are kept with the
 model for that (:func:`recorded`).
+
+As in PEFT, the residual stays the base: ``lorakit.disabled()``, ``delete_adapter`` and ``unload``
+give the residual model, not the original one; ``merge_and_unload`` gives the trained model.
 """
 
 from __future__ import annotations

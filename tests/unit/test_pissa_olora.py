@@ -289,3 +289,14 @@ def test_reinjecting_a_name_forgets_the_old_init(tmp_path: Path) -> None:
     lorakit.inject(m, cfg("kaiming"))
     with pytest.raises(ConfigError, match="not made by a PiSSA/OLoRA init"):
         lorakit.save_adapter(m, tmp_path, original_base=True)
+
+
+def test_merge_and_unload_keep_the_trained_model_unload_leaves_the_residual() -> None:
+    m, y = _trained("pissa")
+    lorakit.merge_and_unload(m)
+    with torch.no_grad():
+        torch.testing.assert_close(m(X), y, atol=ATOL, rtol=0)
+    m, _ = _trained("pissa")
+    residual = m.up.weight.detach().clone()
+    lorakit.unload(m)
+    assert torch.equal(m.up.weight, residual)  # as in PEFT: the init's change to the base stays
