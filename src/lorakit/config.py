@@ -31,6 +31,7 @@ from typing import Any, cast
 
 from . import peft_names
 from .errors import ConfigError
+from .peft_names import SVD_INITS, is_svd_init
 
 INITS = ("kaiming", "gaussian", "random")
 BIASES = ("none", "all", "lora_only")
@@ -120,8 +121,10 @@ class LoraConfig:
         alpha_pattern: ``{pattern: alpha}`` per-module alpha overrides.
         use_rslora: scale by ``alpha / sqrt(r)`` (rsLoRA) instead of ``alpha / r``.
         init: ``"kaiming"`` (A Kaiming-uniform, a=sqrt(5), as nn.Linear; B = 0),
-            ``"gaussian"`` (A ~ N(0, 1/r), B = 0), or ``"random"`` (both random, so the
-            adapter is *not* a no-op at start: meant for tests).
+            ``"gaussian"`` (A ~ N(0, 1/r), B = 0), ``"random"`` (both random, so the
+            adapter is *not* a no-op at start: meant for tests), or ``"pissa"``,
+            ``"pissa_niter_N"``, ``"olora"``: A, B from the base weight's top singular
+            vectors (or QR), and the base weight replaced by the rest (:mod:`lorakit.init_svd`).
         bias: ``"none"`` (default; no bias trains), ``"all"`` (every bias in the model
             trains) or ``"lora_only"`` (biases of adapted layers train). The adapter
             trains its own copies of them (:mod:`lorakit.owned`); the base keeps its own.
@@ -137,7 +140,8 @@ class LoraConfig:
     (alpha), ``lora_dropout`` (dropout), ``target_modules`` (targets; one string is PEFT's
     regex), ``exclude_modules`` (exclude), ``modules_to_save`` (train_modules),
     ``init_lora_weights`` (True, False, ``"gaussian"``: init ``"kaiming"``, ``"random"``,
-    ``"gaussian"``), ``use_dora`` (False only), ``task_type`` (tasks without a head),
+    ``"gaussian"``; ``"pissa"``, ``"pissa_niter_N"``, ``"olora"``: the same name),
+    ``use_dora`` (False only), ``task_type`` (tasks without a head),
     ``inference_mode`` (False only), ``fan_in_fan_out`` (read from each layer anyway).
     They are not stored: the config equals the one spelled with lorakit's names, and
     ``to_dict`` writes lorakit's. ``dataclasses.replace`` takes lorakit's names (it passes
@@ -225,8 +229,8 @@ class LoraConfig:
             or not (0.0 <= self.dropout < 1.0)
         ):
             raise ConfigError(f"LoraConfig.{key('dropout')} must be in [0, 1), got {self.dropout!r}")
-        if self.init not in INITS:
-            raise ConfigError(f"LoraConfig.init must be one of {INITS}, got {self.init!r}")
+        if self.init not in INITS and not is_svd_init(self.init):
+            raise ConfigError(f"LoraConfig.init must be one of {INITS + SVD_INITS}, got {self.init!r}")
         if self.bias not in BIASES:
             raise ConfigError(f"LoraConfig.bias must be one of {BIASES}, got {self.bias!r}")
         if self.batchnorm not in BATCHNORMS:

@@ -9,13 +9,14 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from . import owned, state
+from . import init_svd, owned, state
 from .adapters import active_adapters, set_adapter
 from .batchnorm import _keep_eval as _keep_eval  # pickles made before the move name lorakit.inject._keep_eval
 from .batchnorm import freeze_batchnorm, release_batchnorm
 from .config import ALL_LINEAR, LoraConfig, is_wildcard, match_pattern
 from .errors import ConfigError, TargetError
 from .layer_base import LayerHandler, LoraAdapter, LoraLayer, handler_for, registered_types, wrap
+from .peft_names import is_svd_init
 from .state import lora_layers
 
 __all__ = [
@@ -224,6 +225,8 @@ def inject(
     for path, module, handler in found:  # check everything before changing anything
         r = config.rank_for(path)
         handler.check(module, r, path or "<root>")
+        if is_svd_init(config.init):  # it changes base weights: refuse before any changes
+            init_svd.check(module, handler, r, config.init, path or "<root>")
         plans.append((path, module, handler, r))
     train = owned.train_paths(model, config.train_modules)
     biases = owned.bias_paths(model, config.bias, [p for p, _, _ in found], train)
@@ -231,6 +234,7 @@ def inject(
 
     previously_active = active_adapters(model)
     targets = []
+    initials: dict[str, init_svd.Initial] = {}
     for path, module, handler, r in plans:
         weight = getattr(module, handler.weight_name)
         a_shape, b_shape = handler.factor_shapes(module, r)
@@ -244,7 +248,10 @@ def inject(
             dtype=weight.dtype,
             device=weight.device,
         )
-        handler.init_factors(adapter.A, adapter.B, config.init, r)
+        if is_svd_init(config.init):
+            initials[path] = init_svd.init_from_weight(module, handler, adapter, config.init, path or "<root>")
+        else:
+            handler.init_factors(adapter.A, adapter.B, config.init, r)
         adapter.train(module.training)  # a new module starts in train mode; follow the layer
         layer_params = sum(p.numel() for p in module.parameters(recurse=False))
         layer = wrap(module)
@@ -264,6 +271,7 @@ def inject(
     if state.peek(model) is None:  # first adapter: remember what unload must restore
         state.of(model).requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
     state.of(model).configs[name] = config
+    init_svd.record(model, name, initials if is_svd_init(config.init) else None)
     owned.add(model, name, copies)
 
     for p in model.parameters():

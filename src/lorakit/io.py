@@ -31,14 +31,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, cast
 
 import torch
 from torch import nn
 
-from . import owned, state
+from . import init_svd, owned, state
 from ._version import __version__
 from .adapters import active_adapters, delete_adapter, list_adapters, set_adapter
 from .config import LoraConfig
@@ -100,7 +100,12 @@ class LoadReport:
 
 
 def save_adapter(
-    model: nn.Module, path: str | Path, name: str = "default", *, metadata: Mapping[str, str] | None = None
+    model: nn.Module,
+    path: str | Path,
+    name: str = "default",
+    *,
+    metadata: Mapping[str, str] | None = None,
+    original_base: bool = False,
 ) -> Path:
     """Write adapter ``name`` of ``model`` to folder ``path`` in PEFT's format.
 
@@ -115,6 +120,12 @@ def save_adapter(
         metadata: extra string entries for the safetensors header (an integration's own
             facts, e.g. a detector's class names); read back by :func:`read_adapter_files`.
             Keys lorakit itself writes (``format``, ``lorakit_version``, ...) are refused.
+        original_base: for an adapter made by a PiSSA/OLoRA init (which replaced the base weights
+            by residuals), write it as an ordinary LoRA (rank 2r) on the weights *before* the init,
+            so it loads onto the untouched base model with the same outputs (PEFT's
+            ``path_initial_model_for_weight_conversion``; :mod:`lorakit.init_svd`). Saved
+            without it, the adapter belongs to the residual base, and its base fingerprint
+            refuses the original one.
 
     Returns:
         The folder.
@@ -122,7 +133,8 @@ def save_adapter(
     Raises:
         AdapterNotFoundError: the model has no adapter ``name``.
         ConfigError: the adapter's layers or scaling cannot be written in PEFT's format, or
-            ``metadata`` uses a reserved key or a non-string value.
+            ``metadata`` uses a reserved key or a non-string value; with ``original_base``, the
+            adapter was not made by a PiSSA/OLoRA init in this process, or a base weight changed since.
         NonFiniteError: the adapter holds NaN/Inf (a broken adapter is never saved).
         OSError: the folder or a file cannot be written (the message names it); the
             previous adapter is kept.
@@ -132,11 +144,24 @@ def save_adapter(
     config = state.configs(model).get(name)
     if not layers or config is None:
         raise AdapterNotFoundError(f"cannot save adapter {name!r} to {folder}: the model has {list_adapters(model)}")
+    initials = init_svd.recorded(model, name) if original_base else None
+    if original_base:
+        if initials is None:
+            raise ConfigError(
+                f"cannot save adapter {name!r} to {folder} with original_base=True: it was not made by a PiSSA/OLoRA "
+                f"init in this process (init={config.init!r}), so its base weights are the original ones already"
+            )
+        config = replace(config, init="kaiming")  # the file is an ordinary LoRA: PEFT must not re-run the init
     tensors: dict[str, torch.Tensor] = {}
     base: dict[str, Any] = {}
     adapted: list[tuple[str, LoraAdapter]] = []
     for p, layer in layers:
         ad = cast(LoraAdapter, layer.lora[name])
+        original = None
+        if initials is not None:
+            ad, original = init_svd.as_lora_on_original(
+                initials[p], ad, base_weight(layer, layer.lora_handler.weight_name), config.use_rslora, p
+            )
         for what, t in (("'s base weight", base_weight(layer, layer.lora_handler.weight_name)), (".A", ad.A)):
             check_materialised(t, f"{p}{what}", f"adapter {name!r} was not saved to {folder}")
         want = scaling_of(ad.r, ad.alpha, config.use_rslora)
@@ -154,7 +179,7 @@ def save_adapter(
             A = dense_conv_A(A, cast(nn.Conv2d, layer).groups)
         a_key, b_key = factor_keys(p, kind)
         tensors[a_key], tensors[b_key] = A, ad.B.detach()
-        base[p] = fingerprint(base_weight(layer, layer.lora_handler.weight_name))
+        base[p] = original or fingerprint(base_weight(layer, layer.lora_handler.weight_name))
         adapted.append((p, ad))
     # the adapter's own copies of what it trains fully, wherever the active adapter stands
     train: list[str] = []

@@ -159,7 +159,7 @@ def match_files(
 ) -> Match:
     """Check ``files`` against ``model`` without changing it (the checks of :func:`load_adapter`)."""
     cfg_file, weights, tensors = files.config_file, files.weights_file, files.tensors
-    cfg, unknown = from_peft_config(cfg_file, files.raw_config, strict)
+    cfg, unknown = from_peft_config(cfg_file, files.raw_config, strict, fingerprinted="lorakit_base" in files.metadata)
     slots, paths = _plan(model, cfg, cfg_file, modules)
 
     missing = sorted(set(slots) - set(tensors))

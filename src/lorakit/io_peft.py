@@ -31,6 +31,7 @@ from .config import LoraConfig
 from .errors import ConfigError
 from .io_errors import AdapterConfigError, AdapterFileError
 from .layers import ConvHandler, EmbeddingHandler, LoraAdapter, LoraLayer
+from .peft_names import is_svd_init
 from .registry import LayerHandler
 
 PREFIX = "base_model.model."
@@ -145,7 +146,7 @@ def to_peft_config(
         # PEFT wants True for (in, out)-stored layers (Conv1D) and warns otherwise.
         "fan_in_fan_out": all(cast(LoraLayer, model.get_submodule(p)).lora_handler.fan_in_fan_out for p in paths),
         "inference_mode": True,
-        "init_lora_weights": peft_names.INIT_TO_PEFT[config.init],
+        "init_lora_weights": peft_names.init_to_peft(config.init),
         "lora_alpha": _num(alpha),
         "lora_dropout": config.dropout,
         "modules_to_save": sorted(train_paths) or None,
@@ -165,12 +166,18 @@ def _num(x: float) -> float | int:
 # -- config: PEFT -> lorakit --------------------------------------------------------------
 
 
-def from_peft_config(file: Path, raw: object, strict: bool) -> tuple[LoraConfig, list[str]]:
+def from_peft_config(
+    file: Path, raw: object, strict: bool, fingerprinted: bool = False
+) -> tuple[LoraConfig, list[str]]:
     """LoraConfig for a PEFT ``adapter_config.json`` dict, and the unknown keys found.
+
+    ``fingerprinted``: the file carries lorakit's base fingerprint, which will be checked; then a
+    PiSSA/OLoRA adapter loads (onto the residual base it was saved on, which the check ensures).
 
     Raises:
         AdapterConfigError: not a LoRA config; unknown keys (``strict``); a feature lorakit
-            cannot reproduce (DoRA, lora_bias, base-changing inits, ...); invalid values.
+            cannot reproduce (DoRA, lora_bias, base-changing inits without ``fingerprinted``, ...);
+            invalid values.
     """
     if not isinstance(raw, dict):
         raise AdapterConfigError(file, "adapter_config.json must hold a JSON object")
@@ -183,11 +190,12 @@ def from_peft_config(file: Path, raw: object, strict: bool) -> tuple[LoraConfig,
         if raw.get(key) not in peft_names.OFF:
             raise AdapterConfigError(file, f"{key}={raw[key]!r}: {what} is not supported by lorakit")
     init = raw.get("init_lora_weights", True)
-    if init not in _SAFE_INITS:
+    if init not in _SAFE_INITS and not (fingerprinted and is_svd_init(init)):
         raise AdapterConfigError(
             file,
             f"init_lora_weights={init!r} changes the base weights when PEFT loads the adapter; lorakit cannot "
-            "reproduce that (convert it to a plain LoRA with PEFT's path_initial_model_for_weight_conversion)",
+            "reproduce that (convert it to a plain LoRA with PEFT's path_initial_model_for_weight_conversion, or save "
+            "it from lorakit with save_adapter(..., original_base=True))",
         )
     target = raw.get("target_modules")
     if not (

@@ -21,10 +21,21 @@ which is lorakit's rule for plain names too.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection, Mapping
-from typing import Any
+from typing import Any, cast
 
 from .errors import ConfigError, did_you_mean
+
+# The inits that factor the base weight (lorakit.init_svd): one name for them in lorakit and PEFT.
+PISSA_NITER = re.compile(r"pissa_niter_([0-9]+)")
+SVD_INITS = ("pissa", "pissa_niter_N", "olora")  # the names, for messages
+
+
+def is_svd_init(init: object) -> bool:
+    """True for ``"pissa"``, ``"pissa_niter_<N>"`` (N a non-negative int) and ``"olora"``."""
+    return isinstance(init, str) and (init in ("pissa", "olora") or PISSA_NITER.fullmatch(init) is not None)
+
 
 # PEFT keyword -> the lorakit field with the same meaning.
 RENAMED: dict[str, str] = {
@@ -41,10 +52,9 @@ SAME = ("r", "rank_pattern", "alpha_pattern", "use_rslora", "bias")
 
 # init_lora_weights -> lorakit init. True: A Kaiming-uniform (a=sqrt(5)), B = 0; "gaussian":
 # A ~ N(0, 1/r), B = 0; False: A and B both Kaiming-uniform (nn.Linear's default), not a no-op.
+# "pissa", "pissa_niter_<N>", "olora" (lorakit.init_svd.is_svd_init) keep their name in both.
 INIT_FROM_PEFT: dict[bool | str, str] = {True: "kaiming", "gaussian": "gaussian", False: "random"}
 INIT_TO_PEFT: dict[str, bool | str] = {v: k for k, v in INIT_FROM_PEFT.items()}
-# Values that are planned in lorakit (issue 14): named so in the refusal.
-_PLANNED_INITS = ("pissa", "olora")
 
 # PEFT fields with nothing for lorakit to do.
 NO_EFFECT = frozenset({
@@ -82,19 +92,21 @@ def init_from_peft(value: object) -> str:
     """lorakit's ``init`` for PEFT's ``init_lora_weights`` value.
 
     Raises:
-        ConfigError: a value lorakit does not implement (named; PiSSA/OLoRA are said to be planned).
+        ConfigError: a value lorakit does not implement (named).
     """
     if isinstance(value, (bool, str)) and value in INIT_FROM_PEFT:
         return INIT_FROM_PEFT[value]
-    if isinstance(value, str) and value.startswith(_PLANNED_INITS):
-        raise ConfigError(
-            f"LoraConfig: init_lora_weights={value!r} is not implemented in lorakit yet (PiSSA/OLoRA are planned); "
-            "use True, False or 'gaussian'"
-        )
+    if is_svd_init(value):
+        return cast(str, value)
     raise ConfigError(
         f"LoraConfig: init_lora_weights={value!r} is not implemented in lorakit; use True (lorakit's init='kaiming'), "
-        "False ('random') or 'gaussian'"
+        "False ('random'), 'gaussian', 'pissa', 'pissa_niter_N' or 'olora'"
     )
+
+
+def init_to_peft(init: str) -> bool | str:
+    """PEFT's ``init_lora_weights`` for lorakit's ``init``."""
+    return INIT_TO_PEFT.get(init, init)
 
 
 def check_keywords(given: Collection[str], known: Collection[str]) -> None:

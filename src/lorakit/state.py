@@ -65,6 +65,8 @@ class ModelState:
         requires_grad: ``requires_grad`` of every parameter before the first inject, restored
             when the last adapter goes.
         owned: the places adapters train fully, by :attr:`Owned.name`.
+        initials: adapter name -> layer path -> its factors and fingerprints at a PiSSA/OLoRA
+            init (:class:`lorakit.init_svd.Initial`), for saving relative to the original base.
         layers: ``(STRUCTURE stamp, the model, its LoRA layers)``, or None; never pickled
             or copied. The model is held weakly (a strong reference would make a cycle that
             keeps a dropped model's memory until the garbage collector runs) and checked, so
@@ -75,6 +77,7 @@ class ModelState:
     configs: dict[str, LoraConfig] = field(default_factory=dict)
     requires_grad: dict[str, bool] = field(default_factory=dict)
     owned: dict[str, Owned] = field(default_factory=dict)
+    initials: dict[str, dict[str, Any]] = field(default_factory=dict)
     layers: tuple[int, weakref.ref[nn.Module], list[LoraLayer]] | None = None
 
     def __getstate__(self) -> dict[str, Any]:
