@@ -24,7 +24,8 @@ USAGE = """usage: lorakit hf SUBVERB key=value ...
 
   train     LoRA fine-tuning of a local transformers model on JSONL data
             lorakit hf train model=PATH data=FILE.jsonl out=DIR [r=16] [epochs=3] [eval=FILE.jsonl]
-                  [alpha=r] [lr=2e-3] [batch_size=8] [max_len=256] [eval_every=0] [save_every=0] [resume=False] ...
+                  [alpha=r] [lr=2e-3] [batch_size=8] [max_len=256] [eval_every=0] [save_every=0] [resume=False]
+                  [loraplus_ratio=None] ...
             records: {"prompt","response"} or {"messages":[...]} (causal LM, loss on the response),
                      {"text","label"} (classification)
   generate  greedy generation with an adapter
