@@ -17,7 +17,7 @@ from . import owned, state
 from .batchnorm import release_batchnorm
 from .config import as_strings
 from .errors import AdapterNotFoundError, ConfigError, MixedBatchError, NonFiniteError, check_materialised
-from .layer_base import LoraAdapter, LoraLayer, adapter_dict, unwrap
+from .layer_base import LoraAdapter, LoraLayer, adapter_dict, all_plain, unwrap
 from .state import cached_layers, lora_layers
 
 
@@ -102,6 +102,7 @@ def set_adapter(model: nn.Module, names: str | Iterable[str]) -> None:
         else:  # lora_refresh(), inlined
             merged = d["lora_merged"]
             d["_lora_live"] = tuple(adapters[n] for n in active if n in adapters and n not in merged)
+        d["_lora_plain"] = all_plain(d["_lora_live"])
     if objects is not None:
         if not _is_disabled(layers):  # disabled(): the base's stay until its exit
             owned.install(model, objects)
