@@ -38,7 +38,7 @@ from torch import nn
 
 from .errors import ConfigError, MixedBatchError, TargetError
 from .mixed_kernels import MixedPlan
-from .variants import VARIANTS, variant_forward
+from .variants import merged_weight, variant_forward
 
 # "<module>.<qualname>" of a layer class -> lorakit module that registers its handler.
 LAZY: dict[str, str] = {"transformers.pytorch_utils.Conv1D": "lorakit.hf"}
@@ -258,15 +258,14 @@ class LoraLayer(nn.Module):
             total += ad.scaling.float() * handler.delta_weight(self, ad.A.detach().float(), ad.B.detach().float())
         return total
 
-    def lora_merged_weight(self, base: torch.Tensor, names: tuple[str, ...]) -> torch.Tensor:
-        """The fp32 weight with ``names`` merged into ``base`` (the pristine weight) in order,
-        each by its variant's rule (:mod:`lorakit.variants`)."""
-        base = base.float()
-        weight = base
-        for n in names:
-            ad = cast(LoraAdapter, self.lora[n])
-            weight = VARIANTS[ad.variant].merge(self.lora_handler, self, ad, weight, base)
-        return weight
+    def lora_merged_weight(self, names: tuple[str, ...], start: torch.Tensor | None = None) -> torch.Tensor:
+        """The fp32 weight with ``names`` merged in order into ``start`` (default: the pristine
+        weight), each by its variant's rule (:mod:`lorakit.variants`; DoRA's norm is of the
+        pristine weight plus its own delta, as in its unmerged forward)."""
+        pristine = self._buffers.get("lora_base_weight")
+        base = (pristine if pristine is not None else getattr(self, self.lora_handler.weight_name)).detach().float()
+        adapters = [cast(LoraAdapter, self.lora[n]) for n in names]
+        return merged_weight(self.lora_handler, self, adapters, base, base if start is None else start.float())
 
     def lora_set_merged(self, names: tuple[str, ...]) -> None:
         """Make the weight equal ``W0`` with ``names`` merged (:meth:`lora_merged_weight`),
@@ -282,9 +281,7 @@ class LoraLayer(nn.Module):
             if names:
                 if "lora_base_weight" not in self._buffers:
                     self.register_buffer("lora_base_weight", weight.detach().clone(), persistent=False)
-                base = self._buffers["lora_base_weight"]
-                assert base is not None
-                weight.copy_(self.lora_merged_weight(base, names).to(weight.dtype))
+                weight.copy_(self.lora_merged_weight(names).to(weight.dtype))
             elif "lora_base_weight" in self._buffers:
                 base = self._buffers.pop("lora_base_weight")
                 assert base is not None

@@ -41,6 +41,7 @@ class Variant:
 
     name = "lora"
     file_keys: dict[str, str] = {}
+    additive = True  # merging adds s * delta W (summed with its neighbours' first, as lorakit always has)
 
     def check(self, handler: LayerHandler, module: nn.Module, name: str) -> None:
         """Raise :class:`~lorakit.errors.TargetError` if this variant cannot work on ``module``."""
@@ -79,6 +80,7 @@ class Dora(Variant):
 
     name = "dora"
     file_keys = {"lora_magnitude_vector": "magnitude"}
+    additive = False
 
     def check(self, handler: LayerHandler, module: nn.Module, name: str) -> None:
         if handler.dora_dim is None:
@@ -118,6 +120,29 @@ def norm_of(handler: LayerHandler, module: nn.Module, ad: LoraAdapter, base: tor
 PLAIN = Variant()
 DORA = Dora()
 VARIANTS: dict[str, Variant] = {v.name: v for v in (PLAIN, DORA)}
+
+
+def merged_weight(
+    handler: LayerHandler, module: nn.Module, adapters: list[LoraAdapter], base: torch.Tensor, start: torch.Tensor
+) -> torch.Tensor:
+    """``start`` (fp32) with ``adapters`` merged in order; ``base`` is the pristine weight (fp32).
+
+    Runs of additive adapters are summed first and added once: plain LoRA merges exactly as
+    before variants existed (``W0 + (0 + d1 + d2 ...)``), bitwise.
+    """
+    weight = start
+    total: torch.Tensor | None = None
+    for ad in adapters:
+        v = VARIANTS[ad.variant]
+        if v.additive:
+            if total is None:
+                total = torch.zeros_like(weight)
+            total += ad.scaling.float() * delta(handler, module, ad)
+            continue
+        if total is not None:
+            weight, total = weight + total, None
+        weight = v.merge(handler, module, ad, weight, base)
+    return weight if total is None else weight + total
 
 
 def variant_of(dora: bool) -> Variant:

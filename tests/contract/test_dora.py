@@ -188,3 +188,17 @@ def test_plain_lora_keeps_its_own_forward() -> None:
     model.train()
     y = model(torch.randn(3, 6))
     assert model.layer._lora_plain and type(y.grad_fn).__name__ == "LoraLinearFnBackward"
+
+
+def test_combine_hotswap_and_additive_delta_refuse_dora(tmp_path: Path) -> None:
+    """What assumes an added delta or two factors only refuses DoRA adapters by name, changing nothing."""
+    case = DORA_CASES[0]
+    model, x, _ = _setup(case, name="d")
+    save_adapter(model, tmp_path, "d")
+    with pytest.raises(lorakit.ConfigError, match=r"combine_adapters: \['d'\] are DoRA adapters"):
+        lorakit.combine_adapters(model, ["d"], new_name="c")
+    with pytest.raises(lorakit.AdapterConfigError, match=r"hot-swapping DoRA adapters is not implemented"):
+        lorakit.hotswap_adapter(model, tmp_path, "d")
+    with pytest.raises(lorakit.ConfigError, match=r"adapter 'd' is a dora adapter: its merge is not an added delta"):
+        model.layer.lora_delta(("d",))
+    assert lorakit.list_adapters(model) == ["d"]
