@@ -186,7 +186,7 @@ def from_peft_config(
 
     Raises:
         AdapterConfigError: not a LoRA config; unknown keys (``strict``); a feature lorakit
-            cannot reproduce (DoRA, lora_bias, base-changing inits without ``fingerprinted``, ...);
+            cannot reproduce (lora_bias, base-changing inits without ``fingerprinted``, ...);
             invalid values.
     """
     if not isinstance(raw, dict):

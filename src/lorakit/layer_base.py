@@ -106,8 +106,9 @@ class LayerHandler:
         """The base output without its bias, computed with ``weight``."""
         raise NotImplementedError
 
-    def branch(self, module: nn.Module, ad: LoraAdapter, x: torch.Tensor) -> torch.Tensor:
-        """The unscaled LoRA branch ``B A x`` of ``ad`` (no dropout: the caller applies it)."""
+    def branch(self, module: nn.Module, ad: LoraAdapter, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """The LoRA branch ``s B A x`` of ``ad``, scaled on the rank-wide side (no dropout: the caller
+        applies it)."""
         raise NotImplementedError
 
     def add_bias(self, module: nn.Module, y: torch.Tensor) -> torch.Tensor:

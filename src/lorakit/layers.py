@@ -148,8 +148,8 @@ class LinearHandler(LayerHandler):
     def base_nobias(self, module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return F.linear(x, weight)
 
-    def branch(self, module: nn.Module, ad: LoraAdapter, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.linear(x, ad.A), ad.B)
+    def branch(self, module: nn.Module, ad: LoraAdapter, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, ad.A) * s, ad.B)
 
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -265,9 +265,9 @@ class ConvHandler(LinearHandler):
     def base_nobias(self, module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return cast(torch.Tensor, cast(nn.Conv2d, module)._conv_forward(x, weight, None))
 
-    def branch(self, module: nn.Module, ad: LoraAdapter, x: torch.Tensor) -> torch.Tensor:
+    def branch(self, module: nn.Module, ad: LoraAdapter, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         m = cast(nn.Conv2d, module)
-        return _CONV_FN[len(m.kernel_size)](m._conv_forward(x, ad.A, None), ad.B, groups=m.groups)
+        return _CONV_FN[len(m.kernel_size)](m._conv_forward(x, ad.A, None) * s, ad.B, groups=m.groups)
 
     def add_bias(self, module: nn.Module, y: torch.Tensor) -> torch.Tensor:
         bias = cast(nn.Conv2d, module).bias
@@ -320,8 +320,8 @@ class EmbeddingHandler(LayerHandler):
         m = cast(nn.Embedding, module)
         return F.embedding(x, weight, m.padding_idx, m.max_norm, m.norm_type, m.scale_grad_by_freq, m.sparse)
 
-    def branch(self, module: nn.Module, ad: LoraAdapter, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.embedding(x, ad.A.t(), cast(nn.Embedding, module).padding_idx), ad.B)
+    def branch(self, module: nn.Module, ad: LoraAdapter, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.embedding(x, ad.A.t(), cast(nn.Embedding, module).padding_idx) * s, ad.B)
 
 
 register(nn.Linear, LinearHandler())

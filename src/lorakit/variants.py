@@ -161,7 +161,7 @@ def variant_forward(module: LoraLayer, x: torch.Tensor) -> torch.Tensor:
     for ad in module._lora_live:
         dropping = ad.dropout > 0 and ad.training and handler.branch_dropout
         xd = ad.drop(x) if dropping else x
-        lora = handler.branch(module, ad, xd) * ad.scaling.to(dtype)
+        lora = handler.branch(module, ad, xd, ad.scaling.to(dtype))
         if ad.variant != "dora":
             y = y + lora
             continue
@@ -170,6 +170,8 @@ def variant_forward(module: LoraLayer, x: torch.Tensor) -> torch.Tensor:
         if not dropping:  # y holds W x (+ the adapters before): y' = k (y + s B A x)
             y = k * (y + lora)
             continue
-        # PEFT's training form: the magnitude acts on the dropped input's base term only
-        y = y + (k - 1) * handler.base_nobias(module, xd, weight) + k * lora
+        # PEFT's training form, y + (k - 1) W d(x) + k s B A d(x), written so that autograd keeps one
+        # out-wide tensor (W d(x) + s B A d(x), for k's gradient) instead of PEFT's two
+        base_d = handler.base_nobias(module, xd, weight)
+        y = y + (k * (base_d + lora) - base_d)
     return handler.add_bias(module, y)
