@@ -187,7 +187,8 @@ def _check_finite(model: nn.Module, names: tuple[str, ...]) -> None:
         for n in names:
             if n in layer.lora:
                 ad = cast(LoraAdapter, layer.lora[n])
-                for pname, t in (("A", ad.A), ("B", ad.B), ("scaling", ad.scaling)):
+                # every parameter (A, B and a variant's, e.g. DoRA's magnitude) and the scaling
+                for pname, t in (*ad.named_parameters(), ("scaling", ad.scaling)):
                     check_materialised(t, f"{path}.lora.{n}.{pname}", "nothing was merged")
                     if not torch.isfinite(t).all():
                         raise NonFiniteError(

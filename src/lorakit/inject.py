@@ -212,7 +212,8 @@ def inject(
         ConfigError: bad or duplicate adapter name.
         TargetError: nothing matched (with the closest names), an explicitly
             targeted layer has no handler, or a rank cannot work on a layer (e.g.
-            ``r % groups != 0``).
+            ``r % groups != 0``); ``config.dora`` on a layer DoRA does not support
+            (a grouped conv, a handler without DoRA hooks: :mod:`lorakit.variants`).
         ConfigError: a trained module holds LoRA layers or nests with another adapter's.
         Nothing is changed when anything is raised.
     """

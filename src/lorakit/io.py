@@ -170,7 +170,7 @@ def save_adapter(
                 f"cannot save adapter {name!r} to {folder}: {p}.lora.{name}.scaling is {float(ad.scaling)}, but "
                 f"r={ad.r}, alpha={ad.alpha} give {want}; PEFT files store only r and alpha"
             )
-        for pname, t in (("A", ad.A), ("B", ad.B)):
+        for pname, t in ad.named_parameters():  # A, B and a variant's (DoRA's magnitude)
             if not bool(torch.isfinite(t).all()):
                 raise NonFiniteError(f"{p}.lora.{name}.{pname} holds NaN/Inf; adapter not saved to {folder}")
         kind = layout(layer.lora_handler)

@@ -202,3 +202,16 @@ def test_combine_hotswap_and_additive_delta_refuse_dora(tmp_path: Path) -> None:
     with pytest.raises(lorakit.ConfigError, match=r"adapter 'd' is a dora adapter: its merge is not an added delta"):
         model.layer.lora_delta(("d",))
     assert lorakit.list_adapters(model) == ["d"]
+
+
+def test_nonfinite_magnitude_refused_by_merge_and_save(tmp_path: Path) -> None:
+    model, _, _ = _setup(DORA_CASES[0])
+    w0 = model.layer.weight.detach().clone()
+    with torch.no_grad():
+        model.layer.lora["default"].magnitude[0] = float("nan")
+    with pytest.raises(lorakit.NonFiniteError, match=r"layer\.lora\.default\.magnitude"):
+        lorakit.merge(model)
+    assert torch.equal(model.layer.weight, w0) and model.layer.lora_merged == ()
+    with pytest.raises(lorakit.NonFiniteError, match=r"layer\.lora\.default\.magnitude holds NaN"):
+        save_adapter(model, tmp_path / "a")
+    assert not (tmp_path / "a").exists()
