@@ -197,7 +197,8 @@ def _check_finite(model: nn.Module, names: tuple[str, ...]) -> None:
 
 
 def merge(model: nn.Module, names: str | Iterable[str] | None = None) -> None:
-    """Fold adapters into the base weights: ``W <- W0 + sum_i s_i * delta W_i``.
+    """Fold adapters into the base weights: ``W <- W0 + sum_i s_i * delta W_i``
+    (a DoRA adapter in turn: ``W <- m * (W + s delta W) / ||W0 + s delta W||_c``, :mod:`lorakit.variants`).
 
     ``names`` defaults to the active adapters. The sum is computed in fp32 from
     the pristine weight ``W0`` and cast once to the weight's dtype. Afterwards

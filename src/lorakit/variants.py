@@ -5,7 +5,7 @@ An adapter's ``variant`` (a name in :data:`VARIANTS`) decides four things:
 * its extra parameters (:meth:`Variant.init`; DoRA: the magnitude vector ``m``);
 * its forward (plain adapters go through the handler's own, fused, forward; a layer
   with any DoRA adapter live goes through :func:`variant_forward`);
-* its merge rule (:meth:`Variant.merge`; plain: additive, DoRA: not);
+* its merge rule (:attr:`Variant.additive`, :meth:`Variant.merge`; plain: additive, DoRA: not);
 * its extra file tensors (:attr:`Variant.file_keys`: PEFT key suffix -> adapter attribute).
 
 DoRA (Liu et al. 2024), as PEFT computes it, so that PEFT is an exact oracle::
@@ -16,7 +16,9 @@ DoRA (Liu et al. 2024), as PEFT computes it, so that PEFT is an exact oracle::
 ``n`` is a constant for autograd (the paper's section 4.3), ``m`` starts at
 ``||W + s B A||_c`` so the output starts equal to plain LoRA's. With dropout ``d`` active
 (training), PEFT applies the magnitude to the dropped input's base term:
-``y = W x + b + (m/n - 1) W d(x) + (m/n) s B A d(x)``. With several live adapters each
+``y = W x + b + (m/n - 1) W d(x) + (m/n) s B A d(x)``, which lorakit evaluates as
+``W x + b + (m/n) (W d(x) + s B A d(x)) - W d(x)``: one out-wide tensor kept for the
+magnitude's gradient per layer, where PEFT's form keeps two. With several live adapters each
 DoRA one acts on the running output, in order, as PEFT's. The channel axis is the
 handler's (:attr:`~lorakit.layer_base.LayerHandler.dora_dim`): the output rows for
 Linear and Conv (norm over ``in/G x k``), the embedding dimension for Embedding (PEFT's
