@@ -93,9 +93,9 @@ class Dora(Variant):
         groups = getattr(module, "groups", 1)
         if isinstance(module, nn.modules.conv._ConvNd) and groups != 1:
             raise TargetError(
-                f"{name}: DoRA on a grouped {type(module).__name__} (groups={groups}) is refused: PEFT's DoRA "
-                "builds the delta of a grouped conv as if it were dense, so its files and outputs would not match "
-                "lorakit's; exclude it or use plain LoRA"
+                f"{name}: DoRA on a grouped {type(module).__name__} (groups={groups}) is refused: PEFT's DoRA takes "
+                "a grouped conv's norm from its B reshaped as if the conv were dense (not the delta its forward "
+                "adds), so no lorakit DoRA could match PEFT's files and outputs there; exclude it or use plain LoRA"
             )
 
     def init(self, handler: LayerHandler, module: nn.Module, ad: LoraAdapter) -> None:

@@ -22,7 +22,7 @@ from lorakit import LoraConfig
 from lorakit.errors import MixedBatchError, TargetError
 from lorakit.io import load_adapter, save_adapter
 
-from .cases import CASES, Case, Net
+from .cases import CASES, IDS, Case, Net
 
 DORA_CASES = [c for c in CASES if "groups" not in c.id and "depthwise" not in c.id]
 GROUPED = [c for c in CASES if c not in DORA_CASES]
@@ -215,3 +215,21 @@ def test_nonfinite_magnitude_refused_by_merge_and_save(tmp_path: Path) -> None:
     with pytest.raises(lorakit.NonFiniteError, match=r"layer\.lora\.default\.magnitude holds NaN"):
         save_adapter(model, tmp_path / "a")
     assert not (tmp_path / "a").exists()
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_plain_merges_keep_their_numbers(case: Case) -> None:
+    """The variant seam merges runs of plain adapters as lorakit always has, ``W0 + (0 + d1 + d2)``, bitwise."""
+    torch.manual_seed(0)
+    model = case.build()
+    for name, alpha in (("a", 3.0), ("b", 5.0)):
+        lorakit.inject(model, LoraConfig(r=case.r, alpha=alpha, targets=["layer"], init="random", **case.config), name)
+    layer = model.layer
+    w0 = layer.weight.detach().clone()
+    with torch.no_grad():
+        total = torch.zeros_like(w0, dtype=torch.float32)
+        for n in ("a", "b"):
+            ad = layer.lora[n]
+            total += ad.scaling.float() * layer.lora_handler.delta_weight(layer, ad.A.float(), ad.B.float())
+        lorakit.merge(model, ["a", "b"])
+    assert torch.equal(layer.weight, (w0.float() + total).to(w0.dtype))
