@@ -50,3 +50,8 @@ def test_parts_of_a_fused_projection_refuse_dora() -> None:
     paths = lorakit.hf.target_fused(model, "c_attn", parts=("q", "v"))
     with pytest.raises(TargetError, match=r"c_attn: DoRA is not implemented for layer type PartsConv1D"):
         lorakit.inject(model, lorakit.LoraConfig(r=4, targets=paths, dora=True))
+
+
+def test_hf_lora_config_takes_dora_under_both_names() -> None:
+    assert lorakit.hf.lora_config(gpt2(), use_dora=True) == lorakit.hf.lora_config(gpt2(), dora=True)
+    assert lorakit.hf.lora_config(gpt2(), dora=True).dora
