@@ -389,7 +389,15 @@ def unwrap(layer: LoraLayer) -> nn.Module:
     """
     layer._buffers.pop("lora_base_weight", None)
     del layer.lora
-    for attr in ("lora_active", "lora_merged", "lora_disabled", "_lora_live", "_lora_mixed", CONV_FORM_ATTR):
+    for attr in (
+        "lora_active",
+        "lora_merged",
+        "lora_disabled",
+        "_lora_live",
+        "_lora_plain",
+        "_lora_mixed",
+        CONV_FORM_ATTR,
+    ):
         layer.__dict__.pop(attr, None)
     base_cls = layer._lora_base_cls
     module: nn.Module = layer

@@ -75,6 +75,7 @@ def test_disabled_equals_base_and_unmerge_restores_bitwise(case: Case) -> None:
         assert torch.equal(model(x), unmerged)
         lorakit.merge_and_unload(model)
         assert type(model.layer) is type(case.build().layer)
+        assert not [k for k in vars(model.layer) if "lora" in k], "unload leaves no lorakit attribute behind"
         assert _rel(model(x), unmerged) < 1e-5
 
 
