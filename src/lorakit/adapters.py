@@ -17,7 +17,7 @@ from . import owned, state
 from .batchnorm import release_batchnorm
 from .config import as_strings
 from .errors import AdapterNotFoundError, ConfigError, MixedBatchError, NonFiniteError, check_materialised
-from .layer_base import LoraAdapter, LoraLayer, adapter_dict, unwrap
+from .layer_base import LoraAdapter, LoraLayer, adapter_dict, all_plain, unwrap
 from .state import cached_layers, lora_layers
 
 
@@ -102,6 +102,7 @@ def set_adapter(model: nn.Module, names: str | Iterable[str]) -> None:
         else:  # lora_refresh(), inlined
             merged = d["lora_merged"]
             d["_lora_live"] = tuple(adapters[n] for n in active if n in adapters and n not in merged)
+        d["_lora_plain"] = all_plain(d["_lora_live"])
     if objects is not None:
         if not _is_disabled(layers):  # disabled(): the base's stay until its exit
             owned.install(model, objects)
@@ -186,7 +187,8 @@ def _check_finite(model: nn.Module, names: tuple[str, ...]) -> None:
         for n in names:
             if n in layer.lora:
                 ad = cast(LoraAdapter, layer.lora[n])
-                for pname, t in (("A", ad.A), ("B", ad.B), ("scaling", ad.scaling)):
+                # every parameter (A, B and a variant's, e.g. DoRA's magnitude) and the scaling
+                for pname, t in (*ad.named_parameters(), ("scaling", ad.scaling)):
                     check_materialised(t, f"{path}.lora.{n}.{pname}", "nothing was merged")
                     if not torch.isfinite(t).all():
                         raise NonFiniteError(
@@ -195,7 +197,8 @@ def _check_finite(model: nn.Module, names: tuple[str, ...]) -> None:
 
 
 def merge(model: nn.Module, names: str | Iterable[str] | None = None) -> None:
-    """Fold adapters into the base weights: ``W <- W0 + sum_i s_i * delta W_i``.
+    """Fold adapters into the base weights: ``W <- W0 + sum_i s_i * delta W_i``
+    (a DoRA adapter in turn: ``W <- m * (W + s delta W) / ||W0 + s delta W||_c``, :mod:`lorakit.variants`).
 
     ``names`` defaults to the active adapters. The sum is computed in fp32 from
     the pristine weight ``W0`` and cast once to the weight's dtype. Afterwards

@@ -178,7 +178,7 @@ def combine_adapters(
 
     Raises:
         AdapterNotFoundError: an unknown name.
-        ConfigError: bad arguments, a taken ``new_name``, unequal ranks for ``"linear"``.
+        ConfigError: bad arguments, a taken ``new_name``, unequal ranks for ``"linear"``, a DoRA adapter.
         TargetError: ``r`` does not fit a layer (``r % groups != 0``).
         NonFiniteError: a source adapter holds NaN/Inf.
         Nothing is changed when anything is raised.
@@ -197,6 +197,13 @@ def combine_adapters(
         raise ConfigError(f"combine_adapters: r={r!r} applies only to method='svd' ('{method}' fixes the rank)")
     if r is not None and (isinstance(r, bool) or not isinstance(r, int) or r <= 0):
         raise ConfigError(f"combine_adapters: r must be an int > 0, got {r!r}")
+    dora = sorted({n for _, layer in lora_layers(model) for n in wanted if n in layer.lora and
+                   cast(LoraAdapter, layer.lora[n]).variant != "lora"})  # fmt: skip
+    if dora:
+        raise ConfigError(
+            f"combine_adapters: {dora} are DoRA adapters; their merge is not an added delta, so they cannot be "
+            "combined into one LoRA"
+        )
     _check_name(model, new_name)
     _check_finite(model, wanted)
 

@@ -135,13 +135,17 @@ class LoraConfig:
             in eval mode, also during ``model.train()``, so its running statistics
             never change and the base model stays exactly the base model.
             ``"update"``: BatchNorm behaves as usual (statistics move in training).
+        dora: DoRA (weight-decomposed LoRA, :mod:`lorakit.variants`): each adapted layer
+            also trains a magnitude per output channel, ``W' = m (W + s B A) / ||W + s B A||_c``.
+            Linear, transformers' Conv1D, ungrouped Conv1d/2d/3d and Embedding; other layer
+            types (and grouped convs) are refused at inject. No mixed batches.
 
     PEFT's names, keyword-only, for PEFT users (:mod:`lorakit.peft_names`): ``lora_alpha``
     (alpha), ``lora_dropout`` (dropout), ``target_modules`` (targets; one string is PEFT's
     regex), ``exclude_modules`` (exclude), ``modules_to_save`` (train_modules),
     ``init_lora_weights`` (True, False, ``"gaussian"``: init ``"kaiming"``, ``"random"``,
     ``"gaussian"``; ``"pissa"``, ``"pissa_niter_N"``, ``"olora"``: the same name),
-    ``use_dora`` (False only), ``task_type`` (tasks without a head),
+    ``use_dora`` (dora), ``task_type`` (tasks without a head),
     ``inference_mode`` (False only), ``fan_in_fan_out`` (read from each layer anyway).
     They are not stored: the config equals the one spelled with lorakit's names, and
     ``to_dict`` writes lorakit's. ``dataclasses.replace`` takes lorakit's names (it passes
@@ -167,6 +171,7 @@ class LoraConfig:
     bias: str = "none"
     train_modules: Sequence[str] = ()
     batchnorm: str = "frozen"
+    dora: bool = False
     # PEFT's names (class docstring): read by __post_init__, never stored; None is "not given".
     _: KW_ONLY
     lora_alpha: InitVar[float | None] = None
@@ -235,6 +240,10 @@ class LoraConfig:
             raise ConfigError(f"LoraConfig.bias must be one of {BIASES}, got {self.bias!r}")
         if self.batchnorm not in BATCHNORMS:
             raise ConfigError(f"LoraConfig.batchnorm must be one of {BATCHNORMS}, got {self.batchnorm!r}")
+        if not isinstance(self.dora, bool):
+            raise ConfigError(f"LoraConfig.{key('dora')} must be a bool, got {self.dora!r}")
+        if self.dora and is_svd_init(self.init):
+            raise ConfigError(f"LoraConfig: dora=True with init={self.init!r} is not implemented; use one or the other")
         if not isinstance(self.use_rslora, bool):
             raise ConfigError(f"LoraConfig.use_rslora must be a bool, got {self.use_rslora!r}")
         for name in ("targets", "exclude", "train_modules"):

@@ -163,6 +163,13 @@ def hotswap_adapter(
             "(load_adapter the file as a new adapter instead)",
         )
     cfg = m.cfg
+    dora = [p for p, layer in own.items() if cast(LoraAdapter, layer.lora[name]).variant != "lora"]
+    if cfg.dora or dora:
+        raise AdapterConfigError(
+            files.config_file,
+            f"hot-swapping DoRA adapters is not implemented (file use_dora={cfg.dora}, adapter {name!r} DoRA on "
+            f"{len(dora)} layers); load_adapter the file as a new adapter instead",
+        )
     mine = {e.name for e in owned.owned_by(model, name)}
     strange = sorted({s.layer for k, s in m.slots.items() if k in m.factors and s.owned} - mine)
     if strange:

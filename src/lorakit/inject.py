@@ -18,6 +18,7 @@ from .errors import ConfigError, TargetError
 from .layer_base import LayerHandler, LoraAdapter, LoraLayer, handler_for, registered_types, wrap
 from .peft_names import is_svd_init
 from .state import lora_layers
+from .variants import variant_of
 
 __all__ = [
     "InjectReport",
@@ -211,7 +212,8 @@ def inject(
         ConfigError: bad or duplicate adapter name.
         TargetError: nothing matched (with the closest names), an explicitly
             targeted layer has no handler, or a rank cannot work on a layer (e.g.
-            ``r % groups != 0``).
+            ``r % groups != 0``); ``config.dora`` on a layer DoRA does not support
+            (a grouped conv, a handler without DoRA hooks: :mod:`lorakit.variants`).
         ConfigError: a trained module holds LoRA layers or nests with another adapter's.
         Nothing is changed when anything is raised.
     """
@@ -222,9 +224,11 @@ def inject(
     if missing:
         raise TargetError(f"train_modules {missing} matched no module of the model")
     plans = []
+    variant = variant_of(config.dora)
     for path, module, handler in found:  # check everything before changing anything
         r = config.rank_for(path)
         handler.check(module, r, path or "<root>")
+        variant.check(handler, module, path or "<root>")
         if is_svd_init(config.init):  # it changes base weights: refuse before any changes
             init_svd.check(module, handler, r, config.init, path or "<root>")
         plans.append((path, module, handler, r))
@@ -247,11 +251,13 @@ def inject(
             dropout=config.dropout,
             dtype=weight.dtype,
             device=weight.device,
+            variant=variant.name,
         )
         if is_svd_init(config.init):
             initials[path] = init_svd.init_from_weight(module, handler, adapter, config.init, path or "<root>")
         else:
             handler.init_factors(adapter.A, adapter.B, config.init, r)
+        variant.init(handler, module, adapter)
         adapter.train(module.training)  # a new module starts in train mode; follow the layer
         layer_params = sum(p.numel() for p in module.parameters(recurse=False))
         layer = wrap(module)
@@ -264,7 +270,7 @@ def inject(
                 layer_type=layer._lora_base_cls.__name__,
                 r=r,
                 scaling=config.scaling_for(path),
-                params=adapter.A.numel() + adapter.B.numel(),
+                params=sum(p.numel() for p in adapter.parameters()),
                 layer_params=layer_params,
             )
         )

@@ -32,9 +32,10 @@ from .io_errors import (
 )
 from .io_fingerprint import check_fingerprint, same_base
 from .io_format import FLOAT_DTYPES, FLOATS, dtype_name, parse_json
-from .io_peft import PREFIX, factor_keys, file_factor_shapes, from_peft_config, grouped_conv_A, layout
+from .io_peft import PREFIX, factor_keys, file_factor_shapes, from_peft_config, grouped_conv_A, layout, variant_keys
 from .io_read import AdapterFiles
 from .layers import LoraAdapter, LoraLayer
+from .variants import variant_of
 
 
 def base_weight(layer: nn.Module, weight_name: str) -> torch.Tensor:
@@ -55,7 +56,8 @@ def module_key(path: str, key: str) -> str:
 
 @dataclass
 class Slot:
-    """Where one file tensor goes: factor ``"A"``/``"B"`` of the adapter on ``layer`` (A of a
+    """Where one file tensor goes: factor ``"A"``/``"B"`` (or a variant's tensor, e.g. ``"magnitude"``)
+    of the adapter on ``layer`` (A of a
     conv with ``groups`` > 1 is stored dense), or, for a fully trained module or bias at
     path ``layer``, the adapter's own tensor ``owned`` (a state-dict key of its copy, or "bias")."""
 
@@ -71,7 +73,7 @@ class Slot:
         if self.owned:
             return owned.tensor_of(model, name, self.layer, self.owned)
         ad = cast(LoraAdapter, layers[self.layer].lora[name])
-        return ad.A if self.factor == "A" else ad.B
+        return cast(torch.Tensor, getattr(ad, self.factor))
 
 
 def _plan(
@@ -83,6 +85,7 @@ def _plan(
         found = select_targets(model, cfg)
         for p, module, handler in found:
             handler.check(module, cfg.rank_for(p), p or "<root>")
+            variant_of(cfg.dora).check(handler, module, p or "<root>")
     except LoraError as exc:
         raise AdapterConfigError(file, f"the adapter does not fit this model: {exc}") from None
     slots: dict[str, Slot] = {}
@@ -97,6 +100,8 @@ def _plan(
         groups = cast(nn.Conv2d, module).groups if kind == "conv" else 1
         slots[a_key] = Slot(a_shape, p, "A", groups)
         slots[b_key] = Slot(b_shape, p, "B")
+        for key, attr in variant_keys(p, variant_of(cfg.dora).name).items():
+            slots[key] = Slot(handler.magnitude_shape(module), p, attr)
     # fully trained modules and biases go into the adapter's own copies (made by inject):
     # shapes from the base's objects, or from the copies the caller gives
     train = owned.train_paths(model, cfg.train_modules)

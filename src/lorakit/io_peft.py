@@ -5,6 +5,7 @@ Keys (``<p>`` = module path)::
 
     Linear, ConvNd      base_model.model.<p>.lora_A.weight      base_model.model.<p>.lora_B.weight
     Embedding           base_model.model.<p>.lora_embedding_A   base_model.model.<p>.lora_embedding_B
+    DoRA (any type)     base_model.model.<p>.lora_magnitude_vector  (shape: the handler's magnitude_shape)
     train_modules       base_model.model.<module>.<param>      (full copies: PEFT's modules_to_save)
     biases (bias!=none) base_model.model.<p>.base_layer.bias    (adapted layers; other modules: <p>.bias)
 
@@ -33,6 +34,7 @@ from .io_errors import AdapterConfigError, AdapterFileError
 from .layers import ConvHandler, EmbeddingHandler, LoraAdapter, LoraLayer
 from .peft_names import is_svd_init
 from .registry import LayerHandler
+from .variants import VARIANTS
 
 PREFIX = "base_model.model."
 
@@ -58,7 +60,14 @@ def factor_keys(path: str, kind: str) -> tuple[str, str]:
     return base + "lora_A.weight", base + "lora_B.weight"
 
 
-_FACTOR_SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B")
+_FACTOR_SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+
+
+def variant_keys(path: str, variant: str) -> dict[str, str]:
+    """The file keys of a variant's extra tensors on the layer at ``path`` -> the adapter attribute
+    (DoRA: ``base_model.model.<p>.lora_magnitude_vector`` -> ``magnitude``, PEFT's key)."""
+    base = PREFIX + (path + "." if path else "")
+    return {base + k: attr for k, attr in VARIANTS[variant].file_keys.items()}
 
 
 def is_factor_key(key: str) -> bool:
@@ -155,6 +164,7 @@ def to_peft_config(
         "rank_pattern": rank_pattern,
         "target_modules": target,
         "task_type": None,
+        "use_dora": config.dora,
         "use_rslora": config.use_rslora,
     }
 
@@ -176,7 +186,7 @@ def from_peft_config(
 
     Raises:
         AdapterConfigError: not a LoRA config; unknown keys (``strict``); a feature lorakit
-            cannot reproduce (DoRA, lora_bias, base-changing inits without ``fingerprinted``, ...);
+            cannot reproduce (lora_bias, base-changing inits without ``fingerprinted``, ...);
             invalid values.
     """
     if not isinstance(raw, dict):
@@ -232,6 +242,7 @@ def from_peft_config(
             rank_pattern=patterns("rank_pattern"),
             alpha_pattern=patterns("alpha_pattern"),
             use_rslora=raw.get("use_rslora", False),
+            use_dora=raw.get("use_dora", False),
             bias=raw.get("bias", "none"),
             modules_to_save=train,
         )

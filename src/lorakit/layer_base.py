@@ -36,8 +36,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import MixedBatchError, TargetError
+from .errors import ConfigError, MixedBatchError, TargetError
 from .mixed_kernels import MixedPlan
+from .variants import merged_weight, variant_forward
 
 # "<module>.<qualname>" of a layer class -> lorakit module that registers its handler.
 LAZY: dict[str, str] = {"transformers.pytorch_utils.Conv1D": "lorakit.hf"}
@@ -91,6 +92,30 @@ class LayerHandler:
         """Forward with one adapter per sample (see :mod:`lorakit.mixed`)."""
         raise MixedBatchError(f"layer type {type(module).__name__} does not support mixed batches")
 
+    # -- DoRA (lorakit.variants): a handler supports it by setting dora_dim and the three hooks --
+    # The weight dim that indexes output channels (DoRA's magnitude); None: no DoRA on this type.
+    dora_dim: int | None = None
+    # False for layer types whose LoRA branch takes no dropout (Embedding: token ids).
+    branch_dropout: bool = True
+
+    def magnitude_shape(self, module: nn.Module) -> tuple[int, ...]:
+        """Shape of DoRA's magnitude (PEFT's ``lora_magnitude_vector``): one number per channel."""
+        return (getattr(module, self.weight_name).shape[cast(int, self.dora_dim)],)
+
+    def base_nobias(self, module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The base output without its bias, computed with ``weight``."""
+        raise NotImplementedError
+
+    def branch(self, module: nn.Module, ad: LoraAdapter, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """The LoRA branch ``s B A x`` of ``ad``, scaled on the rank-wide side (no dropout: the caller
+        applies it)."""
+        raise NotImplementedError
+
+    def add_bias(self, module: nn.Module, y: torch.Tensor) -> torch.Tensor:
+        """``y`` plus the base layer's bias (if it has one), broadcast over the output channels."""
+        bias = getattr(module, "bias", None)
+        return y if bias is None else y + bias
+
 
 _HANDLERS: dict[type[nn.Module], LayerHandler] = {}
 
@@ -130,9 +155,12 @@ class LoraAdapter(nn.Module):
         scaling: 0-d buffer holding ``s``. A buffer, not a float, so EMA copies,
             ``state_dict`` and ``.to()`` keep it with the factors.
         r, alpha, dropout: the values this adapter was built with.
+        variant: ``"lora"`` or ``"dora"`` (:mod:`lorakit.variants`); a DoRA adapter also
+            has the parameter ``magnitude``.
     """
 
     scaling: torch.Tensor
+    magnitude: nn.Parameter
 
     def __init__(
         self,
@@ -145,6 +173,7 @@ class LoraAdapter(nn.Module):
         dropout: float,
         dtype: torch.dtype,
         device: torch.device,
+        variant: str = "lora",
     ) -> None:
         super().__init__()
         self.A = nn.Parameter(torch.empty(A_shape, dtype=dtype, device=device))
@@ -153,13 +182,15 @@ class LoraAdapter(nn.Module):
         self.r = r
         self.alpha = alpha
         self.dropout = dropout
+        self.variant = variant  # a name in lorakit.variants.VARIANTS (a name: pickles and copies as one)
 
     def drop(self, x: torch.Tensor) -> torch.Tensor:
         """Dropout on the LoRA branch input only; the base layer sees the original ``x``."""
         return F.dropout(x, self.dropout, self.training) if self.dropout > 0 else x
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, alpha={self.alpha:g}, dropout={self.dropout:g}"
+        extra = "" if self.variant == "lora" else f", variant={self.variant}"
+        return f"r={self.r}, alpha={self.alpha:g}, dropout={self.dropout:g}{extra}"
 
 
 class LoraLayer(nn.Module):
@@ -172,7 +203,11 @@ class LoraLayer(nn.Module):
         lora_disabled: True inside :func:`lorakit.disabled`.
         _lora_live: the adapters the forward adds: active, present, not merged, not disabled.
         _lora_mixed: a per-sample plan inside :func:`lorakit.mixed_batch`, else None.
+        _lora_plain: no live adapter is of another variant than plain LoRA (a class default
+            of True, so layers pickled before variants existed load).
     """
+
+    _lora_plain: bool = True
 
     _lora_base_cls: type[nn.Module]
     lora_handler: LayerHandler
@@ -188,6 +223,8 @@ class LoraLayer(nn.Module):
             return self.lora_handler.mixed_forward(self, x, self._lora_mixed)
         if not self._lora_live:
             return cast(torch.Tensor, self._lora_base_cls.forward(self, x, *args, **kwargs))
+        if not self._lora_plain:
+            return variant_forward(self, x)
         return self.lora_handler.forward(self, x)
 
     def lora_refresh(self) -> None:
@@ -201,19 +238,39 @@ class LoraLayer(nn.Module):
             self.__dict__["_lora_live"] = tuple(
                 adapters[n] for n in self.lora_active if n in adapters and n not in self.lora_merged
             )
+        self.__dict__["_lora_plain"] = all_plain(self._lora_live)
 
     def lora_delta(self, names: tuple[str, ...]) -> torch.Tensor:
-        """``sum_i s_i * delta W_i`` over ``names``, in fp32, shaped like the base weight."""
+        """``sum_i s_i * delta W_i`` over ``names``, in fp32, shaped like the base weight.
+
+        Raises:
+            ConfigError: one of ``names`` is a DoRA adapter, whose merge is not additive
+                (:meth:`lora_merged_weight` merges any variant).
+        """
         handler = self.lora_handler
         weight = getattr(self, handler.weight_name)
         total = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         for n in names:
             ad = cast(LoraAdapter, self.lora[n])
+            if ad.variant != "lora":
+                raise ConfigError(
+                    f"adapter {n!r} is a {ad.variant} adapter: its merge is not an added delta; merge it instead"
+                )
             total += ad.scaling.float() * handler.delta_weight(self, ad.A.detach().float(), ad.B.detach().float())
         return total
 
+    def lora_merged_weight(self, names: tuple[str, ...], start: torch.Tensor | None = None) -> torch.Tensor:
+        """The fp32 weight with ``names`` merged in order into ``start`` (default: the pristine
+        weight), each by its variant's rule (:mod:`lorakit.variants`; DoRA's norm is of the
+        pristine weight plus its own delta, as in its unmerged forward)."""
+        pristine = self._buffers.get("lora_base_weight")
+        base = (pristine if pristine is not None else getattr(self, self.lora_handler.weight_name)).detach().float()
+        adapters = [cast(LoraAdapter, self.lora[n]) for n in names]
+        return merged_weight(self.lora_handler, self, adapters, base, base if start is None else start.float())
+
     def lora_set_merged(self, names: tuple[str, ...]) -> None:
-        """Make the weight equal ``W0 + sum of deltas(names)`` with ``W0`` the pristine weight.
+        """Make the weight equal ``W0`` with ``names`` merged (:meth:`lora_merged_weight`),
+        ``W0`` the pristine weight.
 
         The pristine weight is kept in the non-persistent buffer ``lora_base_weight``
         while anything is merged, so unmerging restores it bitwise (no subtraction
@@ -225,10 +282,7 @@ class LoraLayer(nn.Module):
             if names:
                 if "lora_base_weight" not in self._buffers:
                     self.register_buffer("lora_base_weight", weight.detach().clone(), persistent=False)
-                base = self._buffers["lora_base_weight"]
-                assert base is not None
-                merged = base.float() + self.lora_delta(names)
-                weight.copy_(merged.to(weight.dtype))
+                weight.copy_(self.lora_merged_weight(names).to(weight.dtype))
             elif "lora_base_weight" in self._buffers:
                 base = self._buffers.pop("lora_base_weight")
                 assert base is not None
@@ -278,6 +332,11 @@ def adapter_dict(layer: LoraLayer) -> dict[str, LoraAdapter]:
 
 # A conv layer's measured form: ("weight" | "activation", the live rank it was measured for); see lorakit.conv_forms
 CONV_FORM_ATTR = "lora_conv_form"
+
+
+def all_plain(live: tuple[LoraAdapter, ...]) -> bool:
+    """True when every adapter in ``live`` is plain LoRA (the handlers' own, fused, forward)."""
+    return all(ad.variant == "lora" for ad in live)
 
 
 def live_rank(layer: LoraLayer) -> int:
@@ -330,7 +389,15 @@ def unwrap(layer: LoraLayer) -> nn.Module:
     """
     layer._buffers.pop("lora_base_weight", None)
     del layer.lora
-    for attr in ("lora_active", "lora_merged", "lora_disabled", "_lora_live", "_lora_mixed", CONV_FORM_ATTR):
+    for attr in (
+        "lora_active",
+        "lora_merged",
+        "lora_disabled",
+        "_lora_live",
+        "_lora_plain",
+        "_lora_mixed",
+        CONV_FORM_ATTR,
+    ):
         layer.__dict__.pop(attr, None)
     base_cls = layer._lora_base_cls
     module: nn.Module = layer

@@ -143,6 +143,14 @@ class LinearHandler(LayerHandler):
         m = cast(nn.Linear, module)
         return linear_mixed(x, F.linear(x, m.weight, m.bias), plan)
 
+    dora_dim: int | None = 0  # DoRA: one magnitude per output row, the norm over the inputs
+
+    def base_nobias(self, module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, weight)
+
+    def branch(self, module: nn.Module, ad: LoraAdapter, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, ad.A) * s, ad.B)
+
 
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -249,6 +257,22 @@ class ConvHandler(LinearHandler):
         m = cast(nn.Conv2d, module)
         return conv_mixed(m, x, m._conv_forward(x, m.weight, m.bias), plan)
 
+    # DoRA (lorakit.variants): the magnitude has PEFT's shape (1, out, 1, ...), which broadcasts over the output
+    def magnitude_shape(self, module: nn.Module) -> tuple[int, ...]:
+        m = cast(nn.Conv2d, module)
+        return (1, m.out_channels, *([1] * len(m.kernel_size)))
+
+    def base_nobias(self, module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return cast(torch.Tensor, cast(nn.Conv2d, module)._conv_forward(x, weight, None))
+
+    def branch(self, module: nn.Module, ad: LoraAdapter, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        m = cast(nn.Conv2d, module)
+        return _CONV_FN[len(m.kernel_size)](m._conv_forward(x, ad.A, None) * s, ad.B, groups=m.groups)
+
+    def add_bias(self, module: nn.Module, y: torch.Tensor) -> torch.Tensor:
+        bias = cast(nn.Conv2d, module).bias
+        return y if bias is None else y + bias.view(-1, *([1] * (y.dim() - 2)))
+
 
 class EmbeddingHandler(LayerHandler):
     """``nn.Embedding`` (num_embeddings V, dim D): A ``(r, V)``, B ``(D, r)``.
@@ -287,6 +311,17 @@ class EmbeddingHandler(LayerHandler):
         m = cast(nn.Embedding, module)
         y = F.embedding(x, m.weight, m.padding_idx, m.max_norm, m.norm_type, m.scale_grad_by_freq, m.sparse)
         return embedding_mixed(m, x, y, plan)
+
+    # DoRA, PEFT's convention for embeddings: one magnitude per embedding dimension, the norm over the vocabulary
+    dora_dim: int | None = 1
+    branch_dropout = False
+
+    def base_nobias(self, module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        m = cast(nn.Embedding, module)
+        return F.embedding(x, weight, m.padding_idx, m.max_norm, m.norm_type, m.scale_grad_by_freq, m.sparse)
+
+    def branch(self, module: nn.Module, ad: LoraAdapter, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.embedding(x, ad.A.t(), cast(nn.Embedding, module).padding_idx) * s, ad.B)
 
 
 register(nn.Linear, LinearHandler())

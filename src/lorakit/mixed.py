@@ -133,7 +133,7 @@ def mixed_batch(model: nn.Module, names: Sequence[str | None] | str) -> Iterator
     ``len(names)`` (dimension 0).
 
     Raises:
-        MixedBatchError: training mode, merged adapters, adapters that train modules or
+        MixedBatchError: training mode, merged adapters, DoRA adapters, adapters that train modules or
             biases fully, or a batch size mismatch; and merge, unmerge, set_adapter or
             delete_adapter inside the block.
         AdapterNotFoundError: a name the model does not have.
@@ -156,6 +156,12 @@ def mixed_batch(model: nn.Module, names: Sequence[str | None] | str) -> Iterator
     for path, layer in layers:
         if layer.lora_merged:
             raise MixedBatchError(f"{path}: adapters {list(layer.lora_merged)} are merged; unmerge first")
+        dora = [n for n in wanted if n in layer.lora and cast(LoraAdapter, layer.lora[n]).variant != "lora"]
+        if dora:
+            raise MixedBatchError(
+                f"{path}: adapters {dora} are DoRA adapters; their per-channel magnitude rescales the base output, "
+                "which mixed batches share across samples: run their samples with set_adapter instead"
+            )
     grid = _grid(index, len(wanted)) if len(wanted) > 1 else None
     active = active_adapters(model)
     owned.install(model, owned.live(model, ()))  # rows without an adapter are the base's

@@ -11,7 +11,7 @@ PEFT 0.21's ``LoraConfig`` but ``peft_type`` (``"LORA"``) is in exactly one of t
   ``fan_in_fan_out`` with the values for which nothing changes (:func:`translate`) and
   refuses the others by name;
 * :data:`UNSUPPORTED`: a feature lorakit does not implement: a file must have it off
-  (:data:`OFF`); the constructor takes ``use_dora=False`` and refuses the others by name.
+  (:data:`OFF`); the constructor refuses them by name.
 
 Pattern semantics follow the name: PEFT's ``target_modules``/``exclude_modules`` given
 as one string are PEFT's regex (full match on the module path) unless it is
@@ -45,6 +45,7 @@ RENAMED: dict[str, str] = {
     "exclude_modules": "exclude",
     "modules_to_save": "train_modules",
     "init_lora_weights": "init",
+    "use_dora": "dora",
 }
 # Same name and meaning in both (rank/alpha_pattern keys use lorakit's pattern rules, which
 # agree with PEFT's for plain names; a PEFT regex key needs lorakit's "re:" prefix).
@@ -64,7 +65,7 @@ NO_EFFECT = frozenset({
 })  # fmt: skip
 # PEFT fields that switch on something lorakit cannot do: name -> what it is.
 UNSUPPORTED: dict[str, str] = {
-    "use_dora": "DoRA", "lora_bias": "LoRA biases (lora_B.bias)", "use_qalora": "QALoRA",
+    "lora_bias": "LoRA biases (lora_B.bias)", "use_qalora": "QALoRA",
     "layers_to_transform": "layers_to_transform", "target_parameters": "target_parameters",
     "trainable_token_indices": "trainable tokens", "layer_replication": "layer replication",
     "alora_invocation_tokens": "aLoRA", "use_bdlora": "BD-LoRA", "megatron_config": "Megatron layers",
@@ -161,7 +162,7 @@ def translate(values: Mapping[str, Any]) -> dict[str, Any]:
 
     Raises:
         ConfigError: a value whose PEFT meaning lorakit does not implement, naming it:
-            ``use_dora=True`` (DoRA, planned), an ``init_lora_weights`` value (see
+            an ``init_lora_weights`` value (see
             :func:`init_from_peft`), ``task_type`` of a task for which PEFT also trains
             the head, ``inference_mode=True``, a non-bool ``fan_in_fan_out``.
     """
@@ -175,12 +176,6 @@ def translate(values: Mapping[str, Any]) -> dict[str, Any]:
             out[RENAMED[name]] = patterns_from_peft(value)
         elif name in RENAMED:
             out[RENAMED[name]] = value
-        elif name == "use_dora":
-            if value is not False:
-                raise ConfigError(
-                    f"LoraConfig: use_dora={value!r}: DoRA is not implemented in lorakit yet (it is planned); "
-                    "leave use_dora out or False"
-                )
         elif name == "task_type":
             _check_task(value)
         elif name == "inference_mode":

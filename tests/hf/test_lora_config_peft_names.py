@@ -38,7 +38,7 @@ def test_one_exclude_string_is_one_pattern() -> None:
         ({"targets": ["c_attn"], "target_modules": ["c_fc"]}, "targets= and target_modules= are one field"),
         ({"exclude": ["x"], "exclude_modules": ["y"]}, "exclude= and exclude_modules= are one field"),
         ({"train_modules": ["x"], "modules_to_save": ["y"]}, "train_modules= and modules_to_save= are one field"),
-        ({"use_dora": True}, "DoRA is not implemented in lorakit yet"),
+        ({"dora": True, "use_dora": True}, "dora= and use_dora= are one field"),
     ],
 )
 def test_clashes_and_refusals_are_config_errors(kw: dict[str, object], needle: str) -> None:

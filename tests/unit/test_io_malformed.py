@@ -230,7 +230,7 @@ def test_config_cannot_import_anything(saved: Path, monkeypatch: pytest.MonkeyPa
     ("changes", "message"),
     [
         ({"peft_type": "IA3"}, "peft_type"),
-        ({"use_dora": True}, "DoRA"),
+        ({"use_dora": True}, "gconv: DoRA on a grouped Conv2d"),  # DoRA reads, but refuses grouped convs
         ({"lora_bias": True}, "lora_B.bias"),
         ({"init_lora_weights": "pissa"}, "changes the base weights"),
         ({"target_modules": None}, "target_modules"),

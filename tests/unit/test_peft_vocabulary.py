@@ -32,6 +32,7 @@ T = ["lin"]  # a target, for the cases about another field
         ({"init_lora_weights": True}, {"init": "kaiming"}),
         ({"init_lora_weights": False}, {"init": "random"}),
         ({"init_lora_weights": "gaussian"}, {"init": "gaussian"}),
+        ({"use_dora": True}, {"dora": True}),
         # accepted with nothing to do: the "off" value, a task without a head, the layer's own storage order
         ({"use_dora": False}, {}),
         ({"inference_mode": False}, {}),
@@ -74,9 +75,9 @@ def test_the_issue_example_and_the_same_names() -> None:
 @pytest.mark.parametrize(("peft", "ours"), sorted(peft_names.RENAMED.items()))
 def test_a_field_under_both_names_is_refused_naming_both(peft: str, ours: str) -> None:
     values = {"lora_alpha": 8, "lora_dropout": 0.1, "target_modules": ["lin"], "exclude_modules": ["conv"],
-              "modules_to_save": ["head"], "init_lora_weights": True}  # fmt: skip
+              "modules_to_save": ["head"], "init_lora_weights": True, "use_dora": True}  # fmt: skip
     ours_values = {"alpha": 8, "dropout": 0.1, "targets": ["lin"], "exclude": ["conv"], "train_modules": ["head"],
-                   "init": "kaiming"}  # fmt: skip
+                   "init": "kaiming", "dora": True}  # fmt: skip
     kw = {"targets": T, peft: values[peft], ours: ours_values[ours]}  # the same value: still one field twice
     with pytest.raises(ConfigError, match=rf"{ours}= and {peft}= are one field"):
         LoraConfig(**kw)
@@ -90,7 +91,6 @@ def test_a_positional_field_and_its_peft_name_clash() -> None:
 @pytest.mark.parametrize(
     ("kw", "needle"),
     [
-        ({"use_dora": True}, r"use_dora=True: DoRA is not implemented in lorakit yet \(it is planned\)"),
         ({"init_lora_weights": "pissa_niter_four"}, r"init_lora_weights='pissa_niter_four' is not implemented"),
         ({"init_lora_weights": "eva"}, r"init_lora_weights='eva' is not implemented in lorakit; use True"),
         ({"init_lora_weights": "loftq"}, r"init_lora_weights='loftq'"),
@@ -104,7 +104,8 @@ def test_a_positional_field_and_its_peft_name_clash() -> None:
         ({"task_type": "CAUSAL"}, r"task_type must be one of .*got 'CAUSAL'"),
         ({"inference_mode": True}, r"inference_mode=True"),
         ({"fan_in_fan_out": "yes"}, r"fan_in_fan_out must be True or False, got 'yes'"),
-        ({"use_dora": "no"}, r"use_dora='no'"),
+        ({"use_dora": "no"}, r"LoraConfig.use_dora must be a bool, got 'no'"),
+        ({"dora": True, "use_dora": True}, r"dora= and use_dora= are one field"),
     ],
 )
 def test_peft_values_lorakit_does_not_implement_are_refused_naming_them(kw: dict[str, Any], needle: str) -> None:
@@ -112,7 +113,7 @@ def test_peft_values_lorakit_does_not_implement_are_refused_naming_them(kw: dict
         LoraConfig(targets=T, **kw)
 
 
-@pytest.mark.parametrize("name", sorted(set(peft_names.UNSUPPORTED) - {"use_dora"}))
+@pytest.mark.parametrize("name", sorted(peft_names.UNSUPPORTED))
 def test_peft_features_lorakit_does_not_implement_are_refused_naming_them(name: str) -> None:
     with pytest.raises(ConfigError, match=rf"PEFT's {name} \(.+\) is not implemented in lorakit"):
         LoraConfig(targets=T, **{name: [0]})

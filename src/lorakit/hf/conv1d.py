@@ -102,5 +102,10 @@ class Conv1DHandler(LinearLikeHandler):
     def delta_weight(self, module: nn.Module, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         return (B @ A).t()
 
+    dora_dim: int | None = 1  # DoRA: the weight is (in, out); one magnitude per output column
+
+    def base_nobias(self, module: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, weight.t())
+
 
 __all__ = ["Conv1D", "Conv1DHandler", "LinearLikeHandler", "conv1d_forward"]

@@ -90,6 +90,8 @@ def part_mask(module: nn.Module, r: int, device: torch.device) -> torch.Tensor:
 
 
 class _PartsMixin(LinearLikeHandler):
+    dora_dim: int | None = None  # DoRA's branch would bypass effective_B's per-part gradient mask: refused at inject
+
     def check(self, module: nn.Module, r: int, name: str) -> None:
         n = len(cast(PartsLinear, module).lora_parts)
         if r % n:

@@ -85,7 +85,8 @@ class MergedCopy:
             for key, target in own.items():
                 if key in adapted:
                     layer, names = adapted[key]
-                    merged = have[key].float() + layer.lora_delta(names)
+                    # merged adapters are in have[key] already; any variant's rule (DoRA is not additive)
+                    merged = layer.lora_merged_weight(names, have[key])
                     target.copy_(merged.to(target.dtype))
                 else:
                     target.copy_(have[key])
