@@ -52,6 +52,7 @@ def test_refreshed_copy_equals_a_fresh_merge_bitwise_and_follows_the_source() ->
     copy = MergedCopy(ema)
     merged = copy.refresh(ema, version=1)
     assert not any(isinstance(m, lorakit.LoraLayer) for m in merged.modules())
+    assert not any(p.requires_grad for p in merged.parameters())  # an EMA: nothing trains it
     _assert_same_state(merged, lorakit.merge_and_unload(deepcopy(ema)))
 
     _perturb(ema, seed=2)  # the EMA moves on (one more epoch)

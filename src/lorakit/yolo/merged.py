@@ -51,6 +51,9 @@ class MergedCopy:
 
     def __init__(self, source: nn.Module) -> None:
         self.model = merge_and_unload(deepcopy(source))
+        # like Ultralytics' EMA: nothing trains it (merge_and_unload gives back the requires_grad the
+        # model had before inject, which the live model's snapshot says is True)
+        self.model.requires_grad_(False)
         self._source = weakref.ref(source)  # not an id(): a freed model's id can be reused
         self._version = -1  # nothing copied yet: the first refresh copies even for this source
 
