@@ -10,9 +10,10 @@ by copying tensors:
 
     merged[k] = ema[k]                                    every state entry but the adapted weights
     merged[p.weight] = W_p + sum_i s_i * delta W_i(p)     each adapted layer p, active adapters i
+                                                          (a DoRA adapter by its own rule)
 
-computed in fp32 and cast to the weight's dtype: the arithmetic of
-:func:`lorakit.merge`, so the refreshed copy equals ``merge_and_unload(deepcopy(ema))``
+computed in fp32 and cast to the weight's dtype (``LoraLayer.lora_merged_weight``, the
+arithmetic of :func:`lorakit.merge`), so the refreshed copy equals ``merge_and_unload(deepcopy(ema))``
 bitwise. Fully trained modules (BatchNorm, new class convs) are the EMA's active
 copies at the same paths, so their entries are copied like any other.
 """
