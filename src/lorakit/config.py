@@ -304,11 +304,16 @@ class LoraConfig:
         return cls(**dict(data))
 
 
+def finite_number(value: object) -> bool:
+    """A real number as configs take it: an int or float (not a bool), neither NaN nor infinite."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _check_rank(field_name: str, value: object) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ConfigError(f"LoraConfig.{field_name} must be an int > 0, got {value!r}")
 
 
 def _check_alpha(field_name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0) or math.isinf(value):
+    if not finite_number(value) or not cast(float, value) > 0:
         raise ConfigError(f"LoraConfig.{field_name} must be a finite number > 0, got {value!r}")

@@ -20,12 +20,12 @@ get ``lr * ratio`` (embedding ones included) and every other trainable parameter
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from torch import nn
 from torch.optim import Optimizer
 
+from .config import finite_number
 from .errors import ConfigError, TargetError
 from .layers import adapter_dict
 from .state import lora_layers
@@ -62,7 +62,7 @@ def loraplus_split(optimizer: Optimizer, model: nn.Module, ratio: float = 16.0) 
         ConfigError: ``ratio`` is not a finite number > 0, or ``optimizer`` has state already.
         TargetError: ``model`` has no LoRA layers.
     """
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio) or ratio <= 0:
+    if not finite_number(ratio) or ratio <= 0:
         raise ConfigError(f"loraplus_split: ratio must be a finite number > 0, got {ratio!r}")
     if optimizer.state:
         raise ConfigError("loraplus_split: the optimizer has stepped already; split its groups before training")
@@ -108,7 +108,7 @@ def loraplus_groups(
             its LoRA factors trains (all frozen).
     """
     for name, value, low in (("lr", lr, "> 0"), ("ratio", ratio, "> 0"), ("weight_decay", weight_decay, ">= 0")):
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        ok = finite_number(value)
         if not ok or not (value > 0 if low == "> 0" else value >= 0):
             raise ConfigError(f"loraplus_groups: {name} must be a finite number {low}, got {value!r}")
     a_ids, b_ids = _factor_ids(model, "loraplus_groups")

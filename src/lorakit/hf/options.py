@@ -10,11 +10,11 @@ naming the key, what it must be and what it got.
 from __future__ import annotations
 
 import dataclasses
-import math
 import warnings
 from dataclasses import dataclass
 from typing import Any
 
+from ..config import finite_number
 from ..errors import ConfigError
 
 
@@ -62,10 +62,6 @@ class TrainOptions:
         return float(self.r) if self.alpha is None else float(self.alpha)
 
 
-def _number(v: object) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def _int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -90,17 +86,17 @@ def check_options(o: TrainOptions) -> None:
     for name in ("gradient_checkpointing", "resume", "progress"):
         if not isinstance(getattr(o, name), bool):
             raise bad(name, "True or False")
-    if not _number(o.lr) or not o.lr > 0:
+    if not finite_number(o.lr) or not o.lr > 0:
         raise bad("lr", "a finite number > 0")
-    if not _number(o.weight_decay) or not o.weight_decay >= 0:
+    if not finite_number(o.weight_decay) or not o.weight_decay >= 0:
         raise bad("weight_decay", "a finite number >= 0")
-    if o.loraplus_ratio is not None and (not _number(o.loraplus_ratio) or not o.loraplus_ratio > 0):
+    if o.loraplus_ratio is not None and (not finite_number(o.loraplus_ratio) or not o.loraplus_ratio > 0):
         raise bad("loraplus_ratio", "a finite number > 0 (B's lr / A's lr; 16 in the LoRA+ paper) or None")
-    if not _number(o.eval_fraction) or not 0 <= o.eval_fraction < 1:
+    if not finite_number(o.eval_fraction) or not 0 <= o.eval_fraction < 1:
         raise bad("eval_fraction", "a number in [0, 1)")
-    if not _number(o.dropout) or not 0 <= o.dropout < 1:
+    if not finite_number(o.dropout) or not 0 <= o.dropout < 1:
         raise bad("dropout", "a number in [0, 1)")
-    if o.alpha is not None and (not _number(o.alpha) or not o.alpha > 0):
+    if o.alpha is not None and (not finite_number(o.alpha) or not o.alpha > 0):
         raise bad("alpha", "a finite number > 0 or None")
     if o.task not in ("auto", "causal", "classify"):
         raise bad("task", "auto, causal or classify")

@@ -69,7 +69,7 @@ from ultralytics.models.yolo.detect import DetectionTrainer
 from ultralytics.utils import DEFAULT_CFG, LOGGER
 from ultralytics.utils.torch_utils import ModelEMA, unwrap_model
 
-from ..config import LoraConfig, as_patterns
+from ..config import LoraConfig, as_patterns, finite_number
 from ..conv_forms import measure_conv_forms
 from ..errors import ConfigError
 from ..inject import InjectReport, inject
@@ -134,9 +134,7 @@ class LoraOptions:
     def __post_init__(self) -> None:
         object.__setattr__(self, "exclude", as_patterns("exclude", self.exclude))
         ratio = self.loraplus_ratio
-        if ratio is not None and (
-            isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio) or ratio <= 0
-        ):
+        if ratio is not None and (not finite_number(ratio) or ratio <= 0):
             raise ConfigError(f"LoraOptions: loraplus_ratio must be None or a finite number > 0, got {ratio!r}")
         if self.config is not None:
             fields = {f.name: f.default for f in dataclasses.fields(self)}
