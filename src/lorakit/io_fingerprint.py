@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from .io_errors import AdapterFileError
-from .io_format import checksum
+from .io_format import byte_view, checksum
 
 # -- base-weight fingerprints --------------------------------------------------------------
 # Per adapted layer: dtype, shape, a CRC-32 of the bytes, and 16 evenly spaced sample values
@@ -31,9 +31,9 @@ _SAMPLES = 16
 
 
 def _crc32(t: torch.Tensor) -> str:
-    flat = t.detach().to("cpu").contiguous().reshape(-1)
+    flat = byte_view(t)
     # zero-copy: zlib reads the tensor's own memory through numpy's buffer
-    return f"{zlib.crc32(flat.view(torch.uint8).numpy().data) if flat.numel() else 0:08x}"
+    return f"{zlib.crc32(flat.numpy().data) if flat.numel() else 0:08x}"
 
 
 def _samples(flat: torch.Tensor) -> list[float]:

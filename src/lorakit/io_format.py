@@ -344,7 +344,7 @@ def safetensors_bytes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str
     parts: list[torch.Tensor] = []
     offset = 0
     for name, t in items:
-        flat = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        flat = byte_view(t)
         end = offset + len(flat)
         header[name] = {"dtype": _ST_NAME[t.dtype], "shape": list(t.shape), "data_offsets": [offset, end]}
         offset = end
@@ -355,10 +355,15 @@ def safetensors_bytes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str
     return len(text).to_bytes(8, "little") + text + data
 
 
+def byte_view(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s raw little-endian bytes as a flat uint8 CPU tensor (no copy for a contiguous CPU tensor)."""
+    return t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+
+
 def tensor_bytes(t: torch.Tensor) -> bytes:
     """The raw little-endian bytes safetensors writes for ``t``."""
-    flat = t.detach().to("cpu").contiguous().reshape(-1)
-    return bytes(flat.view(torch.uint8).numpy().tobytes()) if flat.numel() else b""
+    flat = byte_view(t)
+    return bytes(flat.numpy().tobytes()) if flat.numel() else b""
 
 
 def checksum(t: torch.Tensor) -> str:
