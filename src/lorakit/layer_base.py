@@ -231,14 +231,17 @@ class LoraLayer(nn.Module):
         """Recompute ``_lora_live`` after any change of active/merged/disabled state."""
         # Written to __dict__ directly: nn.Module.__setattr__ is slow, and set_adapter
         # calls this for every layer on every switch.
-        if self.lora_disabled:
-            self.__dict__["_lora_live"] = ()
-        else:
-            adapters = adapter_dict(self)
-            self.__dict__["_lora_live"] = tuple(
-                adapters[n] for n in self.lora_active if n in adapters and n not in self.lora_merged
-            )
+        adapters = adapter_dict(self)
+        self.__dict__["_lora_live"] = tuple(adapters[n] for n in self.lora_live_names())
         self.__dict__["_lora_plain"] = all_plain(self._lora_live)
+
+    def lora_live_names(self) -> tuple[str, ...]:
+        """Names of the adapters the forward adds (``_lora_live``'s): active, present, not merged,
+        not disabled; what ``merge_and_unload`` with no names merges."""
+        if self.lora_disabled:
+            return ()
+        adapters = adapter_dict(self)
+        return tuple(n for n in self.lora_active if n in adapters and n not in self.lora_merged)
 
     def lora_delta(self, names: tuple[str, ...]) -> torch.Tensor:
         """``sum_i s_i * delta W_i`` over ``names``, in fp32, shaped like the base weight.

@@ -27,20 +27,12 @@ import torch
 from torch import nn
 
 from ..adapters import merge_and_unload
-from ..layers import LoraLayer
 from ..state import lora_layers
 
 # Plain attributes of the EMA model (yaml, nc, args, names, stride: ModelEMA.update_attr copies them from the live
 # model each epoch) are followed, so a checkpoint written from the copy says the same; these are not: the copy's
 # train/eval mode is its own, and the loss object is built per model on first use.
 _SKIP_ATTRS = ("training", "criterion")
-
-
-def _live_names(layer: LoraLayer) -> tuple[str, ...]:
-    """The adapters whose delta the forward adds (what ``merge_and_unload`` with no names merges)."""
-    if layer.lora_disabled:
-        return ()
-    return tuple(n for n in layer.lora_active if n in layer.lora and n not in layer.lora_merged)
 
 
 class MergedCopy:
@@ -82,7 +74,7 @@ class MergedCopy:
         own = self.model.state_dict()
         adapted = {}
         for path, layer in lora_layers(source):
-            names = _live_names(layer)
+            names = layer.lora_live_names()
             if names:
                 adapted[".".join(filter(None, (path, layer.lora_handler.weight_name)))] = (layer, names)
         with torch.no_grad():
