@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -285,6 +286,10 @@ def inject(
     set_adapter(model, name if activate or not previously_active else previously_active)
     if config.batchnorm == "frozen":
         freeze_batchnorm(model)
+    if "transformers" in sys.modules:  # save_pretrained would drop the adapter: make it raise (lorakit.hf.saving)
+        from .hf.saving import guard_save_pretrained
+
+        guard_save_pretrained(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return InjectReport(adapter=name, targets=tuple(targets), trainable=trainable, total=total)

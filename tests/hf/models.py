@@ -8,6 +8,7 @@ from collections.abc import Callable
 import torch
 import transformers
 from torch import nn
+from torch.utils.data import Dataset
 
 VOCAB = 100
 
@@ -67,3 +68,17 @@ def outputs(model: nn.Module, b: dict[str, torch.Tensor]) -> torch.Tensor:
     inputs = {k: v for k, v in b.items() if k != "labels"}
     with torch.no_grad():
         return model(**inputs).logits
+
+
+class Tokens(Dataset[dict[str, torch.Tensor]]):
+    """``n`` causal-LM examples: 4 random sequences of 12 tokens, repeated (something to learn)."""
+
+    def __init__(self, n: int) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(3, VOCAB, (4, 12), generator=g).repeat(n // 4, 1)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}

@@ -9,24 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from torch.utils.data import Dataset
 
 import lorakit
 import lorakit.hf
 
-from .models import VOCAB, gpt2, llama
-
-
-class Tokens(Dataset[dict[str, torch.Tensor]]):
-    def __init__(self, n: int) -> None:
-        g = torch.Generator().manual_seed(0)
-        self.ids = torch.randint(3, VOCAB, (4, 12), generator=g).repeat(n // 4, 1)  # 4 sequences to learn
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+from .models import Tokens, gpt2, llama
 
 
 def _trainer(out: Path, max_steps: int) -> transformers.Trainer:
@@ -39,7 +26,7 @@ def _trainer(out: Path, max_steps: int) -> transformers.Trainer:
         logging_steps=1, report_to=[], use_cpu=True, seed=0, data_seed=0, disable_tqdm=True,
         dataloader_num_workers=0,
     )  # fmt: skip
-    return transformers.Trainer(
+    return lorakit.hf.LoraTrainer(
         model=model, args=args, train_dataset=Tokens(24), eval_dataset=Tokens(8),
         callbacks=[lorakit.hf.AdapterCheckpointCallback()],
     )  # fmt: skip

@@ -8,6 +8,7 @@ lorakit's registry imports it by itself the first time it meets a ``Conv1D``
     lorakit.hf.default_targets(model)        per-family target names (lorakit.hf.targets)
     lorakit.hf.lora_config(model, r=16)      a LoraConfig with those, heads kept out
     lorakit.hf.target_fused(model, "c_attn", parts=("q", "v"))    LoRA on part of a fused layer
+    lorakit.hf.LoraTrainer                   Trainer whose checkpoints and save_model hold the adapter only
     lorakit.hf.AdapterCheckpointCallback     saves the adapter into each Trainer checkpoint
     lorakit.hf.prepare_for_training(model)   gradient checkpointing that reaches the adapters
 
@@ -34,6 +35,9 @@ _LAZY = {
     "AdapterCheckpointCallback": "callbacks",
     "prepare_for_training": "callbacks",
     "DataError": "data",
+    "LoraTrainer": "trainer",
+    "LoraTrainerMixin": "trainer",
+    "SavePretrainedError": "saving",
     "ModelPathError": "data",
     "NonFiniteLossError": "train",
     "ResumeMismatchError": "resume",
@@ -44,11 +48,14 @@ __all__ = [
     "AdapterCheckpointCallback",
     "Conv1DHandler",
     "DataError",
+    "LoraTrainer",
+    "LoraTrainerMixin",
     "ModelPathError",
     "NonFiniteLossError",
     "PartsConv1D",
     "PartsLinear",
     "ResumeMismatchError",
+    "SavePretrainedError",
     "TrainWarning",
     "default_targets",
     "lora_config",

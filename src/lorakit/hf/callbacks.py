@@ -1,14 +1,14 @@
-"""lorakit inside ``transformers.Trainer``: adapter files at every checkpoint, and
-gradient checkpointing that reaches the adapters.
+"""lorakit inside ``transformers.Trainer``: adapter folders at checkpoints, and gradient
+checkpointing that reaches the adapters.
 
-A model with lorakit adapters is still the same ``PreTrainedModel`` (LoRA layers keep
-their class identity and base parameter names), so ``Trainer`` trains, evaluates,
-checkpoints and resumes it unchanged: its checkpoints hold the full ``state_dict``,
-adapters included, and the optimizer only sees parameters with ``requires_grad``.
-:class:`AdapterCheckpointCallback` adds the small PEFT-compatible adapter folder next to
-each checkpoint::
+Train an adapted model with :class:`lorakit.hf.LoraTrainer` (:mod:`lorakit.hf.trainer`):
+its checkpoints and ``save_model`` hold the adapter in PEFT's format, not the base
+weights. A plain ``Trainer`` cannot save an adapted model: ``model.save_pretrained``
+raises (:mod:`lorakit.hf.saving`) rather than write a file ``from_pretrained`` would
+load without the adapter. :class:`AdapterCheckpointCallback` adds a copy of the adapter
+in a subfolder of each checkpoint, for tools that look for one there::
 
-    trainer = Trainer(model=model, args=args, ..., callbacks=[AdapterCheckpointCallback()])
+    trainer = LoraTrainer(model=model, args=args, ..., callbacks=[AdapterCheckpointCallback()])
     # -> out/checkpoint-500/adapter/{adapter_config.json, adapter_model.safetensors}
 """
 
@@ -44,10 +44,25 @@ class AdapterCheckpointCallback(TrainerCallback):
         if model is None or not state.is_world_process_zero:
             return control
         folder = Path(str(args.output_dir)) / f"checkpoint-{state.global_step}" / self.subdir
-        names = self.names if self.names is not None else list_adapters(model)
-        for i, name in enumerate(names):
-            save_adapter(model, folder if i == 0 else folder / name, name)
+        save_adapters(model, folder, self.names)
         return control
+
+
+def adapter_folders(names: list[str], folder: Path) -> list[tuple[str, Path]]:
+    """Where each of ``names`` goes under ``folder``: the first in it, the others in ``folder/<name>``
+    (PEFT's layout for several adapters)."""
+    return [(name, folder if i == 0 else folder / name) for i, name in enumerate(names)]
+
+
+def save_adapters(model: nn.Module, folder: Path, names: list[str] | None = None) -> None:
+    """:func:`lorakit.save_adapter` for each of ``names`` (default: every adapter), laid out by
+    :func:`adapter_folders`.
+
+    Raises:
+        NonFiniteError: an adapter holds NaN/Inf.
+    """
+    for name, sub in adapter_folders(list_adapters(model) if names is None else names, folder):
+        save_adapter(model, sub, name)
 
 
 def prepare_for_training(model: nn.Module, *, gradient_checkpointing: bool = True, reentrant: bool = False) -> None:
