@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 import lorakit
 from lorakit.hf.train import latest_checkpoint, train
 
@@ -18,10 +20,18 @@ from .runs import causal_data, cli_args, leftovers, opts
 SRC = Path(lorakit.__file__).resolve().parents[1]  # the lorakit under test, for the subprocess
 
 
-def test_ctrl_c_names_the_last_checkpoint_and_resume_continues(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+SIGNALS = {"SIGINT": (signal.SIGINT, 130, "interrupted"), "SIGTERM": (signal.SIGTERM, 143, "terminated (SIGTERM)")}
+
+
+@pytest.mark.parametrize("name", sorted(SIGNALS))
+def test_ctrl_c_names_the_last_checkpoint_and_resume_continues(
+    name: str, tiny_models: dict[str, Path], tmp_path: Path
+) -> None:
     """Issue item 10: Ctrl-C during hf train printed a raw KeyboardInterrupt traceback. Now: exit
     130, one line naming the last checkpoint, no temporary file left, and resume=True continues.
-    A checkpoint (and loss.png) is written every step, so the signal often lands mid-write."""
+    A checkpoint (and loss.png) is written every step, so the signal often lands mid-write.
+    Issue 15: SIGTERM (a scheduler's stop) alike, exit 143."""
+    signum, code, how = SIGNALS[name]
     gpt2, data, out = tiny_models["gpt2"], causal_data(tmp_path / "d.jsonl"), tmp_path / "run"
     run = {"epochs": 1000, "save_every": 1}  # 5000 steps: far more than the test waits for
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(SRC)}
@@ -33,18 +43,18 @@ def test_ctrl_c_names_the_last_checkpoint_and_resume_continues(tiny_models: dict
             assert proc.poll() is None, proc.communicate()
             assert time.monotonic() < deadline, "no checkpoint within 120 s"
             time.sleep(0.02)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         stdout, stderr = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode == 130, (stdout, stderr)
+    assert proc.returncode == code, (stdout, stderr)
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
     ckpt = latest_checkpoint(out)
     assert ckpt is not None
-    said = [line for line in stderr.splitlines() if "interrupted" in line]
-    assert said == [f"lorakit hf train: interrupted; the last checkpoint is {ckpt} (resume=True continues from it)"]
+    said = [line for line in stderr.splitlines() if how in line]
+    assert said == [f"lorakit hf train: {how}; the last checkpoint is {ckpt} (resume=True continues from it)"]
     assert leftovers(out) == []
     step = json.loads((ckpt / "state.json").read_text())["step"]
     assert train(opts(gpt2, data, out, stop_after=1, resume=True, **run))["steps"] == step + 1

@@ -28,10 +28,11 @@ def test_loraplus_ratio_trains_b_at_ratio_times_the_lr(tiny_models: dict[str, Pa
     lr = float(OPTS["lr"])  # type: ignore[arg-type]
     train(opts(tiny_models["llama"], data, tmp_path / "plain", stop_after=1))
     train(opts(tiny_models["llama"], data, tmp_path / "plus", stop_after=1, loraplus_ratio=16.0))
-    # the checkpoint after step 1 holds the lrs of step 1 (the linear decay starts at lr)
-    assert [g["lr"] for g in _groups(tmp_path / "plain", 1)] == [lr]
+    # the checkpoint after step 1 holds the lrs of step 2 (Trainer's scheduler has stepped): 9/10 of the start
+    assert [g["lr"] for g in _groups(tmp_path / "plain", 1)] == pytest.approx([lr * 0.9], rel=1e-12)
     plus_groups = _groups(tmp_path / "plus", 1)
-    assert [g["lr"] for g in plus_groups] == [lr, lr * 16.0]  # A factors, B factors (causal: nothing else trains)
+    # A factors, B factors (causal: nothing else trains)
+    assert [g["lr"] for g in plus_groups] == pytest.approx([lr * 0.9, lr * 16.0 * 0.9], rel=1e-12)
     plain, plus = tensors(tmp_path / "plain" / "adapter", W), tensors(tmp_path / "plus" / "adapter", W)
     b_keys = [k for k in plain if k.endswith("lora_B.weight")]
     assert b_keys and plain.keys() == plus.keys()
@@ -80,4 +81,4 @@ def test_loraplus_ratio_on_the_command_line(tiny_models: dict[str, Path], tmp_pa
     data, out = causal_data(tmp_path / "d.jsonl"), tmp_path / "run"
     assert main(["hf", "train", *cli_args(tiny_models["gpt2"], data, out, stop_after=1), "loraplus_ratio=4"]) == 0
     lr = float(OPTS["lr"])  # type: ignore[arg-type]
-    assert [g["lr"] for g in _groups(out, 1)] == [lr, lr * 4]
+    assert [g["lr"] for g in _groups(out, 1)] == pytest.approx([lr * 0.9, lr * 4 * 0.9], rel=1e-12)  # step 2's

@@ -74,9 +74,13 @@ def test_resume_applies_a_changed_lr_and_epochs_with_a_warning(
     assert summary["steps"] == 2 and summary["total_steps"] == 15  # 5 steps per epoch
     ckpt = latest_checkpoint(out)
     assert ckpt is not None
-    # Step 2 ran at the new lr on the new schedule: lr * (1 - 1/15).
+    # Step 2 ran at the new lr on the new schedule: lr * (1 - 1/15); the optimizer holds step 3's.
+    logged = json.loads((ckpt / "trainer_state.json").read_text())["log_history"]
+    assert [h["learning_rate"] for h in logged if h.get("step") == 2 and "loss" in h] == [
+        pytest.approx(5e-3 * 14 / 15, rel=1e-12)
+    ]
     lr = json.loads((ckpt / "optimizer.json").read_text())["param_groups"][0]["lr"]
-    assert lr == pytest.approx(5e-3 * 14 / 15, rel=1e-12)
+    assert lr == pytest.approx(5e-3 * 13 / 15, rel=1e-12)
     run = json.loads((ckpt / "run.json").read_text())
     assert (run["lr"], run["epochs"]) == (5e-3, 3)
     # A checkpoint from before run.json cannot be checked: a warning says so, and the run goes on.

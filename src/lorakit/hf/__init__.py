@@ -39,7 +39,7 @@ _LAZY = {
     "LoraTrainerMixin": "trainer",
     "SavePretrainedError": "saving",
     "ModelPathError": "data",
-    "NonFiniteLossError": "train",
+    "NonFiniteLossError": "checkpoints",
     "ResumeMismatchError": "resume",
     "TrainWarning": "options",
 }

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import signal
 import sys
 import warnings
 from collections.abc import Iterator
@@ -25,7 +26,10 @@ USAGE = """usage: lorakit hf SUBVERB key=value ...
   train     LoRA fine-tuning of a local transformers model on JSONL data
             lorakit hf train model=PATH data=FILE.jsonl out=DIR [r=16] [epochs=3] [eval=FILE.jsonl]
                   [alpha=r] [lr=2e-3] [batch_size=8] [max_len=256] [eval_every=0] [save_every=0] [resume=False]
-                  [loraplus_ratio=None] ...
+                  [loraplus_ratio=None] [dora=False] [device=auto] [precision=fp32|bf16|fp16] [grad_accum=1]
+                  [warmup=0] [schedule=linear|cosine] [max_steps=0] [gradient_checkpointing=False]
+                  [report_to=none|tensorboard] [seed=0] ...
+            several processes (DDP): torchrun --nproc_per_node=N -m lorakit.cli hf train ...
             records: {"prompt","response"} or {"messages":[...]} (causal LM, loss on the response),
                      {"text","label"} (classification)
   generate  greedy generation with an adapter
@@ -48,8 +52,17 @@ def run(argv: list[str]) -> int:
     raise ArgError(f"unknown hf subverb {sub!r}{did_you_mean(sub, ('train', 'generate'))}; use train or generate")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the run is, so that it stops as on Ctrl-C (checkpoints intact)."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
 def _train(argv: list[str]) -> int:
-    """Ctrl-C stops the run: the last checkpoint is named on one line, exit status 130."""
+    """Ctrl-C or SIGTERM stops the run: the last checkpoint is named on one line, exit status
+    130 (Ctrl-C) or 143 (SIGTERM), as shells report them."""
     from .options import TrainOptions, TrainWarning
     from .train import latest_checkpoint, train
 
@@ -65,14 +78,20 @@ def _train(argv: list[str]) -> int:
         opts = TrainOptions(**args)
     except TypeError as exc:
         raise ArgError(f"hf train: {exc}") from None
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         with _one_line(TrainWarning, "lorakit hf train: warning: "):
             summary = train(opts)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         ckpt = latest_checkpoint(Path(opts.out))
         where = f"the last checkpoint is {ckpt} (resume=True continues from it)" if ckpt else "no checkpoint yet"
-        print(f"lorakit hf train: interrupted; {where}", file=sys.stderr)
-        return 130  # 128 + SIGINT, as shells report it
+        how = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        print(f"lorakit hf train: {how}; {where}", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130  # 128 + the signal's number
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # under torchrun, only the main process reports
     last = summary["evals"][-1] if summary["evals"] else {}
     shown = ", ".join(f"{k} {v:.4f}" for k, v in last.items() if k.startswith("eval_"))
     state = "stopped (resume=True continues)" if summary["stopped_early"] else "done"

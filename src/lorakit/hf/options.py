@@ -52,6 +52,14 @@ class TrainOptions:
     eval_every: int = 0  # steps; 0: at the end of each epoch only
     save_every: int = 0  # steps; 0: at the end of each epoch only
     gradient_checkpointing: bool = False
+    dora: bool = False  # DoRA (LoraConfig(dora=True)): a learned magnitude per output, besides B A
+    device: str = "auto"  # auto (CUDA when present) | cpu | cuda; under torchrun: each process's own device
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (autocast; the base and the adapters stay in fp32)
+    grad_accum: int = 1  # batches per optimizer step
+    warmup: int = 0  # steps of linear warmup from 0 to lr
+    schedule: str = "linear"  # lr decay to 0 after warmup: linear | cosine
+    max_steps: int = 0  # optimizer steps of the whole run; 0: epochs decide
+    report_to: str = "none"  # none | tensorboard (logs under out/runs)
     resume: bool = False
     stop_after: int = 0  # stop (with a checkpoint) after this many steps of this run, as if interrupted
     progress: bool = True
@@ -60,6 +68,15 @@ class TrainOptions:
     def lora_alpha(self) -> float:
         """``alpha``, or its default ``r`` (scaling 1, as everywhere in lorakit)."""
         return float(self.r) if self.alpha is None else float(self.alpha)
+
+
+CHOICES = {
+    "task": ("auto", "causal", "classify"),
+    "device": ("auto", "cpu", "cuda"),
+    "precision": ("fp32", "bf16", "fp16"),
+    "schedule": ("linear", "cosine"),
+    "report_to": ("none", "tensorboard"),
+}
 
 
 def _int(v: object) -> bool:
@@ -77,13 +94,13 @@ def check_options(o: TrainOptions) -> None:
             raise bad(name, "a non-empty path")
     if o.eval is not None and (not isinstance(o.eval, str) or not o.eval):
         raise bad("eval", "a non-empty path or None")
-    for name in ("epochs", "batch_size", "max_len", "r"):
+    for name in ("epochs", "batch_size", "max_len", "r", "grad_accum"):
         if not _int(getattr(o, name)) or getattr(o, name) <= 0:
             raise bad(name, "an int > 0")
-    for name in ("eval_every", "save_every", "stop_after", "seed"):
+    for name in ("eval_every", "save_every", "stop_after", "seed", "warmup", "max_steps"):
         if not _int(getattr(o, name)) or getattr(o, name) < 0:
             raise bad(name, "an int >= 0")
-    for name in ("gradient_checkpointing", "resume", "progress"):
+    for name in ("gradient_checkpointing", "resume", "progress", "dora"):
         if not isinstance(getattr(o, name), bool):
             raise bad(name, "True or False")
     if not finite_number(o.lr) or not o.lr > 0:
@@ -98,8 +115,9 @@ def check_options(o: TrainOptions) -> None:
         raise bad("dropout", "a number in [0, 1)")
     if o.alpha is not None and (not finite_number(o.alpha) or not o.alpha > 0):
         raise bad("alpha", "a finite number > 0 or None")
-    if o.task not in ("auto", "causal", "classify"):
-        raise bad("task", "auto, causal or classify")
+    for name, allowed in CHOICES.items():
+        if getattr(o, name) not in allowed:
+            raise bad(name, " or ".join(", ".join(allowed).rsplit(", ", 1)))
     t = o.targets
     if t is not None and not (
         (isinstance(t, str) and t) or (isinstance(t, list) and t and all(isinstance(x, str) and x for x in t))

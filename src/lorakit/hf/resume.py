@@ -1,17 +1,19 @@
 """What an ``hf train`` checkpoint records about its run (``run.json``), and the check made on ``resume=True``.
 
 A resumed run must be the run that was saved: its adapter was built from ``r``,
-``alpha``, ``dropout`` and ``targets``, its examples, their order and their split come
-from ``model`` (tokenizer), ``data``, ``eval``, ``eval_fraction``, ``task``, ``seed``,
-``batch_size`` and ``max_len``, and its optimizer state from ``weight_decay`` and
+``alpha``, ``dropout``, ``targets`` and ``dora`` (the variant), its examples, their order
+and their split come from ``model`` (tokenizer), ``data``, ``eval``, ``eval_fraction``,
+``task``, ``seed``, ``batch_size``, ``grad_accum``, the number of processes and
+``max_len``, and its optimizer state from ``weight_decay`` and
 ``loraplus_ratio`` (which also decides the optimizer's parameter groups). A change
 to any of these (:data:`FIXED`) is a :class:`ResumeMismatchError` naming each changed key
 with its saved and new value. Files are compared by content (sha256), not by path: the
-same file moved is the same run; the same path rewritten is not. ``lr`` and ``epochs``
-(:data:`ADJUSTABLE`) may change: the new value applies from the next step, and a
-:class:`~lorakit.hf.options.TrainWarning` says so. The other options (``out``,
-``eval_every``, ``save_every``, ``stop_after``, ``progress``, ``gradient_checkpointing``)
-do not change what is computed and are not recorded.
+same file moved is the same run; the same path rewritten is not. ``lr``, ``epochs``,
+``max_steps``, ``warmup`` and ``schedule`` (:data:`ADJUSTABLE`) may change: the new value
+applies from the next step, and a :class:`~lorakit.hf.options.TrainWarning` says so. The
+other options (``out``, ``eval_every``, ``save_every``, ``stop_after``, ``progress``,
+``gradient_checkpointing``, ``device``, ``precision``, ``report_to``) do not change what is
+trained (``precision`` changes its rounding) and are not recorded.
 """
 
 from __future__ import annotations
@@ -26,9 +28,9 @@ from ..io_format import parse_json
 from .options import TrainOptions, TrainWarning
 
 RUN_FILE = "run.json"
-FIXED = ("model", "data", "eval", "eval_fraction", "task", "r", "alpha", "dropout", "targets", "seed",
-         "batch_size", "max_len", "weight_decay", "loraplus_ratio")  # fmt: skip
-ADJUSTABLE = ("lr", "epochs")
+FIXED = ("model", "data", "eval", "eval_fraction", "task", "r", "alpha", "dropout", "targets", "dora", "seed",
+         "batch_size", "grad_accum", "processes", "max_len", "weight_decay", "loraplus_ratio")  # fmt: skip
+ADJUSTABLE = ("lr", "epochs", "max_steps", "warmup", "schedule")
 # The files of a model folder that decide its architecture and its tokens (weights are
 # too large to hash on every start; load_adapter's base-weight fingerprint covers them).
 MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -77,8 +79,9 @@ def _model(path: str) -> dict[str, str]:
     return {"path": path, "sha256": h.hexdigest()}
 
 
-def run_record(o: TrainOptions, task: str) -> dict[str, Any]:
-    """The record of the run ``o`` (after ``max_len`` was fitted to the model) with the resolved ``task``.
+def run_record(o: TrainOptions, task: str, processes: int = 1) -> dict[str, Any]:
+    """The record of the run ``o`` (after ``max_len`` was fitted to the model) with the resolved ``task``
+    and the number of ``processes`` (DDP: the batches are split among them).
 
     Raises:
         OSError: a file cannot be read (they were all read just before).
@@ -93,13 +96,19 @@ def run_record(o: TrainOptions, task: str) -> dict[str, Any]:
         "alpha": o.lora_alpha,
         "dropout": o.dropout,
         "targets": [o.targets] if isinstance(o.targets, str) else o.targets,
+        "dora": o.dora,
         "seed": o.seed,
         "batch_size": o.batch_size,
+        "grad_accum": o.grad_accum,
+        "processes": processes,
         "max_len": o.max_len,
         "weight_decay": o.weight_decay,
         "loraplus_ratio": o.loraplus_ratio,
         "lr": o.lr,
         "epochs": o.epochs,
+        "max_steps": o.max_steps,
+        "warmup": o.warmup,
+        "schedule": o.schedule,
     }
 
 
