@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
 from lorakit.cli import main
 from lorakit.errors import ConfigError
@@ -121,3 +122,17 @@ def test_new_key_bad_value_is_one_line_exit_2(
     assert main(["hf", "train", *cli_args(tiny_models["gpt2"], data, out), *tokens.split()]) == 2
     assert capsys.readouterr().err == f"lorakit hf: error: hf train: {BAD_KEYS[tokens]}\n"
     assert not out.exists()
+
+
+def test_a_bf16_checkpoint_trains_fp32_adapters(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    """Issue 15: transformers 5 loads a checkpoint in its own dtype; a bf16 base gave bf16 adapters
+    (AdamW on bf16 weights; fp16's GradScaler refuses fp16 ones). The base is now loaded in fp32."""
+    folder = tmp_path / "bf16"
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_models["llama"]).to(torch.bfloat16)
+    model.save_pretrained(folder)
+    transformers.AutoTokenizer.from_pretrained(tiny_models["llama"]).save_pretrained(folder)
+    out = tmp_path / "run"
+    train(opts(folder, causal_data(tmp_path / "d.jsonl"), out, stop_after=2, precision="bf16", device="cpu"))
+    assert {v.dtype for v in tensors(out / "adapter", W).values()} == {torch.float32}
+    state = tensors(latest_checkpoint(out) or out, "optimizer.safetensors")
+    assert {v.dtype for k, v in state.items() if k.endswith("exp_avg")} == {torch.float32}

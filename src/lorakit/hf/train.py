@@ -104,10 +104,12 @@ def load_tokenizer(path: Path) -> Any:
         raise ModelPathError(f"{path}: cannot load its tokenizer: {exc}") from None
 
 
-def load_model(path: Path, task: str, labels: list[str] | None) -> nn.Module:
-    """The base model for ``task`` from a local folder (classification: a new head for ``labels``)."""
+def load_model(path: Path, task: str, labels: list[str] | None, dtype: torch.dtype | None = None) -> nn.Module:
+    """The base model for ``task`` from a local folder (classification: a new head for ``labels``),
+    in ``dtype`` (None: transformers' choice, the checkpoint's own dtype)."""
     import transformers
 
+    kw: dict[str, Any] = {"local_files_only": True, **({} if dtype is None else {"dtype": dtype})}
     try:
         if task == "classify":
             assert labels is not None
@@ -115,13 +117,13 @@ def load_model(path: Path, task: str, labels: list[str] | None) -> nn.Module:
                 nn.Module,
                 transformers.AutoModelForSequenceClassification.from_pretrained(
                     str(path),
-                    local_files_only=True,
                     num_labels=len(labels),
                     id2label=dict(enumerate(labels)),
                     label2id={n: i for i, n in enumerate(labels)},
+                    **kw,
                 ),  # fmt: skip
             )
-        return cast(nn.Module, transformers.AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True))
+        return cast(nn.Module, transformers.AutoModelForCausalLM.from_pretrained(str(path), **kw))
     except (OSError, ValueError) as exc:
         raise ModelPathError(f"{path}: cannot load the model: {exc}") from None
 
@@ -276,7 +278,9 @@ def train(o: TrainOptions) -> dict[str, Any]:
         check_resume(ckpt, run)
     main = args.should_save
     torch.manual_seed(o.seed)
-    model = load_model(model_dir, data.task, data.labels)
+    # fp32 whatever the checkpoint's dtype: the adapters take the base's dtype, and they must train in fp32
+    # (bf16/fp16 are autocast, Trainer's GradScaler refuses fp16 parameters)
+    model = load_model(model_dir, data.task, data.labels, torch.float32)
     if ckpt is None:
         inject(model, lora_config(model, o.targets, r=o.r, alpha=o.lora_alpha, dropout=o.dropout, dora=o.dora))
     else:
