@@ -9,7 +9,7 @@ TORCH   := torch==2.14.1 torchvision==0.29.1
 export OMP_NUM_THREADS ?= 1
 export MKL_NUM_THREADS ?= 1
 
-.PHONY: demo demo-core test lint install bench clean
+.PHONY: demo demo-core test lint install bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -41,6 +41,11 @@ bench: $(STAMP)
 	$(BIN)/python bench/forward.py
 	$(BIN)/python bench/adapters.py
 	$(BIN)/python bench/hf_minilm.py
+
+# Needs a CUDA device (~4 min on one H200): tests/gpu, then LLaMA-style LoRA step vs PEFT (bf16) and yolo26n
+# LoRA vs full fine-tuning with AMP; writes bench/results/gpu_check.json. Without CUDA it says so and stops.
+gpu-check: $(STAMP)
+	$(BIN)/python bench/gpu_check.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench
