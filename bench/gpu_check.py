@@ -119,7 +119,7 @@ def child_llama(lib: str, smoke: bool) -> dict[str, Any]:
         opt.step()
         opt.zero_grad(set_to_none=True)
         _sync(device)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         return {"step": time.perf_counter() - t0}
 
     warmup, steps = STEPS[smoke]

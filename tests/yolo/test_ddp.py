@@ -89,6 +89,15 @@ def test_worker_file_carries_the_lora_state_and_rebuilds_the_same_injection(tmp_
     assert worker.lora_config.r == 4 and worker.lora_config.alpha == 8.0
 
 
+def test_a_foreign_value_under_the_ddp_key_is_a_config_error() -> None:
+    import lorakit
+    from lorakit.yolo import LoraDetectionTrainer
+    from lorakit.yolo.trainer import DDP_ARGS_KEY
+
+    with pytest.raises(lorakit.ConfigError, match=r"overrides\['lorakit_ddp'\]: expected a CarriedLora, got dict"):
+        LoraDetectionTrainer(overrides={DDP_ARGS_KEY: {"r": 4}})
+
+
 # The launcher and its worker in a subprocess: LoraYOLO.train with a trainer that takes Ultralytics'
 # several-GPU branch on CPU (ddp=True and one worker in the launcher; in the worker a 1-process gloo
 # group, world size 1, so RANK=0 code paths and collectives run). A callback, pickled into the worker

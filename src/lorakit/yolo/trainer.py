@@ -298,6 +298,9 @@ class LoraTrainerMixin:
     Put it first: ``class LoraSegmentationTrainer(LoraTrainerMixin, SegmentationTrainer)``.
     A task whose output head has other re-initialised convs than the detector's
     class convs overrides :meth:`head_modules`.
+
+    Raises (``__init__``):
+        ConfigError: ``overrides[DDP_ARGS_KEY]`` is not a :class:`CarriedLora`.
     """
 
     # Ultralytics' BaseTrainer attributes this mixin reads (set there, untyped)
