@@ -146,14 +146,14 @@ def _kept_sources(x: torch.Tensor) -> tuple[str, torch.Tensor, torch.Tensor | No
     fn = x.grad_fn
     name = fn.name() if fn is not None else ""
     if name == "MulBackward0":
-        a, b = getattr(fn, "_saved_self", None), getattr(fn, "_saved_other", None)
+        a, b = node_saved(fn, "_saved_self"), node_saved(fn, "_saved_other")
         if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
             return None  # a factor that needs no gradient is not kept
         if a.shape != x.shape or b.shape != x.shape or a.dtype != x.dtype or b.dtype != x.dtype:
             return None
         return "mul", a, b
     if name == "GeluBackward0":
-        h, approximate = getattr(fn, "_saved_self", None), getattr(fn, "_saved_approximate", None)
+        h, approximate = node_saved(fn, "_saved_self"), node_saved(fn, "_saved_approximate")
         if isinstance(h, torch.Tensor) and approximate in ("none", "tanh") and h.shape == x.shape:
             return f"gelu:{approximate}", h, None
     return None
@@ -169,11 +169,35 @@ def rebuild(kind: str, a: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     return a
 
 
+# -- torch internals: each read in one function, with a plain fallback -------------------------
+# Both only decide whether x may be rebuilt in backward instead of kept. Each fallback keeps x:
+# more memory for that layer, the same numbers (tests/unit/test_fused_fallbacks.py).
+
+
+def node_saved(fn: Any, name: str) -> object | None:
+    """What autograd node ``fn`` saved as ``name`` (``_saved_self``, ``_saved_other``,
+    ``_saved_approximate``: private attributes of torch's generated backward nodes), or None.
+
+    Fallback: a torch without the attribute gives None, and :func:`rebuilt_from` then finds no
+    source, so the layer keeps x itself.
+    """
+    return getattr(fn, name, None)
+
+
 def _hooks_active() -> bool:
-    # torch keeps the stack of saved_tensors_hooks in C++; this private accessor is the
-    # only way to see it. Without it (another torch), assume hooks and keep x.
+    """True while saved-tensor hooks are installed (checkpointing, offloading).
+
+    torch keeps their stack in C++; the private ``torch._C._autograd._top_saved_tensors_default_hooks``
+    is the only way to see it. Fallback: a torch without it (or with another signature) counts
+    as hooks active, so the layer keeps x itself.
+    """
     top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
-    return top is None or top(False) is not None
+    if top is None:
+        return True
+    try:
+        return top(False) is not None
+    except (TypeError, RuntimeError):
+        return True
 
 
 class LoraLinearFn(torch.autograd.Function):
