@@ -16,10 +16,11 @@ Adapters live in ``layer.lora[name]`` (:class:`LoraAdapter`: parameters ``A``,
 it). Several adapters can be active; their deltas add up.
 
 What differs per layer type sits in a :class:`LayerHandler`: the shapes of the two
-factors, their init, the adapted forward, the delta for merging and the mixed-batch
-forward, the file layout. Adding a layer type is one handler and one :func:`register`
-call; nothing else in lorakit changes (the generic code, merging, mixed batches, files,
-combining, asks the handler). Lookup walks the layer's class hierarchy, so a subclass of
+factors, their init, the adapted forward and the delta for merging (the four a new type
+must write), and, with defaults, the mixed-batch plan and forward, the file layout and
+the rank's grouping. Adding a layer type is one handler and one :func:`register` call;
+nothing else in lorakit changes (merging, mixed batches, files and combining ask the
+handler). Lookup walks the layer's class hierarchy, so a subclass of
 ``nn.Linear`` uses the Linear handler unless it registers its own. The built-in handlers
 each live in their own module: :mod:`lorakit.layers.linear` (with the fused training
 node :mod:`lorakit.layers.fused_linear`), :mod:`lorakit.layers.conv` and
