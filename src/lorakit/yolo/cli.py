@@ -35,7 +35,7 @@ from ..config import LoraConfig, as_patterns
 from ..errors import LoraError
 from . import offline
 from .checks import check_settings
-from .cli_models import require_local
+from .cli_models import first_line, local_data, require_local
 
 if TYPE_CHECKING:
     from .model import LoraYOLO
@@ -190,33 +190,11 @@ def _check_settings(opts: dict[str, Any], verb: str) -> None:
     try:
         check_cfg(dict(opts), hard=True)
     except (TypeError, ValueError) as exc:
-        raise ArgError(_first_line(exc)) from None
+        raise ArgError(first_line(exc)) from None
     check_settings(opts, verb)
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
-
-
 # ---------------------------------------------------------------------------------------- inputs
-
-
-def _local_data(value: Any) -> str:
-    """``data=``: a local path; a detection YAML's images must exist, so Ultralytics never
-    falls back to the YAML's ``download:`` (a URL or a script it would run)."""
-    if not isinstance(value, str):
-        raise ArgError(f"data= must be a path to a data YAML, got {value!r}")
-    if not Path(value).exists():
-        raise ArgError(f"data={value!r}: no such file (lorakit never downloads datasets; give a local data YAML)")
-    if Path(value).suffix.lower() in (".yaml", ".yml"):
-        from ultralytics.data.utils import check_det_dataset
-
-        try:
-            check_det_dataset(value, autodownload=False)
-        except (FileNotFoundError, SyntaxError, TypeError, ValueError, KeyError) as exc:
-            raise ArgError(f"data={value!r}: {_first_line(exc)}") from None
-    return value
 
 
 def _local_source(value: Any) -> Any:
@@ -250,7 +228,7 @@ def _open(opts: dict[str, Any], lora: dict[str, Any] | None = None) -> LoraYOLO:
         raise
     except (FileNotFoundError, NotImplementedError, RuntimeError, KeyError, TypeError, AttributeError) as exc:
         # What Ultralytics raises for a file that is not a YOLO checkpoint/config, and LoraYOLO for non-detectors.
-        raise ArgError(f"model={spec!r}: cannot open it as a YOLO detector: {_first_line(exc)}") from None
+        raise ArgError(f"model={spec!r}: cannot open it as a YOLO detector: {first_line(exc)}") from None
     adapter = opts.pop("adapter", None)
     allow_other_base = _flag(opts, "allow_other_base")
     if adapter is not None:
@@ -268,7 +246,7 @@ def _train(argv: list[str]) -> int:
     if opts.get("resume"):
         raise ArgError("resume= is not supported with LoRA (checkpoints hold merged weights); start a new run")
     _check_settings(opts, "train")
-    opts["data"] = _local_data(opts["data"])
+    opts["data"] = local_data(opts["data"])
     spec = opts["model"]
     model = _open(opts, lora)
     model.train(**opts)  # ends by printing where the checkpoints and adapter folders are
@@ -281,7 +259,7 @@ def _val(argv: list[str]) -> int:
     opts = parse(argv, {"model", *ADAPTER_KEYS}, "val")
     _require(opts, ("model", "data"), "val", "lorakit yolo val model=base.pt adapter=DIR data=data.yaml")
     _check_settings(opts, "val")
-    opts["data"] = _local_data(opts["data"])
+    opts["data"] = local_data(opts["data"])
     model = _open(opts)
     metrics = model.val(**opts)
     box = metrics.box
