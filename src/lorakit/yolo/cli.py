@@ -56,6 +56,10 @@ USAGE = """usage: lorakit yolo SUBVERB key=value ...
             lorakit yolo export model=base.pt [adapter=DIR] [format=onnx] [imgsz=640] ...
   merge     write base + adapter as one plain Ultralytics .pt (loads without lorakit)
             lorakit yolo merge model=base.pt adapter=DIR out=merged.pt [overwrite=False]
+  compare   train full, partial, head-only, LoRA (r=4, 8, 16), DoRA and LoRA+ on the same data and budget;
+            one table (mAP, trainable params, bytes stored, s/epoch, memory, forgetting), plot and verdicts
+            lorakit yolo compare model=base.pt data=data.yaml [epochs=20] [imgsz=640] [base_data=old.yaml]
+                  [strategies=full,lora-r8,...] [out=runs/compare] [overwrite=False] [any other YOLO train setting]
 
   adapter=DIR is a folder written by train (runs/detect/NAME/weights/best_adapter); an adapter trained on
   other base weights is refused unless allow_other_base=True. Other keys: Ultralytics' own (yolo cfg).
@@ -92,6 +96,7 @@ def run(argv: list[str]) -> int:
         "predict": _predict,
         "export": _export,
         "merge": _merge,
+        "compare": _compare,
     }
     verb = verbs.get(sub)
     if verb is None:
@@ -137,6 +142,8 @@ def parse(argv: list[str], own: Collection[str], verb: str, ultralytics: bool = 
 
 def _unknown(key: str, allowed: set[str], own: Collection[str], verb: str) -> str:
     msg = f"yolo {verb}: unknown key {key!r}"
+    if key in LORA_KEYS and verb == "compare":
+        return f"{msg}: compare sets LoRA settings per strategy (strategies=lora-r4,lora-r16,dora,loraplus,...)"
     if key in LORA_KEYS:
         return f"{msg}: LoRA settings are for 'yolo train'; {verb} reads them from the adapter= folder"
     hint = did_you_mean(key, allowed)
@@ -319,4 +326,27 @@ def _merge(argv: list[str]) -> int:
     except OSError as exc:
         raise ArgError(f"out={str(out)!r}: cannot write it: {exc.strerror or exc}") from None
     print(f"merged {adapter} into {spec}: wrote {out} ({out.stat().st_size:,} bytes), a plain Ultralytics .pt")
+    return 0
+
+
+def _compare(argv: list[str]) -> int:
+    opts = parse(argv, {"model", "data", "base_data", "strategies", "out", "overwrite"}, "compare")
+    _require(opts, ("model", "data"), "compare", "lorakit yolo compare model=base.pt data=data.yaml epochs=20")
+    overwrite = _flag(opts, "overwrite")
+    from .comparison import compare
+
+    model, data = opts.pop("model"), opts.pop("data")
+    if not isinstance(model, str):
+        raise ArgError(f"model= must be a .pt or .yaml path, got {model!r}")
+    result = compare(
+        model,
+        data,
+        base_data=opts.pop("base_data", None),
+        strategies=opts.pop("strategies", None),
+        out=str(opts.pop("out", "runs/compare")),
+        overwrite=overwrite,
+        **opts,  # epochs, imgsz and Ultralytics' other settings, checked by compare
+    )
+    print("\n" + result.markdown)
+    print(f"wrote {result.folder / 'results.md'}, results.json, results.png")
     return 0
