@@ -97,6 +97,11 @@ def test_pareto_keeps_the_strategies_nobody_beats_on_both() -> None:
     assert pareto(ROWS, ACC, BYTES) == ["lora", "full"]
 
 
+def test_a_tie_between_all_is_said_once() -> None:
+    rows = [{"strategy": n, "acc": 0.0} for n in "abc"]
+    assert verdicts(rows, [ACC]) == ["Most accurate: all 3 tie (0.00)."]
+
+
 def test_markdown_table_shows_missing_values_as_na() -> None:
     text = markdown_table(ROWS[:2] + [{"strategy": "x"}], [Column("strategy", "strategy"), Column("acc", "acc")])
     assert text.splitlines()[1] == "|---|---:|" and text.splitlines()[-1] == "| x | n/a |"

@@ -82,11 +82,12 @@ def verdicts(rows: Sequence[dict[str, Any]], axes: Sequence[Axis], name: str = "
         best = ranked[0][0]
         winners = [n for v, n in ranked if v == best]
         rest = [(v, n) for v, n in ranked if v != best]
+        if not rest and len(ranked) > 1:
+            out.append(f"{axis.label}: all {len(ranked)} tie ({axis.fmt(best)}).")
+            continue
         text = f"{axis.label}: {' and '.join(winners)} ({axis.fmt(best)})"
         if rest:
             text += f", then {rest[0][1]} ({axis.fmt(rest[0][0])})"
-        elif len(ranked) > 1:
-            text += ", all tied"
         out.append(text + ".")
     return out
 
@@ -117,25 +118,24 @@ def plot(
     title: str,
     xlabel: str,
 ) -> None:
-    """A scatter of each ``ys`` key (``(key, legend)``) against ``x`` (log scale), each point labelled
-    with its row's ``label``; written atomically as PNG."""
+    """One panel per ``ys`` entry (``(key, y label)``): that key against ``x`` (log scale), each point
+    labelled with its row's ``label``; written atomically as PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    for (key, legend), marker in zip(ys, ("o", "s", "^", "D"), strict=False):
+    fig, axes = plt.subplots(1, len(ys), figsize=(6.5 * len(ys), 4.6), squeeze=False)
+    for ax, (key, ylabel) in zip(axes[0], ys, strict=True):
         pts = [(r[x], r[key], str(r[label])) for r in rows if r.get(x) and r.get(key) is not None]
-        ax.scatter([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=legend)
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts])
         for px, py, text in pts:
             ax.annotate(text, (px, py), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    ax.set_xscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(", ".join(legend for _, legend in ys))
-    ax.set_title(title, fontsize=10)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+        ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")

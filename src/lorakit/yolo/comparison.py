@@ -275,6 +275,10 @@ AXES = (
 )
 
 
+def _epochs(n: int) -> str:
+    return f"{n} epoch{'s' if n != 1 else ''}"
+
+
 def _report(folder: Path, settings: dict[str, Any], rows: list[dict[str, Any]], base: dict[str, Any]) -> Comparison:
     forgetting = settings["base_data"] is not None
     base = {**base, "bytes": Path(settings["model"]).stat().st_size if Path(settings["model"]).is_file() else None}
@@ -284,9 +288,11 @@ def _report(folder: Path, settings: dict[str, Any], rows: list[dict[str, Any]], 
     lines = [
         "# lorakit yolo compare",
         "",
-        f"Base `{settings['model']}`, data `{settings['data']}`, {settings['epochs']} epochs at imgsz "
-        f"{settings['imgsz']}" + (f", settings {t}" if t else "") + "; every strategy with the same data, budget "
-        "and settings, each in its own process.",
+        f"Base `{settings['model']}`, data `{settings['data']}`, {_epochs(settings['epochs'])} at imgsz "
+        f"{settings['imgsz']}"
+        + (", " + " ".join(f"{k}={v}" for k, v in t.items()) if t else "")
+        + "; every strategy with the same data, budget and settings, each in its own process (so peak memory, "
+        "peak RSS on CPU or CUDA max allocated on a GPU, is that strategy's own).",
         "",
         markdown_table(rows, _columns(rows, forgetting)),
         "Stored per task: `full` the whole checkpoint (fp16 .pt), `partial`/`head` the layers they train "
@@ -321,7 +327,7 @@ def _report(folder: Path, settings: dict[str, Any], rows: list[dict[str, Any]], 
         x="stored_bytes",
         ys=ys,
         label="strategy",
-        title=f"{Path(settings['data']).name}: accuracy vs bytes stored per task ({settings['epochs']} epochs)",
+        title=f"{settings['data']}: accuracy vs bytes stored per task ({_epochs(settings['epochs'])})",
         xlabel="bytes stored per task (log scale)",
     )
     return Comparison(rows, base, said, front, markdown, folder)

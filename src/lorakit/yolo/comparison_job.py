@@ -17,6 +17,7 @@ are the base's); the LoRA family the adapter folder (fp32 safetensors + JSON).
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -121,6 +122,11 @@ def run_strategy(folder: Path, settings: dict[str, Any], strategy: str) -> dict[
     from .model import LoraYOLO
 
     t_start = time.perf_counter()
+    # An interrupted earlier try of this strategy left files but no result: start from nothing, so no
+    # checkpoint, adapter or resume state of that try can end up in this one's numbers.
+    for stale in (folder / "train" / strategy, folder / "val" / strategy):
+        shutil.rmtree(stale, ignore_errors=True)
+    (folder / "stored" / f"{strategy}.safetensors").unlink(missing_ok=True)
     train = {
         **settings["train"],
         "epochs": settings["epochs"],

@@ -45,6 +45,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from ..compare.report import fmt_bytes
 from ..machine import cpu_name
 from .measure import EpochMeter, open_yolo, peak_rss_mib, size
 from .tolerance import Tolerance, compare_parts
@@ -429,10 +430,6 @@ def _run_child(job: str, out: Path, s: Settings) -> dict[str, Any]:
     return result
 
 
-def _fmt_bytes(n: float) -> str:
-    return f"{n / 2**20:.2f} MB" if n >= 2**20 else f"{n / 2**10:.0f} KB"
-
-
 def _rows(res: dict[str, dict[str, Any]], total: int) -> list[dict[str, Any]]:
     rows = []
     for arm in ARMS:
@@ -464,12 +461,12 @@ def _markdown(rows: list[dict[str, Any]], base: dict[str, Any], checks: dict[str
         "| method | trainable params | stored per domain | s / epoch | peak RSS | mAP50-95 B | mAP50 B "
         "| mAP50-95 A, adapter off |",
         "|---|---:|---|---:|---:|---:|---:|---:|",
-        f"| {TITLES['base']} | - | base.pt {_fmt_bytes(base['bytes'])} | - | - | - | - | {opt(base['map_a'])} |",
+        f"| {TITLES['base']} | - | base.pt {fmt_bytes(base['bytes'])} | - | - | - | - | {opt(base['map_a'])} |",
     ]
     for r in rows:
         lines.append(
             f"| {r['method']} | {r['trainable']:,} ({r['trainable_fraction']:.1%}) | {r['stored']} "
-            f"{_fmt_bytes(r['stored_bytes'])} | {r['epoch_s']:.2f} | {r['peak_rss_mib']:.0f} MiB | "
+            f"{fmt_bytes(r['stored_bytes'])} | {r['epoch_s']:.2f} | {r['peak_rss_mib']:.0f} MiB | "
             f"{r['map50_95_b']:.3f} | {r['map50_b']:.3f} | {opt(r['map50_95_a_restored'])} |"
         )
     lines.append("")
