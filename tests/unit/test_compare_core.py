@@ -5,15 +5,18 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
+import textwrap
 from pathlib import Path
 
 import pytest
 
 from lorakit.compare.report import Axis, Column, fmt_bytes, markdown_table, pareto, verdicts
+from lorakit.compare.runner import run_missing
 from lorakit.compare.store import Progress, ResultStore, duration
 from lorakit.compare.strategies import Catalogue
-from lorakit.errors import ConfigError
+from lorakit.errors import ConfigError, StrategyFailedError
 
 CAT = Catalogue(
     fixed={"full": "full fine-tuning", "head": "head only", "dora": "DoRA"},
@@ -105,3 +108,36 @@ def test_a_tie_between_all_is_said_once() -> None:
 def test_markdown_table_shows_missing_values_as_na() -> None:
     text = markdown_table(ROWS[:2] + [{"strategy": "x"}], [Column("strategy", "strategy"), Column("acc", "acc")])
     assert text.splitlines()[1] == "|---|---:|" and text.splitlines()[-1] == "| x | n/a |"
+
+
+# A job module as an integration writes one: reads the folder's settings, keeps a result, or fails.
+_JOB = textwrap.dedent(
+    """
+    import json, sys
+    from pathlib import Path
+    folder, name = Path(sys.argv[1]), sys.argv[2]
+    settings = json.loads((folder / "settings.json").read_text())
+    if name == "bad":
+        print("training went wrong: out of patience")
+        sys.exit(3)
+    (folder / "results" / f"{name}.json").write_text(json.dumps({"n": len(name), "lr": settings["lr"]}))
+    """
+)
+
+
+def test_run_missing_runs_only_what_is_missing_and_names_a_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "jobs").mkdir()
+    (tmp_path / "jobs" / "fake_job.py").write_text(_JOB)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path / "jobs"), os.environ.get("PYTHONPATH", "")]))
+    store = ResultStore(tmp_path / "run", {"lr": 0.1})
+    store.put("kept", {"n": 99, "wall_s": 5.0})
+    out = io.StringIO()
+    results = run_missing(store, ["kept", "abc"], "fake_job", lambda r: f"n={r['n']}", out)
+    assert results == [{"n": 99, "wall_s": 5.0}, {"n": 3, "lr": 0.1}]
+    assert "[1/2] kept: kept from an earlier run" in out.getvalue() and "done in" in out.getvalue()
+    with pytest.raises(StrategyFailedError, match=r"'bad' failed \(exit status 3\): training went wrong"):
+        run_missing(store, ["kept", "abc", "bad"], "fake_job", str, io.StringIO())
+    assert store.get("abc") == {"n": 3, "lr": 0.1} and store.get("bad") is None
+    assert (tmp_path / "run" / "logs" / "bad.log").read_text().startswith("training went wrong")

@@ -58,7 +58,12 @@ class ResultStore:
 
     def path(self, name: str) -> Path:
         """The result file of strategy ``name``."""
-        return result_path(self.folder, name)
+        return self.path_in(self.folder, name)
+
+    @staticmethod
+    def path_in(folder: Path, name: str) -> Path:
+        """Where strategy ``name``'s result is kept in run folder ``folder``."""
+        return Path(folder) / RESULTS / f"{name}.json"
 
     def get(self, name: str) -> dict[str, Any] | None:
         """Strategy ``name``'s kept result, or ``None`` when it has not finished here."""
@@ -71,11 +76,6 @@ class ResultStore:
     def put(self, name: str, result: Mapping[str, Any]) -> None:
         """Keep strategy ``name``'s result (atomic: the file is whole or absent)."""
         atomic_write(self.path(name), _dumps(dict(result)))
-
-
-def result_path(folder: Path, name: str) -> Path:
-    """Where strategy ``name``'s result is kept in run folder ``folder``."""
-    return Path(folder) / RESULTS / f"{name}.json"
 
 
 def _dumps(obj: Any) -> bytes:

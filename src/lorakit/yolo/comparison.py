@@ -27,26 +27,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 from ..compare.report import Axis, Column, fmt_bytes, fmt_float, fmt_int, markdown_table, pareto, plot, verdicts
-from ..compare.store import Progress, ResultStore, result_path
-from ..errors import ConfigError, LoraError, did_you_mean
+from ..compare.runner import run_missing
+from ..compare.store import ResultStore
+from ..errors import ConfigError, StrategyFailedError, did_you_mean
 from ..io_format import atomic_write
 from . import offline
 from .comparison_job import CATALOGUE, PLAIN
 
 # Ultralytics settings compare sets itself: each strategy's run folder, its frozen layers, and the model and data.
 RESERVED = {"project", "name", "exist_ok", "resume", "freeze", "model", "data", "mode", "epochs", "imgsz"}
-
-
-class StrategyFailedError(LoraError, RuntimeError):
-    """One strategy's training failed; the strategies finished before it are kept for the next run."""
 
 
 @dataclass(frozen=True)
@@ -114,29 +109,6 @@ def _check_model(path: Path, names: list[str]) -> None:
         frozen_layers(model.model, "partial")
 
 
-def _run_job(folder: Path, name: str) -> None:
-    """Run job ``name`` in a child interpreter, its output to ``logs/NAME.log``.
-
-    Raises:
-        StrategyFailedError: it exited non-zero or kept no result (the log's last line is quoted).
-    """
-    log = folder / "logs" / f"{name}.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with open(log, "wb") as f:
-        proc = subprocess.run(
-            [sys.executable, "-m", "lorakit.yolo.comparison_job", str(folder), name],
-            stdout=f,
-            stderr=subprocess.STDOUT,
-            check=False,
-        )
-    if proc.returncode != 0 or not result_path(folder, name).is_file():
-        lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
-        raise StrategyFailedError(
-            f"compare: strategy {name!r} failed (exit status {proc.returncode}): {lines[-1] if lines else 'no output'}"
-            f"; full log: {log}. Strategies finished before it are kept: run the same comparison again to go on"
-        )
-
-
 def compare(
     model: str | os.PathLike[str],
     data: str | os.PathLike[str],
@@ -197,22 +169,13 @@ def compare(
         from .comparison_job import run_base
 
         store.put("base", run_base(folder, store.settings))  # no training, no memory measured: in this process
-    todo = [n for n in names if store.get(n) is None]
-    progress = Progress(names, todo, stream)
-    for name in names:
-        kept = store.get(name)
-        if kept is not None:
-            progress.kept(name, kept.get("wall_s"))
-            continue
-        progress.start(name)
-        _run_job(folder, name)
-        r = store.get(name) or {}
-        progress.done(
-            name,
-            f"mAP50-95 {r['map50_95']:.3f}, {r['trainable']:,} trainable, {fmt_bytes(r['stored_bytes'])} stored",
-        )
-    rows = [_row(store.get(n) or {}) for n in names]
-    return _report(folder, settings, rows, store.get("base") or {})
+    results = run_missing(store, names, "lorakit.yolo.comparison_job", _summary, stream)
+    return _report(folder, settings, [_row(r) for r in results], store.get("base") or {})
+
+
+def _summary(r: dict[str, Any]) -> str:
+    """The progress line's account of a finished strategy."""
+    return f"mAP50-95 {r['map50_95']:.3f}, {r['trainable']:,} trainable, {fmt_bytes(r['stored_bytes'])} stored"
 
 
 def _row(result: dict[str, Any]) -> dict[str, Any]:

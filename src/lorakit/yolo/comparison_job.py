@@ -118,7 +118,8 @@ def _store_trained_layers(best: Any, first: int, path: Path) -> Path:
 
 def run_strategy(folder: Path, settings: dict[str, Any], strategy: str) -> dict[str, Any]:
     """Train ``strategy`` on ``settings``' data and budget; measure it (see the module docstring)."""
-    from .measure import EpochMeter, open_yolo, peak_memory, size
+    from ..compare.measure import peak_memory, size
+    from .measure import EpochMeter, open_yolo
     from .model import LoraYOLO
 
     t_start = time.perf_counter()

@@ -45,9 +45,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from ..compare.measure import peak_rss_mib, size
 from ..compare.report import fmt_bytes
 from ..machine import cpu_name
-from .measure import EpochMeter, open_yolo, peak_rss_mib, size
+from .measure import EpochMeter, open_yolo
 from .tolerance import Tolerance, compare_parts
 
 ARMS = ("full", "head", "lora")

@@ -1,13 +1,12 @@
-"""What the demo and ``lorakit yolo compare`` measure about a training run, in one home.
+"""What the demo and ``lorakit yolo compare`` measure inside an Ultralytics run, in one home.
 
-Trainable parameters (counted from the optimizer, so exactly what learns), the
-time of each epoch, peak memory, and the bytes a file or folder takes. Nothing
-here imports ultralytics at module level (:mod:`lorakit.yolo.offline` must run first).
+Trainable parameters (counted from the optimizer, so exactly what learns) and the
+time of each epoch; peak memory and bytes on disk are :mod:`lorakit.compare.measure`'s.
+Nothing here imports ultralytics at module level (:mod:`lorakit.yolo.offline` must run first).
 """
 
 from __future__ import annotations
 
-import resource
 import time
 from pathlib import Path
 from typing import Any
@@ -18,26 +17,6 @@ def open_yolo(path: str | Path) -> Any:
     from ultralytics import YOLO  # type: ignore[attr-defined]
 
     return YOLO(str(path))
-
-
-def peak_rss_mib() -> float:
-    """This process's peak resident memory so far, MiB (Linux reports ``ru_maxrss`` in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def peak_memory(device: Any) -> tuple[float, str]:
-    """``(MiB, what)``: CUDA's peak allocated memory on a CUDA ``device`` (what tensors held, not
-    what the caching allocator reserved), else this process's peak RSS."""
-    import torch
-
-    if getattr(device, "type", str(device)) == "cuda" and torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated(device) / 2**20, "CUDA max allocated"
-    return peak_rss_mib(), "peak RSS"
-
-
-def size(path: Path) -> int:
-    """Bytes of a file, or of every file under a folder."""
-    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
 class EpochMeter:
