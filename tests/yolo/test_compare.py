@@ -62,31 +62,30 @@ LORA_ONLY = ["adapted_layers", "base_map50_95_off", "base_map50_off"]
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
-    from lorakit.yolo import compare, make_dataset
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    """The base (random weights, domain A's 2 classes), domain B as the new data, domain A as base_data."""
+    from lorakit.yolo import make_dataset
 
     root = tmp_path_factory.mktemp("compare")
     base = save_random_detector(root / "base.pt", seed=0, nc=2)
     a = make_dataset(root / "A", domain="A", n_train=4, n_val=2, imgsz=IMGSZ, seed=0)
     b = make_dataset(root / "B", domain="B", n_train=4, n_val=2, imgsz=IMGSZ, seed=1)
     guard, log = child_network_guard(root)
+    return SimpleNamespace(root=root, base=base, a=Path(a), b=Path(b), out=root / "cmp", guard=guard, network=log)
+
+
+@pytest.fixture(scope="module")
+def run(inputs: SimpleNamespace) -> SimpleNamespace:
+    from lorakit.yolo import compare
+
+    root, base, a, b, guard = inputs.root, inputs.base, inputs.a, inputs.b, inputs.guard
     progress = io.StringIO()
     with pytest.MonkeyPatch.context() as mp:
         for k, v in guard.items():
             mp.setenv(k, v)
         mp.setenv("OMP_NUM_THREADS", "1")
         result = compare(base, b, epochs=1, imgsz=IMGSZ, base_data=a, out=root / "cmp", stream=progress, **TRAIN)
-    return SimpleNamespace(
-        root=root,
-        base=base,
-        a=Path(a),
-        b=Path(b),
-        out=root / "cmp",
-        result=result,
-        progress=progress.getvalue(),
-        guard=guard,
-        network=log,
-    )
+    return SimpleNamespace(**vars(inputs), result=result, progress=progress.getvalue())
 
 
 def test_every_strategy_runs_and_reports_every_column(run: SimpleNamespace) -> None:
@@ -223,15 +222,35 @@ def _cli(run: SimpleNamespace, *extra: str) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
-def test_bad_strategy_names_give_did_you_mean(run: SimpleNamespace, tmp_path: Path) -> None:
+BAD = [  # (argument, strings the one-line error must contain)
+    ("strategies=full,lora-8", ["unknown strategy 'lora-8'", "did you mean 'lora-r8'"]),
+    ("strategies=fulll", ["unknown strategy 'fulll'", "did you mean 'full'"]),
+    ("strategies=dor", ["unknown strategy 'dor'", "did you mean 'dora'"]),
+    ("strategies=lora-r0", ["unknown strategy 'lora-r0'", "rank >= 1"]),
+    ("base_data=nowhere.yaml", ["base_data='nowhere.yaml'", "no such file"]),
+    ("freeze=3", ["freeze=", "set by compare itself"]),
+    ("r=16", ["'r'", "strategies=lora-r4"]),
+    ("epoch=3", ["'epoch'", "did you mean 'epochs'"]),
+    ("optimizer=Foo", ["optimizer", "'Foo'"]),
+]
+
+
+@pytest.mark.parametrize(("arg", "needles"), BAD, ids=[b[0] for b in BAD])
+def test_bad_input_exits_2_with_one_line_before_any_work(
+    inputs: SimpleNamespace, arg: str, needles: list[str], tmp_path: Path
+) -> None:
+    code, _, err = _cli(inputs, f"out={tmp_path / 'never'}", arg)
+    lines = [line for line in err.splitlines() if line.startswith("lorakit yolo: error:")]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    assert all(n in lines[0] for n in needles), (lines[0], needles)
+    assert not (tmp_path / "never").exists()
+
+
+def test_a_bad_strategy_name_from_python_is_a_config_error(inputs: SimpleNamespace, tmp_path: Path) -> None:
     from lorakit.yolo import compare
 
-    for spec, wanted in (("full,lora-8", "'lora-r8'"), ("fulll", "'full'"), ("dor", "'dora'")):
-        code, _, err = _cli(run, f"strategies={spec}", f"out={tmp_path / 'never'}")
-        lines = [line for line in err.splitlines() if line.startswith("lorakit yolo: error:")]
-        assert code == 2 and len(lines) == 1 and f"did you mean {wanted}" in lines[0], err
     with pytest.raises(ConfigError, match=r"unknown strategy 'lora-rank8'; did you mean"):
-        compare(run.base, run.b, strategies=["lora-rank8"], out=tmp_path / "never")
+        compare(inputs.base, inputs.b, strategies=["lora-rank8"], out=tmp_path / "never")
     assert not (tmp_path / "never").exists()
 
 
