@@ -274,8 +274,9 @@ def merge_and_unload(
 
     A layer with a quantised base (bitsandbytes' 4-bit/8-bit, :mod:`lorakit.quant`) is
     replaced: its weight is dequantised, the adapters are added in fp32, and the result
-    becomes a dense ``nn.Linear`` in the layer's compute dtype, or, with ``requantize=True``,
-    a new quantised layer of the same kind (lossy: one more rounding to the 4/8-bit grid).
+    becomes a dense ``nn.Linear`` in the adapters' dtype (a 4-bit layer's compute dtype,
+    float32 for 8-bit) or, with ``requantize=True``, a new quantised layer of the same kind
+    (lossy: one more rounding to the 4/8-bit grid).
 
     Raises:
         ConfigError: two of the adapters train the same module fully. The errors of
@@ -284,8 +285,8 @@ def merge_and_unload(
     wanted = active_adapters(model) if names is None else _names(model, names)
     objects = owned.live(model, wanted)
     _not_mixing(cached_layers(model), "merge")
-    _check_finite(model, wanted)
-    # quantised bases: every replacement is built before anything changes
+    # quantised bases: every replacement is built before anything changes (_merge checks every
+    # adapter, theirs included, before it changes anything; the replacements go in after it)
     swaps = []
     for path, layer in _not_in_place(model, wanted):
         if not path:
