@@ -249,7 +249,7 @@ def inject(
             alpha=config.alpha_for(path),
             scaling=config.scaling_for(path),
             dropout=config.dropout,
-            dtype=weight.dtype,
+            dtype=handler.factor_dtype(module),
             device=weight.device,
             variant=variant.name,
         )

@@ -46,7 +46,14 @@ from ..variants import merged_weight, variant_forward
 from .mixed_plan import Grid, MixedPlan
 
 # "<module>.<qualname>" of a layer class -> lorakit module that registers its handler.
-LAZY: dict[str, str] = {"transformers.pytorch_utils.Conv1D": "lorakit.hf"}
+LAZY: dict[str, str] = {
+    "transformers.pytorch_utils.Conv1D": "lorakit.hf",
+    # bitsandbytes' quantised layers (lorakit.quant); without these, Linear4bit would get nn.Linear's handler
+    "bitsandbytes.nn.modules.Linear4bit": "lorakit.quant",
+    "bitsandbytes.nn.modules.Linear8bitLt": "lorakit.quant",
+    "bitsandbytes.nn.modules.Embedding4bit": "lorakit.quant",
+    "bitsandbytes.nn.modules.Embedding8bit": "lorakit.quant",
+}
 
 
 class LayerHandler:
@@ -67,6 +74,19 @@ class LayerHandler:
 
     def factor_shapes(self, module: nn.Module, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """Shapes of ``(A, B)`` for rank ``r``."""
+        raise NotImplementedError
+
+    def factor_dtype(self, module: nn.Module) -> torch.dtype:
+        """The dtype new factors get: the weight's (a quantised layer's: its compute dtype)."""
+        return cast(torch.dtype, getattr(module, self.weight_name).dtype)
+
+    # False for a quantised base (lorakit.quant): merging into it in place would be lossy, so
+    # lorakit.merge refuses it and merge_and_unload replaces the layer by merged_module's.
+    merges_in_place: bool = True
+
+    def merged_module(self, layer: LoraLayer, names: tuple[str, ...], requantize: bool) -> nn.Module:
+        """A new plain layer computing ``layer``'s base with ``names`` merged (layers that do not
+        merge in place)."""
         raise NotImplementedError
 
     def init_factors(self, A: torch.Tensor, B: torch.Tensor, init: str, r: int) -> None:
