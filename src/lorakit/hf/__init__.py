@@ -11,6 +11,7 @@ lorakit's registry imports it by itself the first time it meets a ``Conv1D``
     lorakit.hf.LoraTrainer                   Trainer whose checkpoints and save_model hold the adapter only
     lorakit.hf.AdapterCheckpointCallback     saves the adapter into each Trainer checkpoint
     lorakit.hf.prepare_for_training(model)   gradient checkpointing that reaches the adapters
+    lorakit.hf.load_quantized(path, "nf4")   a 4-bit/8-bit frozen base for QLoRA (lorakit.hf.quantize)
 
 Modules that need more than transformers itself (the trainer, the CLI) load lazily.
 """
@@ -42,6 +43,8 @@ _LAZY = {
     "NonFiniteLossError": "checkpoints",
     "ResumeMismatchError": "resume",
     "TrainWarning": "options",
+    "load_quantized": "quantize",
+    "quantization_config": "quantize",
 }
 
 __all__ = [
@@ -58,9 +61,11 @@ __all__ = [
     "SavePretrainedError",
     "TrainWarning",
     "default_targets",
+    "load_quantized",
     "lora_config",
     "output_heads",
     "prepare_for_training",
+    "quantization_config",
     "restore_fused",
     "target_fused",
 ]
