@@ -106,6 +106,7 @@ BAD_KEYS = {
     "device=tpu": "device must be auto, cpu or cuda, got 'tpu'",
     "report_to=wandb": "report_to must be none or tensorboard, got 'wandb'",
     "dora=maybe": "dora must be True or False, got 'maybe'",
+    "quantize=nf5": "quantize must be none, nf4, fp4 or int8, got 'nf5'",
     "precision=fp16 device=cpu": "precision=fp16 needs a CUDA device (device is cpu); use precision=bf16 or fp32",
 }
 if not torch.cuda.is_available():

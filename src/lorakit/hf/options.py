@@ -60,6 +60,9 @@ class TrainOptions:
     schedule: str = "linear"  # lr decay to 0 after warmup: linear | cosine
     max_steps: int = 0  # optimizer steps of the whole run; 0: epochs decide
     report_to: str = "none"  # none | tensorboard (logs under out/runs)
+    # QLoRA (lorakit.hf.load_quantized): the base's Linear layers stored in 4 bits (nf4, fp4; double
+    # quantisation) or 8 bits (int8), frozen; none: the base in fp32
+    quantize: str = "none"
     resume: bool = False
     stop_after: int = 0  # stop (with a checkpoint) after this many steps of this run, as if interrupted
     progress: bool = True
@@ -76,6 +79,7 @@ CHOICES = {
     "precision": ("fp32", "bf16", "fp16"),
     "schedule": ("linear", "cosine"),
     "report_to": ("none", "tensorboard"),
+    "quantize": ("none", "nf4", "fp4", "int8"),
 }
 
 

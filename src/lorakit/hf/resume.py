@@ -29,7 +29,7 @@ from .options import TrainOptions, TrainWarning
 
 RUN_FILE = "run.json"
 FIXED = ("model", "data", "eval", "eval_fraction", "task", "r", "alpha", "dropout", "targets", "dora", "seed",
-         "batch_size", "grad_accum", "processes", "max_len", "weight_decay", "loraplus_ratio")  # fmt: skip
+         "batch_size", "grad_accum", "processes", "max_len", "weight_decay", "loraplus_ratio", "quantize")  # fmt: skip
 ADJUSTABLE = ("lr", "epochs", "max_steps", "warmup", "schedule")
 # The files of a model folder that decide its architecture and its tokens (weights are
 # too large to hash on every start; load_adapter's base-weight fingerprint covers them).
@@ -97,6 +97,7 @@ def run_record(o: TrainOptions, task: str, processes: int = 1) -> dict[str, Any]
         "dropout": o.dropout,
         "targets": [o.targets] if isinstance(o.targets, str) else o.targets,
         "dora": o.dora,
+        "quantize": o.quantize,
         "seed": o.seed,
         "batch_size": o.batch_size,
         "grad_accum": o.grad_accum,

@@ -107,23 +107,48 @@ def load_tokenizer(path: Path) -> Any:
 def load_model(path: Path, task: str, labels: list[str] | None, dtype: torch.dtype | None = None) -> nn.Module:
     """The base model for ``task`` from a local folder (classification: a new head for ``labels``),
     in ``dtype`` (None: transformers' choice, the checkpoint's own dtype)."""
+
+    cls, kw = _auto_class(task, labels)
+    try:
+        return cast(nn.Module, cls.from_pretrained(str(path), **kw, **({} if dtype is None else {"dtype": dtype})))
+    except (OSError, ValueError) as exc:
+        raise ModelPathError(f"{path}: cannot load the model: {exc}") from None
+
+
+def _auto_class(task: str, labels: list[str] | None) -> tuple[Any, dict[str, Any]]:
+    """The transformers auto class for ``task`` and its ``from_pretrained`` keywords (local files only;
+    classification: a new head for ``labels``)."""
     import transformers
 
-    kw: dict[str, Any] = {"local_files_only": True, **({} if dtype is None else {"dtype": dtype})}
+    if task != "classify":
+        return transformers.AutoModelForCausalLM, {"local_files_only": True}
+    assert labels is not None
+    return transformers.AutoModelForSequenceClassification, {
+        "local_files_only": True,
+        "num_labels": len(labels),
+        "id2label": dict(enumerate(labels)),
+        "label2id": {n: i for i, n in enumerate(labels)},
+    }
+
+
+def load_quantized_model(path: Path, task: str, labels: list[str] | None, o: TrainOptions, device: str) -> nn.Module:
+    """The base for ``task`` with its Linear layers quantised (``o.quantize``, QLoRA), on ``device``.
+
+    The 4-bit matmuls and the adapters compute in bf16 under ``precision=bf16``, else in fp32
+    (under fp16 autocast the adapters must stay fp32 for the GradScaler).
+
+    Raises:
+        MissingExtraError: bitsandbytes is not installed.
+        ModelPathError: the folder does not load.
+    """
+    from .quantize import load_quantized
+
+    cls, kw = _auto_class(task, labels)
+    compute = "bfloat16" if o.precision == "bf16" else "float32"
+    if device == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: each process on its own GPU
+        device = f"cuda:{os.environ['LOCAL_RANK']}"
     try:
-        if task == "classify":
-            assert labels is not None
-            return cast(
-                nn.Module,
-                transformers.AutoModelForSequenceClassification.from_pretrained(
-                    str(path),
-                    num_labels=len(labels),
-                    id2label=dict(enumerate(labels)),
-                    label2id={n: i for i, n in enumerate(labels)},
-                    **kw,
-                ),  # fmt: skip
-            )
-        return cast(nn.Module, transformers.AutoModelForCausalLM.from_pretrained(str(path), **kw))
+        return load_quantized(path, o.quantize, compute_dtype=compute, device=device, model_class=cls, **kw)
     except (OSError, ValueError) as exc:
         raise ModelPathError(f"{path}: cannot load the model: {exc}") from None
 
@@ -280,7 +305,11 @@ def train(o: TrainOptions) -> dict[str, Any]:
     torch.manual_seed(o.seed)
     # fp32 whatever the checkpoint's dtype: the adapters take the base's dtype, and they must train in fp32
     # (bf16/fp16 are autocast, Trainer's GradScaler refuses fp16 parameters)
-    model = load_model(model_dir, data.task, data.labels, torch.float32)
+    model = (
+        load_model(model_dir, data.task, data.labels, torch.float32)
+        if o.quantize == "none"
+        else load_quantized_model(model_dir, data.task, data.labels, o, device)
+    )
     if ckpt is None:
         inject(model, lora_config(model, o.targets, r=o.r, alpha=o.lora_alpha, dropout=o.dropout, dora=o.dora))
     else:

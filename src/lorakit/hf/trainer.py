@@ -45,6 +45,21 @@ class LoraTrainerMixin:
     """Adapter-only ``save_model`` and checkpoints, adapter-only resume (module docstring).
     Put it before the ``Trainer`` class in the bases."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        model: Any = kwargs.get("model", args[0] if args else None)
+        # Trainer refuses a quantised model (BitsAndBytesConfig) unless PEFT adapters are on it: it checks
+        # transformers' flag for PEFT-loaded adapters, once, here. lorakit's adapters count as such, so
+        # the flag is raised for that check only (transformers reads it elsewhere to call PEFT's code).
+        quantised = model is not None and bool(getattr(model, "is_quantized", False))
+        if quantised and list_adapters(model) and not getattr(model, "_hf_peft_config_loaded", False):
+            model._hf_peft_config_loaded = True  # type: ignore[union-attr]
+            try:
+                super().__init__(*args, **kwargs)
+            finally:
+                model._hf_peft_config_loaded = False  # type: ignore[union-attr]
+        else:
+            super().__init__(*args, **kwargs)
+
     def _save(self, output_dir: str | None = None, state_dict: dict[str, Any] | None = None) -> None:
         """Write the adapters (and the tokenizer) to ``output_dir``; main process only.
 
