@@ -31,6 +31,8 @@ verbs:
             lorakit yolo train model=base.pt data=data.yaml [epochs=100] [imgsz=640] [r=8] [any YOLO setting]
             lorakit yolo val|predict|export model=base.pt adapter=DIR [data=...|source=...|format=onnx]
             lorakit yolo merge model=base.pt adapter=DIR out=merged.pt [overwrite=False]
+  serve     HTTP servers of one base with many adapters chosen per request (extra: serve)
+            lorakit serve yolo|llm model=... adapters=DIR [port=8000]
   version   print the lorakit version
 """
 
@@ -45,6 +47,7 @@ def _verbs() -> dict[str, Callable[[list[str]], int]]:
         "hf": _hf,
         "inspect": inspect_verb.run,
         "merge": merge_verb.run,
+        "serve": _serve,
         "version": _version,
         "yolo": _yolo,
     }
@@ -53,6 +56,13 @@ def _verbs() -> dict[str, Callable[[list[str]], int]]:
 def _hf(argv: list[str]) -> int:
     # Imported on use: it pulls in transformers.
     from ..hf.cli import run
+
+    return run(argv)
+
+
+def _serve(argv: list[str]) -> int:
+    # Imported on use: it pulls in fastapi and the model libraries.
+    from ..serve.cli import run
 
     return run(argv)
 
