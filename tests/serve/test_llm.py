@@ -20,9 +20,9 @@ import transformers
 
 import lorakit
 from lorakit.serve import content_version
+from lorakit.serve.app import in_thread as running
 
 from ..hf.conftest import _tokenizer  # the word-level tokenizer of the hf tests' tiny models
-from .running import running
 
 MAX_TOKENS = 12
 PROMPTS = ["the color of sky is", "one two", "repeat say good movie film great", "love", "snow is white red one"]

@@ -24,8 +24,8 @@ import pytest
 
 import lorakit
 from lorakit.serve import content_version
+from lorakit.serve.app import in_thread as running
 
-from .running import running
 from .yolo_world import IMGSZ, b64, make_detector_adapter, offline_answers, png_images
 
 pytestmark = pytest.mark.slow

@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -125,3 +128,34 @@ def serve(app: FastAPI, host: str, port: int, *, graceful_s: float = 30.0, log_l
 
     config = uvicorn.Config(app, host=host, port=port, timeout_graceful_shutdown=round(graceful_s), log_level=log_level)
     uvicorn.Server(config).run()
+
+
+@contextmanager
+def in_thread(app: FastAPI, *, timeout: float = 30.0) -> Iterator[str]:
+    """Serve ``app`` with uvicorn on a free port of 127.0.0.1 in a background thread; yields its base URL
+    (``http://127.0.0.1:PORT``) and stops the server gracefully on exit (tests, benchmarks, notebooks).
+
+    Raises:
+        RuntimeError: the server did not start, or did not stop, within ``timeout`` seconds.
+    """
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))  # the port is ours before uvicorn runs: no race for a free port
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=round(timeout)))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout
+    try:
+        while not server.started:
+            if not thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the server did not start")
+            time.sleep(0.01)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout)
+        sock.close()
+        if thread.is_alive():
+            raise RuntimeError(f"the server did not stop within {timeout} s")
