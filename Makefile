@@ -9,13 +9,13 @@ TORCH   := torch==2.14.1 torchvision==0.29.1
 export OMP_NUM_THREADS ?= 1
 export MKL_NUM_THREADS ?= 1
 
-.PHONY: demo demo-core test lint install bench clean
+.PHONY: demo demo-core test lint install bench gpu-check clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e ".[yolo,hf,dev]" $(TORCH)
+	$(BIN)/python -m pip install -q -e ".[yolo,hf,dev,qlora,serve]" $(TORCH)
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -35,12 +35,17 @@ test: $(STAMP)
 
 # Benchmarks against PEFT, full fine-tuning and the frozen floor (long: ~30 min; run on a quiet machine).
 bench: $(STAMP)
-	$(BIN)/python -m pip install -q -e ".[yolo,hf,dev,bench]" $(TORCH)
+	$(BIN)/python -m pip install -q -e ".[yolo,hf,dev,qlora,serve,bench]" $(TORCH)
 	$(BIN)/python bench/train_step.py
 	$(BIN)/python bench/train_interleaved.py
 	$(BIN)/python bench/forward.py
 	$(BIN)/python bench/adapters.py
 	$(BIN)/python bench/hf_minilm.py
+
+# Needs a CUDA device (~4 min on one H200): tests/gpu, then LLaMA-style LoRA step vs PEFT (bf16) and yolo26n
+# LoRA vs full fine-tuning with AMP; writes bench/results/gpu_check.json. Without CUDA it says so and stops.
+gpu-check: $(STAMP)
+	$(BIN)/python bench/gpu_check.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests bench

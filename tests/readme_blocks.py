@@ -17,6 +17,10 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 # Blocks that cannot run in the tests, by their first line, each with the reason.
 NOT_RUN = {
+    "lorakit yolo compare model=base.pt data=data.yaml epochs=20 imgsz=640 base_data=old.yaml": (
+        "trains eight strategies, a process each (minutes); the same command on stand-ins is "
+        "tests/yolo/test_compare.py (every strategy, column, resume and bad input)"
+    ),
     "make demo   # creates .venv if missing, installs everything, runs the main demo": (
         "creates a virtual environment and pip-installs torch and the extras (network, minutes); what it runs "
         "is tested directly: tests/yolo/test_demo.py (the demo) and the suite itself (make test)"

@@ -212,15 +212,37 @@ def merge(model: nn.Module, names: str | Iterable[str] | None = None) -> None:
             before any weight changes.
         MetaTensorError: a weight or factor is on the meta device (nothing merged).
         MixedBatchError: called inside :func:`lorakit.mixed_batch`.
+        ConfigError: a layer holding one of ``names`` has a quantised base (:mod:`lorakit.quant`);
+            :func:`merge_and_unload` merges those.
     """
     wanted = active_adapters(model) if names is None else _names(model, names)
     _not_mixing(cached_layers(model), "merge")
+    for path, layer in _not_in_place(model, wanted):
+        raise ConfigError(
+            f"{path or '<root>'} has a quantised base ({layer._lora_base_cls.__name__}): merging into it in place "
+            "is lossy; lorakit.merge_and_unload(model) replaces it by a dense merged layer (requantize=True "
+            "quantises that again), or load the adapter onto the unquantised base and merge there"
+        )
+    _merge(model, wanted)
+
+
+def _not_in_place(model: nn.Module, names: tuple[str, ...]) -> list[tuple[str, LoraLayer]]:
+    """The layers holding one of ``names`` whose handler cannot merge in place (a quantised base)."""
+    return [
+        (path, layer)
+        for path, layer in lora_layers(model)
+        if not layer.lora_handler.merges_in_place and any(n in layer.lora for n in names)
+    ]
+
+
+def _merge(model: nn.Module, wanted: tuple[str, ...]) -> None:
+    """:func:`merge` of ``wanted`` into every layer that merges in place (the others are left alone)."""
     _check_finite(model, wanted)
     done: list[tuple[LoraLayer, tuple[str, ...]]] = []
     try:
         for path, layer in lora_layers(model):
             add = tuple(n for n in wanted if n in layer.lora and n not in layer.lora_merged)
-            if not add:
+            if not add or not layer.lora_handler.merges_in_place:
                 continue
             before = layer.lora_merged
             layer.lora_set_merged(before + add)
@@ -241,12 +263,20 @@ def unmerge(model: nn.Module) -> None:
         layer.lora_set_merged(())
 
 
-def merge_and_unload(model: nn.Module, names: str | Iterable[str] | None = None) -> nn.Module:
+def merge_and_unload(
+    model: nn.Module, names: str | Iterable[str] | None = None, *, requantize: bool = False
+) -> nn.Module:
     """Merge ``names`` (default: the active adapters) and remove every LoRA layer.
 
     Returns the same model object made only of its original layer classes, so it
     pickles, fuses, exports and loads without lorakit. The merged adapters' fully
     trained modules and biases stay in the model; adapters not merged are discarded.
+
+    A layer with a quantised base (bitsandbytes' 4-bit/8-bit, :mod:`lorakit.quant`) is
+    replaced: its weight is dequantised, the adapters are added in fp32, and the result
+    becomes a dense ``nn.Linear`` in the adapters' dtype (a 4-bit layer's compute dtype,
+    float32 for 8-bit) or, with ``requantize=True``, a new quantised layer of the same kind
+    (lossy: one more rounding to the 4/8-bit grid).
 
     Raises:
         ConfigError: two of the adapters train the same module fully. The errors of
@@ -254,7 +284,18 @@ def merge_and_unload(model: nn.Module, names: str | Iterable[str] | None = None)
     """
     wanted = active_adapters(model) if names is None else _names(model, names)
     objects = owned.live(model, wanted)
-    merge(model, wanted)
+    _not_mixing(cached_layers(model), "merge")
+    # quantised bases: every replacement is built before anything changes (_merge checks every
+    # adapter, theirs included, before it changes anything; the replacements go in after it)
+    swaps = []
+    for path, layer in _not_in_place(model, wanted):
+        if not path:
+            raise ConfigError(f"the model itself is a quantised {layer._lora_base_cls.__name__}: wrap it in a module")
+        merged = tuple(n for n in wanted if n in layer.lora)
+        swaps.append((path, layer.lora_handler.merged_module(layer, merged, requantize)))
+    _merge(model, wanted)
+    for path, new in swaps:
+        model.set_submodule(path, new)
     owned.install(model, objects)
     for _, layer in list(lora_layers(model)):
         unwrap(layer)

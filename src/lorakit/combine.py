@@ -45,7 +45,7 @@ from .adapters import _check_finite, _names
 from .config import LoraConfig
 from .errors import ConfigError
 from .inject import _check_name
-from .layers import ConvHandler, LoraAdapter, LoraLayer
+from .layers import LoraAdapter, LoraLayer
 from .state import lora_layers
 
 METHODS = ("cat", "svd", "linear")
@@ -78,12 +78,8 @@ class CombineReport:
         return num / den if den else 0.0
 
 
-def _groups(layer: LoraLayer) -> int:
-    return cast(nn.Conv2d, layer).groups if isinstance(layer.lora_handler, ConvHandler) else 1
-
-
 def _cat(layer: LoraLayer, terms: list[tuple[float, LoraAdapter]]) -> tuple[torch.Tensor, torch.Tensor]:
-    g = _groups(layer)
+    g = layer.lora_handler.rank_groups(layer)
     As, Bs = [], []
     for w, ad in terms:
         A = ad.A.detach().float()
@@ -131,10 +127,9 @@ def _orientation(layer: LoraLayer, a_shape: tuple[int, ...], b_shape: tuple[int,
 def _svd(layer: LoraLayer, D: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
     handler = layer.lora_handler
     a_shape, b_shape = handler.factor_shapes(layer, r)
-    g = _groups(layer)
-    if g > 1 or isinstance(handler, ConvHandler):
-        M = D.reshape(g, D.shape[0] // g, -1)  # (G, out/G, in/G * prod(k)), delta_weight's bmm layout
-        transposed = False
+    g = handler.rank_groups(layer)
+    if g > 1:
+        M = D.reshape(g, D.shape[0] // g, -1)  # (G, out/G, in/G * prod(k)): a grouped delta's blocks, B_g A_g
     else:
         transposed = _orientation(layer, a_shape, b_shape)
         M = (D.t() if transposed else D.reshape(b_shape[0], -1)).unsqueeze(0)

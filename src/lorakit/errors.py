@@ -44,6 +44,11 @@ class ArgError(LoraError, ValueError):
     """A command-line argument is malformed or unknown (the CLI prints it on one line and exits 2)."""
 
 
+class StrategyFailedError(LoraError, RuntimeError):
+    """One strategy of a comparison (``lorakit yolo compare``) failed to train; the strategies
+    finished before it are kept, so running the comparison again goes on from there."""
+
+
 class MetaTensorError(LoraError, ValueError):
     """A tensor that must hold data is on the meta device (an unmaterialised model)."""
 

@@ -50,7 +50,7 @@ from .adapters import list_adapters
 from .errors import AdapterNotFoundError, ConfigError
 from .io_errors import AdapterConfigError, AdapterFileError, KeyMismatchError, NonFiniteTensorError
 from .io_match import match_files
-from .io_peft import factor_keys, layout
+from .io_peft import factor_keys
 from .io_read import AdapterFiles, read_adapter_files
 from .layers import LoraAdapter, LoraLayer
 from .state import lora_layers
@@ -188,7 +188,7 @@ def hotswap_adapter(
     swaps: list[tuple[str, LoraLayer, torch.Tensor, torch.Tensor, int]] = []
     zeroed: list[str] = []
     for p, layer in own.items():
-        a_key, b_key = factor_keys(p, layout(layer.lora_handler))
+        a_key, b_key = factor_keys(p, layer.lora_handler)
         if p in m.paths and a_key in m.factors and b_key in m.factors:
             swaps.append((p, layer, m.factors[a_key], m.factors[b_key], cfg.rank_for(p)))
         else:

@@ -15,7 +15,7 @@ from .batchnorm import _keep_eval as _keep_eval  # pickles made before the move 
 from .batchnorm import freeze_batchnorm, release_batchnorm
 from .config import ALL_LINEAR, LoraConfig, is_wildcard, match_pattern
 from .errors import ConfigError, TargetError
-from .layer_base import LayerHandler, LoraAdapter, LoraLayer, handler_for, registered_types, wrap
+from .layers.base import LayerHandler, LoraAdapter, LoraLayer, handler_for, registered_types, wrap
 from .peft_names import is_svd_init
 from .state import lora_layers
 from .variants import variant_of
@@ -249,7 +249,7 @@ def inject(
             alpha=config.alpha_for(path),
             scaling=config.scaling_for(path),
             dropout=config.dropout,
-            dtype=weight.dtype,
+            dtype=handler.factor_dtype(module),
             device=weight.device,
             variant=variant.name,
         )

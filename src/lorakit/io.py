@@ -48,7 +48,7 @@ from .io_fingerprint import fingerprint
 from .io_folder import CONFIG_FILE, WEIGHTS_FILE, config_sha, read_pair, write_adapter
 from .io_format import checksum, parse_safetensors, safetensors_bytes
 from .io_match import Slot, base_weight, bias_key, match_files, module_key
-from .io_peft import dense_conv_A, factor_keys, is_factor_key, layout, scaling_of, to_peft_config, variant_keys
+from .io_peft import factor_keys, is_factor_key, scaling_of, to_peft_config, variant_keys
 from .io_read import PICKLE_SUFFIXES, AdapterFiles, locate, read_adapter_files
 from .layers import LoraAdapter
 from .state import lora_layers
@@ -173,12 +173,10 @@ def save_adapter(
         for pname, t in ad.named_parameters():  # A, B and a variant's (DoRA's magnitude)
             if not bool(torch.isfinite(t).all()):
                 raise NonFiniteError(f"{p}.lora.{name}.{pname} holds NaN/Inf; adapter not saved to {folder}")
-        kind = layout(layer.lora_handler)
-        A = ad.A.detach()
-        if kind == "conv":
-            A = dense_conv_A(A, cast(nn.Conv2d, layer).groups)
-        a_key, b_key = factor_keys(p, kind)
-        tensors[a_key], tensors[b_key] = A, ad.B.detach()
+        handler = layer.lora_handler
+        a_key, b_key = factor_keys(p, handler)
+        tensors[a_key] = handler.to_file(layer, "A", ad.A.detach())
+        tensors[b_key] = handler.to_file(layer, "B", ad.B.detach())
         for key, attr in variant_keys(p, ad.variant).items():
             tensors[key] = cast(torch.Tensor, getattr(ad, attr)).detach()
         base[p] = original or fingerprint(base_weight(layer, layer.lora_handler.weight_name))

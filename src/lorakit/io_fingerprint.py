@@ -42,6 +42,8 @@ def _samples(flat: torch.Tensor) -> list[float]:
 
 
 def _norm(w: torch.Tensor) -> float:
+    if not (w.is_floating_point() or w.is_complex()):  # a quantised base's packed integers (lorakit.quant)
+        w = w.to(torch.float32)  # exact for 8- and 16-bit integers; one layer at a time
     # accumulated in float64 without a float64 copy of the weight
     return float(torch.linalg.vector_norm(w, dtype=torch.float64))
 

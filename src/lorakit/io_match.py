@@ -32,9 +32,9 @@ from .io_errors import (
 )
 from .io_fingerprint import check_fingerprint, same_base
 from .io_format import FLOAT_DTYPES, FLOATS, dtype_name, parse_json
-from .io_peft import PREFIX, factor_keys, file_factor_shapes, from_peft_config, grouped_conv_A, layout, variant_keys
+from .io_peft import PREFIX, factor_keys, from_peft_config, variant_keys
 from .io_read import AdapterFiles
-from .layers import LoraAdapter, LoraLayer
+from .layers import LayerHandler, LoraAdapter, LoraLayer
 from .variants import variant_of
 
 
@@ -57,16 +57,18 @@ def module_key(path: str, key: str) -> str:
 @dataclass
 class Slot:
     """Where one file tensor goes: factor ``"A"``/``"B"`` (or a variant's tensor, e.g. ``"magnitude"``)
-    of the adapter on ``layer`` (A of a
-    conv with ``groups`` > 1 is stored dense), or, for a fully trained module or bias at
-    path ``layer``, the adapter's own tensor ``owned`` (a state-dict key of its copy, or "bias")."""
+    of the adapter on ``layer`` (``module``, adapted by ``handler``, whose ``from_file`` turns a
+    stored factor into lorakit's form: a grouped conv's A is stored dense), or, for a fully trained
+    module or bias at path ``layer``, the adapter's own tensor ``owned`` (a state-dict key of its
+    copy, or "bias")."""
 
     shape: tuple[int, ...]
     layer: str
     factor: str = ""
-    groups: int = 1
     owned: str = ""
     dtype: torch.dtype | None = None  # an owned tensor's dtype (None: a LoRA factor, any float)
+    handler: LayerHandler | None = None  # set for the factors A and B
+    module: nn.Module | None = None
 
     def target(self, model: nn.Module, name: str, layers: Mapping[str, LoraLayer]) -> torch.Tensor:
         """The tensor of adapter ``name`` in ``model`` this slot fills."""
@@ -74,6 +76,16 @@ class Slot:
             return owned.tensor_of(model, name, self.layer, self.owned)
         ad = cast(LoraAdapter, layers[self.layer].lora[name])
         return cast(torch.Tensor, getattr(ad, self.factor))
+
+    def from_file(self, t: torch.Tensor, file: Path, key: str) -> torch.Tensor:
+        """The file's tensor ``key`` in the form lorakit holds (the handler's ``from_file`` for a factor).
+
+        Raises:
+            AdapterFileError: the handler cannot hold the stored factor.
+        """
+        if self.handler is None or self.module is None:
+            return t
+        return self.handler.from_file(self.module, self.factor, t, file, key)
 
 
 def _plan(
@@ -94,12 +106,10 @@ def _plan(
         check_materialised(
             getattr(module, handler.weight_name), f"{p or '<root>'}'s weight", f"{file.parent} was not loaded"
         )
-        kind = layout(handler)
-        a_shape, b_shape = file_factor_shapes(module, handler, cfg.rank_for(p))
-        a_key, b_key = factor_keys(p, kind)
-        groups = cast(nn.Conv2d, module).groups if kind == "conv" else 1
-        slots[a_key] = Slot(a_shape, p, "A", groups)
-        slots[b_key] = Slot(b_shape, p, "B")
+        a_shape, b_shape = handler.file_factor_shapes(module, cfg.rank_for(p))
+        a_key, b_key = factor_keys(p, handler)
+        slots[a_key] = Slot(a_shape, p, "A", handler=handler, module=module)
+        slots[b_key] = Slot(b_shape, p, "B", handler=handler, module=module)
         for key, attr in variant_keys(p, variant_of(cfg.dora).name).items():
             slots[key] = Slot(handler.magnitude_shape(module), p, attr)
     # fully trained modules and biases go into the adapter's own copies (made by inject):
@@ -181,7 +191,7 @@ def match_files(
                 hint = f"the config gives {slot.layer} rank {slot.shape[0]}, the tensor has rank {actual[0]}"
             raise ShapeMismatchError(weights, key, slot.shape, actual, hint)
     _check_dtypes(weights, slots, tensors)
-    factors = {k: grouped_conv_A(weights, k, tensors[k], s.groups) for k, s in slots.items() if k in tensors}
+    factors = {k: s.from_file(tensors[k], weights, k) for k, s in slots.items() if k in tensors}
 
     differ = _base_differs(weights, model, files.metadata, paths)
     if differ:

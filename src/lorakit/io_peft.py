@@ -1,5 +1,7 @@
-"""PEFT's on-disk layout: tensor key names, grouped-conv factor conversion, and
-``adapter_config.json`` <-> :class:`~lorakit.config.LoraConfig`.
+"""PEFT's on-disk layout: tensor key names and ``adapter_config.json`` <->
+:class:`~lorakit.config.LoraConfig`. What a layer type stores differently (its keys, the
+form of its factors: a grouped conv's dense A) is its handler's
+(:attr:`~lorakit.layers.base.LayerHandler.file_keys`, ``to_file``/``from_file``).
 
 Keys (``<p>`` = module path)::
 
@@ -8,12 +10,8 @@ Keys (``<p>`` = module path)::
     DoRA (any type)     base_model.model.<p>.lora_magnitude_vector  (shape: the handler's magnitude_shape)
     train_modules       base_model.model.<module>.<param>      (full copies: PEFT's modules_to_save)
     biases (bias!=none) base_model.model.<p>.base_layer.bias    (adapted layers; other modules: <p>.bias)
-
-Grouped convs (G groups): lorakit's A is ``(r, in/G, *k)`` applied with the base
-conv's groups; PEFT's is dense ``(r, in, *k)``. Row ``rho`` of lorakit's A
-belongs to group ``g = rho // (r/G)`` and reads only input channels
-``g*in/G .. (g+1)*in/G``, so the dense form is block diagonal with zeros
-elsewhere, and PEFT computes the same outputs from it.
+    other layer types  base_model.model.<p>.lora_A.weight      base_model.model.<p>.lora_B.weight
+                       (unless their handler names other keys)
 """
 
 from __future__ import annotations
@@ -24,14 +22,13 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, cast
 
-import torch
 from torch import nn
 
 from . import peft_names
 from .config import LoraConfig
 from .errors import ConfigError
-from .io_errors import AdapterConfigError, AdapterFileError
-from .layers import ConvHandler, EmbeddingHandler, LoraAdapter, LoraLayer
+from .io_errors import AdapterConfigError
+from .layers.base import LoraAdapter, LoraLayer
 from .peft_names import is_svd_init
 from .registry import LayerHandler
 from .variants import VARIANTS
@@ -42,22 +39,11 @@ PREFIX = "base_model.model."
 _SAFE_INITS = (True, False, "gaussian", "eva", "orthogonal")  # inits that leave the base weights alone
 
 
-def layout(h: LayerHandler) -> str:
-    """``"embedding"``, ``"conv"`` or ``"linear"``: which PEFT key/shape scheme layers of handler ``h`` use."""
-    if isinstance(h, EmbeddingHandler):
-        return "embedding"
-    if isinstance(h, ConvHandler):
-        return "conv"
-    if h.kind == "linear":
-        return "linear"
-    raise ConfigError(f"layers handled by {type(h).__name__} have no PEFT file layout; they cannot be saved")
-
-
-def factor_keys(path: str, kind: str) -> tuple[str, str]:
+def factor_keys(path: str, handler: LayerHandler) -> tuple[str, str]:
+    """The file keys of A and B on the layer at ``path``: the handler's :attr:`~LayerHandler.file_keys`."""
     base = PREFIX + (path + "." if path else "")
-    if kind == "embedding":
-        return base + "lora_embedding_A", base + "lora_embedding_B"
-    return base + "lora_A.weight", base + "lora_B.weight"
+    a, b = handler.file_keys
+    return base + a, base + b
 
 
 _FACTOR_SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
@@ -73,47 +59,6 @@ def variant_keys(path: str, variant: str) -> dict[str, str]:
 def is_factor_key(key: str) -> bool:
     """True for the key of a LoRA factor (as :func:`factor_keys` names them), which must be floating point."""
     return key.startswith(PREFIX) and any(key == PREFIX + s or key.endswith("." + s) for s in _FACTOR_SUFFIXES)
-
-
-def file_factor_shapes(layer: nn.Module, handler: LayerHandler, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(A, B) shapes on disk for rank ``r``: lorakit's, except a dense A for grouped convs."""
-    a, b = handler.factor_shapes(layer, r)
-    if layout(handler) == "conv":
-        a = (a[0], cast(nn.Conv2d, layer).in_channels, *a[2:])
-    return a, b
-
-
-def dense_conv_A(A: torch.Tensor, groups: int) -> torch.Tensor:
-    """``(r, in/G, *k)`` -> block-diagonal ``(r, in, *k)`` (module docstring)."""
-    if groups == 1:
-        return A
-    r, ig = A.shape[0], A.shape[1]
-    rg = r // groups
-    dense = A.new_zeros((r, ig * groups, *A.shape[2:]))
-    for g in range(groups):
-        dense[g * rg : (g + 1) * rg, g * ig : (g + 1) * ig] = A[g * rg : (g + 1) * rg]
-    return dense
-
-
-def grouped_conv_A(file: Path, key: str, dense: torch.Tensor, groups: int) -> torch.Tensor:
-    """Inverse of :func:`dense_conv_A`; raises if an off-block entry is not exactly zero."""
-    if groups == 1:
-        return dense
-    r, cin = dense.shape[0], dense.shape[1]
-    rg, ig = r // groups, cin // groups
-    out = dense.new_empty((r, ig, *dense.shape[2:]))
-    mask = torch.ones(dense.shape[:2], dtype=torch.bool)
-    for g in range(groups):
-        out[g * rg : (g + 1) * rg] = dense[g * rg : (g + 1) * rg, g * ig : (g + 1) * ig]
-        mask[g * rg : (g + 1) * rg, g * ig : (g + 1) * ig] = False
-    if bool((dense[mask] != 0).any()):
-        raise AdapterFileError(
-            file,
-            f"tensor {key!r}: this grouped conv (groups={groups}) has a dense lora_A with non-zero weights across "
-            "groups; lorakit keeps each group's LoRA inside its group (so it can merge exactly) and cannot "
-            "represent it",
-        )
-    return out
 
 
 # -- config: lorakit -> PEFT --------------------------------------------------------------

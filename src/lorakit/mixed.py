@@ -8,9 +8,10 @@ How it stays fast: on entry each LoRA layer stacks the factors of the adapters u
 once (zero-padded to the largest rank: zero rows and columns add nothing), and every
 forward inside the block runs a fixed handful of batched products for the whole batch,
 whatever the number of distinct adapters; PEFT instead loops in Python over the
-distinct adapters with index lists. The plan and the kernels, with how each layer type
-batches, are in :mod:`lorakit.mixed_kernels` (re-exported here); this module builds the
-plans and runs the block.
+distinct adapters with index lists. Each layer type's handler builds its plan
+(:meth:`~lorakit.layers.base.LayerHandler.mixed_plan`) and runs its kernel
+(``mixed_forward``); the kernels live with their layer types in :mod:`lorakit.layers`
+(re-exported here). This module groups the samples and runs the block.
 """
 
 from __future__ import annotations
@@ -20,14 +21,16 @@ from contextlib import contextmanager
 from typing import cast
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from . import owned
 from .adapters import _names, active_adapters
 from .errors import MixedBatchError
-from .layer_base import LoraAdapter, LoraLayer, adapter_dict
-from .mixed_kernels import Grid, MixedPlan, check_batch, conv_mixed, embedding_mixed, linear_mixed
+from .layers.base import LoraAdapter, LoraLayer, adapter_dict
+from .layers.conv import conv_mixed
+from .layers.embedding import embedding_mixed
+from .layers.linear import linear_mixed
+from .layers.mixed_plan import Grid, MixedPlan, check_batch
 from .state import lora_layers
 
 __all__ = ["Grid", "MixedPlan", "check_batch", "conv_mixed", "embedding_mixed", "linear_mixed", "mixed_batch"]
@@ -62,66 +65,9 @@ def _grid(index: torch.Tensor, k: int) -> Grid:
     )
 
 
-def _stacked_plan(layer: LoraLayer, present: list[LoraAdapter | None], index: torch.Tensor) -> MixedPlan:
-    handler = layer.lora_handler
-    weight = getattr(layer, handler.weight_name)
-    r_max = max([ad.r for ad in present if ad is not None], default=0) or 1
-    a_shape, b_shape = handler.factor_shapes(layer, r_max)
-    A = torch.zeros((len(present) + 1, *a_shape), dtype=weight.dtype, device=weight.device)
-    B = torch.zeros((len(present) + 1, *b_shape), dtype=weight.dtype, device=weight.device)
-    s = torch.zeros(len(present) + 1, dtype=weight.dtype, device=weight.device)
-    for k, ad in enumerate(present):
-        if ad is not None:
-            handler.pad_rank(layer, ad.A, ad.B, A[k], B[k])
-            s[k] = ad.scaling
-    return MixedPlan(index=index.to(weight.device), A=A, B=B, scaling=s)
-
-
-def _linear_plan(layer: LoraLayer, present: list[LoraAdapter | None], index: torch.Tensor, grid: Grid) -> MixedPlan:
-    weight = cast(nn.Linear, layer).weight
-    out, n_in = weight.shape
-    dtype, device = weight.dtype, weight.device
-    first = next(ad for ad in present if ad is not None)
-    r_max = max(ad.r for ad in present if ad is not None)
-    # A handful of operations per layer whatever K is: one stack per factor and the
-    # scaling folded into A. The stacks keep the factors' own layout, read transposed
-    # by bmm: stacking transposed copies cost 4-6x more than the bmm's lose by it.
-    a: list[torch.Tensor] = []
-    b: list[torch.Tensor] = []
-    scale: list[torch.Tensor] = []
-    for ad in present:
-        if ad is None:
-            a.append(first.A.new_zeros(r_max, n_in))
-            b.append(first.B.new_zeros(out, r_max))
-            scale.append(first.scaling.new_zeros(()))
-            continue
-        pad = r_max - ad.r
-        a.append(F.pad(ad.A, (0, 0, 0, pad)) if pad else ad.A)
-        b.append(F.pad(ad.B, (0, pad)) if pad else ad.B)
-        scale.append(ad.scaling)
-    sA = torch.stack(a).to(dtype).mul_(torch.stack(scale).to(dtype).view(-1, 1, 1))  # (K, r, in)
-    B = torch.stack(b).to(dtype)  # (K, out, r)
-    if not grid.identity:
-        slot = grid.slot.to(device)
-        sA, B = sA.index_select(0, slot), B.index_select(0, slot)
-    keep = grid.keep.to(device, dtype) if grid.keep is not None else None
-    samples = grid.samples.to(device)
-    return MixedPlan(index=index, grid=grid, At=sA.transpose(1, 2), Bt=B.transpose(1, 2), samples=samples, keep=keep)
-
-
 def _plan(layer: LoraLayer, names: tuple[str, ...], index: torch.Tensor, grid: Grid | None) -> MixedPlan:
     adapters = adapter_dict(layer)
-    present = [adapters.get(n) for n in names]
-    if layer.lora_handler.kind != "linear":
-        return _stacked_plan(layer, present, index)
-    if all(ad is None for ad in present):  # no sample uses an adapter this layer has
-        return MixedPlan(index=index)
-    if len(present) == 1:
-        ad = cast(LoraAdapter, present[0])
-        mask = torch.where(index.to(ad.A.device) == 0, ad.scaling, 0.0).to(ad.A.dtype).view(-1, 1)
-        return MixedPlan(index=index, A_cat=ad.A, B_cat=ad.B, mask=mask)
-    assert grid is not None  # mixed_batch makes one whenever the batch names several adapters
-    return _linear_plan(layer, present, index, grid)
+    return layer.lora_handler.mixed_plan(layer, [adapters.get(n) for n in names], index, grid)
 
 
 @contextmanager

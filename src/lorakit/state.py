@@ -10,7 +10,7 @@ it is dropped when the last adapter goes, so a merged model pickles without lora
 
 :func:`lora_layers` walks the module tree; :func:`cached_layers` keeps the walk's result
 for the hot paths (switching adapters per request). The cache is stamped with
-:data:`lorakit.layer_base.STRUCTURE`, which wrap/unwrap and torch's global
+:data:`lorakit.layers.base.STRUCTURE`, which wrap/unwrap and torch's global
 module-registration hook bump, so it is never used after any module tree changed.
 """
 
@@ -24,7 +24,7 @@ from typing import Any
 from torch import nn
 
 from .config import LoraConfig
-from .layer_base import STRUCTURE, LoraLayer, watch_structure
+from .layers.base import STRUCTURE, LoraLayer, watch_structure
 
 ATTR = "lorakit_state"
 

@@ -158,3 +158,35 @@ def test_mixed_batch_on_cuda_equals_per_sample(names: list[str | None]) -> None:
             mixed = model(x)
         for i, name in enumerate(names):
             torch.testing.assert_close(mixed[i : i + 1], _alone(model, x, i, name), rtol=1e-5, atol=1e-5)
+
+
+def test_yolo_lora_epoch_with_amp_keeps_adapters_fp32_and_finite(tmp_path: Path) -> None:
+    # Ultralytics' default on a GPU: amp=True, fp16 autocast with a GradScaler over fp32 parameters.
+    pytest.importorskip("ultralytics")
+    from lorakit.yolo import offline
+
+    offline.enable()  # before ultralytics is imported (or with the config dir it was imported with)
+    import safetensors.torch
+
+    from lorakit.yolo import LoraYOLO, make_dataset
+
+    data = make_dataset(tmp_path / "A", domain="A", n_train=16, n_val=8, imgsz=64, seed=0)
+    model = LoraYOLO("yolo26n.yaml", r=8)
+    model.train(
+        data=str(data), epochs=1, imgsz=64, batch=8, nbs=8, warmup_epochs=0, workers=0, plots=False,
+        device=0, amp=True, project=str(tmp_path / "runs"), verbose=False, seed=0,
+    )  # fmt: skip
+    t = model.trainer
+    # check_amp may find a GPU unfit for AMP and switch it off; the test would then prove nothing
+    assert t.amp is True and t.scaler.is_enabled(), "AMP was switched off (see Ultralytics' AMP check above)"
+    live = {n: p for n, p in t.model.named_parameters() if p.requires_grad}
+    assert live and {p.dtype for p in live.values()} == {torch.float32}
+    assert all(p.device.type == "cuda" and bool(p.isfinite().all()) for p in live.values())
+    ema = {k: v for k, v in t.ema.ema.state_dict().items() if ".lora." in k}
+    assert ema and {v.dtype for v in ema.values()} == {torch.float32}
+    assert all(bool(v.isfinite().all()) for v in ema.values())
+    tensors = safetensors.torch.load_file(str(Path(t.last_adapter) / "adapter_model.safetensors"))
+    lora = {k: v for k, v in tensors.items() if "lora_" in k}
+    assert lora and {v.dtype for v in lora.values()} == {torch.float32}
+    assert all(bool(v.isfinite().all()) for v in lora.values())
+    assert any(bool(v.abs().sum() > 0) for k, v in lora.items() if "lora_B" in k)

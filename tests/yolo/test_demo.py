@@ -1,9 +1,8 @@
 """The demo (``python -m lorakit.yolo.demo``): a ``--quick`` run end to end, and its exit status.
 
 The quick run spawns child interpreters, which the in-process network guard of
-``conftest.py`` does not reach; a ``sitecustomize.py`` put on their
-``PYTHONPATH`` records and refuses every DNS lookup and connection there, and
-the test fails if anything was recorded.
+``conftest.py`` does not reach; ``child_network_guard`` records and refuses
+every DNS lookup and connection there, and the test fails if anything was recorded.
 """
 
 from __future__ import annotations
@@ -12,45 +11,22 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 from typing import Any
 
 import pytest
+from yolo_helpers import child_network_guard
 
 from lorakit.machine import cpu_name
 
 pytestmark = pytest.mark.slow
 
-_GUARD = textwrap.dedent(
-    """
-    import os, socket
-
-    def _refuse(*args, **kwargs):
-        with open(os.environ["LORAKIT_NETWORK_LOG"], "a") as f:
-            f.write(f"{args[:2]}\\n")
-        raise OSError("network access blocked by tests/yolo/test_demo.py")
-
-    socket.getaddrinfo = _refuse
-    socket.socket.connect = _refuse
-    socket.socket.connect_ex = _refuse
-    """
-)
-
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     root = tmp_path_factory.mktemp("demo")
-    guard = root / "guard"
-    guard.mkdir()
-    (guard / "sitecustomize.py").write_text(_GUARD)
-    log = root / "network.log"
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(guard), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-        "LORAKIT_NETWORK_LOG": str(log),
-        "OMP_NUM_THREADS": "1",
-    }
+    guard, log = child_network_guard(root)
+    env = {**os.environ, **guard, "OMP_NUM_THREADS": "1"}
     for k in ("YOLO_OFFLINE", "YOLO_CONFIG_DIR", "YOLO_AUTOINSTALL"):  # the demo must switch offline by itself
         env.pop(k, None)
     out = root / "out"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -111,3 +113,33 @@ def checkpoint(path: Path) -> dict[str, Any]:
     """An Ultralytics checkpoint's dict (it pickles modules, so not ``weights_only``)."""
     ckpt: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=False)
     return ckpt
+
+
+# A sitecustomize.py for child interpreters a test does not start itself (the demo's stages, compare's
+# strategies), which neither the conftest guard nor NETWORK_REFUSED reaches: every DNS lookup and
+# connection is recorded in $LORAKIT_NETWORK_LOG and refused.
+_CHILD_GUARD = textwrap.dedent(
+    """
+    import os, socket
+
+    def _refuse(*args, **kwargs):
+        with open(os.environ["LORAKIT_NETWORK_LOG"], "a") as f:
+            f.write(f"{args[:2]}\\n")
+        raise OSError("network access blocked by tests/yolo/yolo_helpers.py")
+
+    socket.getaddrinfo = _refuse
+    socket.socket.connect = _refuse
+    socket.socket.connect_ex = _refuse
+    """
+)
+
+
+def child_network_guard(root: Path) -> tuple[dict[str, str], Path]:
+    """``(env, log)``: environment entries that make every child Python interpreter refuse the
+    network and record each attempt in ``log`` (empty or absent: none was made)."""
+    guard = root / "network_guard"
+    guard.mkdir(exist_ok=True)
+    (guard / "sitecustomize.py").write_text(_CHILD_GUARD)
+    log = root / "network.log"
+    path = os.pathsep.join([str(guard), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return {"PYTHONPATH": path, "LORAKIT_NETWORK_LOG": str(log)}, log

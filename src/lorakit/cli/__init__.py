@@ -31,6 +31,7 @@ verbs:
             lorakit yolo train model=base.pt data=data.yaml [epochs=100] [imgsz=640] [r=8] [any YOLO setting]
             lorakit yolo val|predict|export model=base.pt adapter=DIR [data=...|source=...|format=onnx]
             lorakit yolo merge model=base.pt adapter=DIR out=merged.pt [overwrite=False]
+            lorakit yolo compare model=base.pt data=data.yaml [epochs=20] [base_data=old.yaml] [strategies=...]
   serve     HTTP servers of one base with many adapters chosen per request (extra: serve)
             lorakit serve yolo|llm model=... adapters=DIR [port=8000]
   version   print the lorakit version

@@ -10,6 +10,7 @@ lorakit's registry imports it by itself the first time it meets a ``Conv1D``
     lorakit.hf.target_fused(model, "c_attn", parts=("q", "v"))    LoRA on part of a fused layer
     lorakit.hf.AdapterCheckpointCallback     saves the adapter into each Trainer checkpoint
     lorakit.hf.prepare_for_training(model)   gradient checkpointing that reaches the adapters
+    lorakit.hf.load_quantized(path, "nf4")   a 4-bit/8-bit frozen base for QLoRA (lorakit.hf.quantize)
 
 Modules that need more than transformers itself (the trainer, the CLI) load lazily.
 """
@@ -38,6 +39,8 @@ _LAZY = {
     "NonFiniteLossError": "train",
     "ResumeMismatchError": "resume",
     "TrainWarning": "options",
+    "load_quantized": "quantize",
+    "quantization_config": "quantize",
 }
 
 __all__ = [
@@ -51,9 +54,11 @@ __all__ = [
     "ResumeMismatchError",
     "TrainWarning",
     "default_targets",
+    "load_quantized",
     "lora_config",
     "output_heads",
     "prepare_for_training",
+    "quantization_config",
     "restore_fused",
     "target_fused",
 ]

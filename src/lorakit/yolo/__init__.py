@@ -38,9 +38,12 @@ _LAZY = {
     "LoraOptions": "trainer",
     "save_adapter": "trainer",
     "detector_config": "targets",
+    "compare": "comparison",
+    "Comparison": "comparison",
 }
 
 __all__ = [
+    "Comparison",
     "LoraClassificationTrainer",
     "LoraDetectionTrainer",
     "LoraOBBTrainer",
@@ -48,6 +51,7 @@ __all__ = [
     "LoraPoseTrainer",
     "LoraSegmentationTrainer",
     "LoraYOLO",
+    "compare",
     "detector_config",
     "make_dataset",
     "make_task_dataset",

@@ -35,7 +35,7 @@ from ..config import LoraConfig, as_patterns
 from ..errors import LoraError
 from . import offline
 from .checks import check_settings
-from .cli_models import require_local
+from .cli_models import first_line, local_data, require_local
 
 if TYPE_CHECKING:
     from .model import LoraYOLO
@@ -56,6 +56,10 @@ USAGE = """usage: lorakit yolo SUBVERB key=value ...
             lorakit yolo export model=base.pt [adapter=DIR] [format=onnx] [imgsz=640] ...
   merge     write base + adapter as one plain Ultralytics .pt (loads without lorakit)
             lorakit yolo merge model=base.pt adapter=DIR out=merged.pt [overwrite=False]
+  compare   train full, partial, head-only, LoRA (r=4, 8, 16), DoRA and LoRA+ on the same data and budget;
+            one table (mAP, trainable params, bytes stored, s/epoch, memory, forgetting), plot and verdicts
+            lorakit yolo compare model=base.pt data=data.yaml [epochs=20] [imgsz=640] [base_data=old.yaml]
+                  [strategies=full,lora-r8,...] [out=runs/compare] [overwrite=False] [any other YOLO train setting]
 
   adapter=DIR is a folder written by train (runs/detect/NAME/weights/best_adapter); an adapter trained on
   other base weights is refused unless allow_other_base=True. Other keys: Ultralytics' own (yolo cfg).
@@ -92,6 +96,7 @@ def run(argv: list[str]) -> int:
         "predict": _predict,
         "export": _export,
         "merge": _merge,
+        "compare": _compare,
     }
     verb = verbs.get(sub)
     if verb is None:
@@ -137,6 +142,8 @@ def parse(argv: list[str], own: Collection[str], verb: str, ultralytics: bool = 
 
 def _unknown(key: str, allowed: set[str], own: Collection[str], verb: str) -> str:
     msg = f"yolo {verb}: unknown key {key!r}"
+    if key in LORA_KEYS and verb == "compare":
+        return f"{msg}: compare sets LoRA settings per strategy (strategies=lora-r4,lora-r16,dora,loraplus,...)"
     if key in LORA_KEYS:
         return f"{msg}: LoRA settings are for 'yolo train'; {verb} reads them from the adapter= folder"
     hint = did_you_mean(key, allowed)
@@ -190,33 +197,11 @@ def _check_settings(opts: dict[str, Any], verb: str) -> None:
     try:
         check_cfg(dict(opts), hard=True)
     except (TypeError, ValueError) as exc:
-        raise ArgError(_first_line(exc)) from None
+        raise ArgError(first_line(exc)) from None
     check_settings(opts, verb)
 
 
-def _first_line(exc: BaseException) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
-
-
 # ---------------------------------------------------------------------------------------- inputs
-
-
-def _local_data(value: Any) -> str:
-    """``data=``: a local path; a detection YAML's images must exist, so Ultralytics never
-    falls back to the YAML's ``download:`` (a URL or a script it would run)."""
-    if not isinstance(value, str):
-        raise ArgError(f"data= must be a path to a data YAML, got {value!r}")
-    if not Path(value).exists():
-        raise ArgError(f"data={value!r}: no such file (lorakit never downloads datasets; give a local data YAML)")
-    if Path(value).suffix.lower() in (".yaml", ".yml"):
-        from ultralytics.data.utils import check_det_dataset
-
-        try:
-            check_det_dataset(value, autodownload=False)
-        except (FileNotFoundError, SyntaxError, TypeError, ValueError, KeyError) as exc:
-            raise ArgError(f"data={value!r}: {_first_line(exc)}") from None
-    return value
 
 
 def _local_source(value: Any) -> Any:
@@ -250,7 +235,7 @@ def _open(opts: dict[str, Any], lora: dict[str, Any] | None = None) -> LoraYOLO:
         raise
     except (FileNotFoundError, NotImplementedError, RuntimeError, KeyError, TypeError, AttributeError) as exc:
         # What Ultralytics raises for a file that is not a YOLO checkpoint/config, and LoraYOLO for non-detectors.
-        raise ArgError(f"model={spec!r}: cannot open it as a YOLO detector: {_first_line(exc)}") from None
+        raise ArgError(f"model={spec!r}: cannot open it as a YOLO detector: {first_line(exc)}") from None
     adapter = opts.pop("adapter", None)
     allow_other_base = _flag(opts, "allow_other_base")
     if adapter is not None:
@@ -268,7 +253,7 @@ def _train(argv: list[str]) -> int:
     if opts.get("resume"):
         raise ArgError("resume= is not supported with LoRA (checkpoints hold merged weights); start a new run")
     _check_settings(opts, "train")
-    opts["data"] = _local_data(opts["data"])
+    opts["data"] = local_data(opts["data"])
     spec = opts["model"]
     model = _open(opts, lora)
     model.train(**opts)  # ends by printing where the checkpoints and adapter folders are
@@ -281,7 +266,7 @@ def _val(argv: list[str]) -> int:
     opts = parse(argv, {"model", *ADAPTER_KEYS}, "val")
     _require(opts, ("model", "data"), "val", "lorakit yolo val model=base.pt adapter=DIR data=data.yaml")
     _check_settings(opts, "val")
-    opts["data"] = _local_data(opts["data"])
+    opts["data"] = local_data(opts["data"])
     model = _open(opts)
     metrics = model.val(**opts)
     box = metrics.box
@@ -341,4 +326,27 @@ def _merge(argv: list[str]) -> int:
     except OSError as exc:
         raise ArgError(f"out={str(out)!r}: cannot write it: {exc.strerror or exc}") from None
     print(f"merged {adapter} into {spec}: wrote {out} ({out.stat().st_size:,} bytes), a plain Ultralytics .pt")
+    return 0
+
+
+def _compare(argv: list[str]) -> int:
+    opts = parse(argv, {"model", "data", "base_data", "strategies", "out", "overwrite"}, "compare")
+    _require(opts, ("model", "data"), "compare", "lorakit yolo compare model=base.pt data=data.yaml epochs=20")
+    overwrite = _flag(opts, "overwrite")
+    from .comparison import compare
+
+    model, data = opts.pop("model"), opts.pop("data")
+    if not isinstance(model, str):
+        raise ArgError(f"model= must be a .pt or .yaml path, got {model!r}")
+    result = compare(
+        model,
+        data,
+        base_data=opts.pop("base_data", None),
+        strategies=opts.pop("strategies", None),
+        out=str(opts.pop("out", "runs/compare")),
+        overwrite=overwrite,
+        **opts,  # epochs, imgsz and Ultralytics' other settings, checked by compare
+    )
+    print("\n" + result.markdown)
+    print(f"wrote {result.folder / 'results.md'}, results.json, results.png")
     return 0

@@ -32,6 +32,33 @@ def require_local(spec: str, key: str = "model") -> None:
         raise ArgError(f"{key}={spec!r}: no such file (lorakit never downloads weights; give a local .pt)")
 
 
+def local_data(value: Any, key: str = "data") -> str:
+    """``data=``: a local path; a detection YAML's images must exist, so Ultralytics never
+    falls back to the YAML's ``download:`` (a URL or a script it would run).
+
+    Raises:
+        ArgError: naming ``key=value``: not a path, no such file, or a dataset whose images are missing.
+    """
+    if not isinstance(value, str):
+        raise ArgError(f"{key}= must be a path to a data YAML, got {value!r}")
+    if not Path(value).exists():
+        raise ArgError(f"{key}={value!r}: no such file (lorakit never downloads datasets; give a local data YAML)")
+    if Path(value).suffix.lower() in (".yaml", ".yml"):
+        from ultralytics.data.utils import check_det_dataset
+
+        try:
+            check_det_dataset(value, autodownload=False)
+        except (FileNotFoundError, SyntaxError, TypeError, ValueError, KeyError) as exc:
+            raise ArgError(f"{key}={value!r}: {first_line(exc)}") from None
+    return value
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (Ultralytics' run over several)."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
+
+
 def load_yolo(spec: str, args: Any = None) -> nn.Module:
     """The ``nn.Module`` (e.g. ``DetectionModel``) of a YOLO ``.yaml`` or a local ``.pt``
     (see :func:`require_local`)."""

@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -46,7 +45,10 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from ..compare.measure import peak_rss_mib, size
+from ..compare.report import fmt_bytes
 from ..machine import cpu_name
+from .measure import EpochMeter, open_yolo
 from .tolerance import Tolerance, compare_parts
 
 ARMS = ("full", "head", "lora")
@@ -131,55 +133,13 @@ class Settings:
 # --------------------------------------------------------------------------------------
 
 
-def _yolo(path: str | Path) -> Any:
-    """``ultralytics.YOLO(path)``, typed as ``Any`` (ultralytics ships no type hints)."""
-    from ultralytics import YOLO  # type: ignore[attr-defined]
-
-    return YOLO(str(path))
-
-
-def _peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def _size(path: Path) -> int:
-    return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-
-
 def _data(out: Path, domain: str) -> Path:
     return out / "data" / domain / "data.yaml"
 
 
-class _Meter:
-    """Ultralytics callbacks: the time of each training epoch and the number of optimised parameters."""
-
-    def __init__(self, model: Any) -> None:
-        self.epoch_s: list[float] = []
-        self.trainable = 0
-        self._t0 = 0.0
-        model.add_callback("on_pretrain_routine_end", self._count)
-        model.add_callback("on_train_epoch_start", self._start)
-        model.add_callback("on_train_epoch_end", self._end)
-
-    def _count(self, trainer: Any) -> None:
-        params = {id(p): p for g in trainer.optimizer.param_groups for p in g["params"] if p.requires_grad}
-        self.trainable = sum(p.numel() for p in params.values())
-
-    def _start(self, trainer: Any) -> None:
-        self._t0 = time.perf_counter()
-
-    def _end(self, trainer: Any) -> None:
-        self.epoch_s.append(time.perf_counter() - self._t0)
-
-    def epoch_seconds(self) -> float:
-        """Mean epoch time, leaving out the first epoch (caching and warm-up) when there are more."""
-        t = self.epoch_s[1:] or self.epoch_s
-        return sum(t) / len(t)
-
-
 def _val_file(weights: Path, data: Path, s: Settings) -> tuple[float, float]:
     """mAP50-95 and mAP50 of a checkpoint, from Ultralytics' own validator (``YOLO(weights).val``)."""
-    m = _yolo(weights).val(data=str(data), verbose=False, **_val_args(data, s))
+    m = open_yolo(weights).val(data=str(data), verbose=False, **_val_args(data, s))
     return float(m.box.map), float(m.box.map50)
 
 
@@ -244,8 +204,8 @@ def _raw(model: Any, x: Any) -> dict[str, Any]:
 
 def _job_pretrain(out: Path, s: Settings) -> dict[str, Any]:
     t0 = time.perf_counter()
-    model = _yolo("yolo26n.yaml")
-    meter = _Meter(model)
+    model = open_yolo("yolo26n.yaml")
+    meter = EpochMeter(model)
     model.train(
         data=str(_data(out, "A")),
         optimizer="AdamW",
@@ -253,23 +213,23 @@ def _job_pretrain(out: Path, s: Settings) -> dict[str, Any]:
         **s.train_args(out, "pretrain", s.pretrain_epochs),
     )
     shutil.copyfile(model.trainer.last, out / "base.pt")
-    return {"seconds": time.perf_counter() - t0, "epoch_s": meter.epoch_seconds(), "peak_rss_mib": _peak_rss_mib()}
+    return {"seconds": time.perf_counter() - t0, "epoch_s": meter.epoch_seconds(), "peak_rss_mib": peak_rss_mib()}
 
 
 def _job_plain(out: Path, s: Settings, arm: str) -> dict[str, Any]:
     """Full or head-only fine-tuning with the stock Ultralytics trainer."""
     from safetensors.torch import save_file
 
-    model = _yolo(out / "base.pt")
-    meter = _Meter(model)
+    model = open_yolo(out / "base.pt")
+    meter = EpochMeter(model)
     extra = {"freeze": 23} if arm == "head" else {}  # layers 0-22 frozen: only Detect (layer 23) trains
     t0 = time.perf_counter()
     lr = s.lr_head if arm == "head" else s.lr_full
     model.train(data=str(_data(out, "B")), optimizer="AdamW", lr0=lr, **extra, **s.train_args(out, arm, s.epochs))
-    seconds, rss = time.perf_counter() - t0, _peak_rss_mib()
+    seconds, rss = time.perf_counter() - t0, peak_rss_mib()
     best = Path(model.trainer.best)
     if arm == "head":  # what must be stored per domain: the head's weights
-        head = _yolo(best).model.model[-1]
+        head = open_yolo(best).model.model[-1]
         stored = out / "head_weights.safetensors"
         save_file({k: v.float().contiguous() for k, v in head.state_dict().items()}, str(stored))
     else:
@@ -278,7 +238,7 @@ def _job_plain(out: Path, s: Settings, arm: str) -> dict[str, Any]:
     return {
         "trainable": meter.trainable,
         "stored": str(stored.relative_to(out)),
-        "stored_bytes": _size(stored),
+        "stored_bytes": size(stored),
         "epoch_s": meter.epoch_seconds(),
         "train_s": seconds,
         "peak_rss_mib": rss,
@@ -298,10 +258,10 @@ def _job_lora(out: Path, s: Settings) -> dict[str, Any]:
     from .model import LoraYOLO
 
     model = LoraYOLO(str(out / "base.pt"))
-    meter = _Meter(model)
+    meter = EpochMeter(model)
     t0 = time.perf_counter()
     model.train(data=str(_data(out, "B")), **s.train_args(out, "lora", s.epochs))
-    seconds, rss = time.perf_counter() - t0, _peak_rss_mib()
+    seconds, rss = time.perf_counter() - t0, peak_rss_mib()
     trainer: Any = model.trainer
     adapter = model.save_adapter(out / "lora_adapter")
     m, m50 = _val_file(Path(trainer.best), _data(out, "B"), s)
@@ -310,7 +270,7 @@ def _job_lora(out: Path, s: Settings) -> dict[str, Any]:
         "r": trainer.lora_config.r,
         "trainable": meter.trainable,
         "stored": str(adapter.relative_to(out)),
-        "stored_bytes": _size(adapter),
+        "stored_bytes": size(adapter),
         "epoch_s": meter.epoch_seconds(),
         "train_s": seconds,
         "peak_rss_mib": rss,
@@ -318,7 +278,7 @@ def _job_lora(out: Path, s: Settings) -> dict[str, Any]:
         "map50_b": m50,
     }
     lora = trainer.ema.ema.float().eval()  # the final EMA, unmerged (val=False: best.pt is this epoch)
-    base = _yolo(out / "base.pt").model.float().eval()
+    base = open_yolo(out / "base.pt").model.float().eval()
     checks: dict[str, Any] = {}
 
     # 1. Adapter disabled == base, exactly. The adapter = LoRA factors + its fully trained modules (the new
@@ -395,7 +355,7 @@ def _check_onnx(out: Path, merged: Any, x: Any, s: Settings) -> dict[str, Any]:
     import onnxruntime as ort
     import torch
 
-    yolo = _yolo(out / "train" / "lora" / "weights" / "best.pt")  # the merged deploy file (fp16) ...
+    yolo = open_yolo(out / "train" / "lora" / "weights" / "best.pt")  # the merged deploy file (fp16) ...
     yolo.model.float().load_state_dict(merged.state_dict())  # ... given the exact fp32 merged weights
     path = Path(yolo.export(format="onnx", imgsz=s.imgsz, batch=1, device="cpu", verbose=False))
     onnx = out / "lora_merged.onnx"
@@ -423,7 +383,7 @@ def _check_onnx(out: Path, merged: Any, x: Any, s: Settings) -> dict[str, Any]:
         **check,
         "shape": list(gots[0].shape) if gots else None,
         "file": onnx.name,
-        "bytes": _size(onnx),
+        "bytes": size(onnx),
     }
 
 
@@ -471,10 +431,6 @@ def _run_child(job: str, out: Path, s: Settings) -> dict[str, Any]:
     return result
 
 
-def _fmt_bytes(n: float) -> str:
-    return f"{n / 2**20:.2f} MB" if n >= 2**20 else f"{n / 2**10:.0f} KB"
-
-
 def _rows(res: dict[str, dict[str, Any]], total: int) -> list[dict[str, Any]]:
     rows = []
     for arm in ARMS:
@@ -506,12 +462,12 @@ def _markdown(rows: list[dict[str, Any]], base: dict[str, Any], checks: dict[str
         "| method | trainable params | stored per domain | s / epoch | peak RSS | mAP50-95 B | mAP50 B "
         "| mAP50-95 A, adapter off |",
         "|---|---:|---|---:|---:|---:|---:|---:|",
-        f"| {TITLES['base']} | - | base.pt {_fmt_bytes(base['bytes'])} | - | - | - | - | {opt(base['map_a'])} |",
+        f"| {TITLES['base']} | - | base.pt {fmt_bytes(base['bytes'])} | - | - | - | - | {opt(base['map_a'])} |",
     ]
     for r in rows:
         lines.append(
             f"| {r['method']} | {r['trainable']:,} ({r['trainable_fraction']:.1%}) | {r['stored']} "
-            f"{_fmt_bytes(r['stored_bytes'])} | {r['epoch_s']:.2f} | {r['peak_rss_mib']:.0f} MiB | "
+            f"{fmt_bytes(r['stored_bytes'])} | {r['epoch_s']:.2f} | {r['peak_rss_mib']:.0f} MiB | "
             f"{r['map50_95_b']:.3f} | {r['map50_b']:.3f} | {opt(r['map50_95_a_restored'])} |"
         )
     lines.append("")
@@ -611,7 +567,7 @@ def run(out: Path, s: Settings) -> int:
     base = {
         "map_a": lora["base_map_a"],
         "map50_a": lora["base_map50_a"],
-        "bytes": _size(out / "base.pt"),
+        "bytes": size(out / "base.pt"),
         "pretrain_s": res["pretrain"]["seconds"],
     }
     from .trainer import LORA_AUTO_OPTIMIZER
@@ -663,7 +619,7 @@ def _random_base(out: Path) -> dict[str, Any]:
     from .data import DOMAINS
 
     t0 = time.perf_counter()
-    yolo = _yolo("yolo26n.yaml")
+    yolo = open_yolo("yolo26n.yaml")
     yolo.model = DetectionModel("yolo26n.yaml", nc=len(DOMAINS["A"]), verbose=False)  # type: ignore[no-untyped-call]
     yolo.save(out / "base.pt")
     return {"seconds": time.perf_counter() - t0}

@@ -333,7 +333,9 @@ class LoraYOLO(YOLO):  # type: ignore[misc]
         ``resume=True`` on ``LoraYOLO("runs/.../weights/last.pt")`` continues an
         interrupted LoRA run with its adapter, EMA and optimizer state (the LoRA
         settings are the run's own). ``trainer`` may name another class built on
-        :class:`~lorakit.yolo.trainer.LoraTrainerMixin`.
+        :class:`~lorakit.yolo.trainer.LoraTrainerMixin`. Several GPUs (``device="0,1"``) run
+        Ultralytics' DDP: each worker process gets these LoRA settings, and rank 0 alone writes the
+        adapters, the merged checkpoints and the resume state (``batch`` is the total over the GPUs).
 
         Raises:
             ConfigError: adapters are loaded; a bad ``optimizer`` (MuSGD included) or ``device``

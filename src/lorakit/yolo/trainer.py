@@ -35,8 +35,23 @@ override                     why
 ``_handle_nan_recovery``     on a NaN/Inf loss Ultralytics reloads ``last.pt`` into the
                              live model, which fails here (merged weights, no LoRA
                              keys); the trainable tensors, their EMA and the optimizer
-                             state of the last saved epoch are restored from memory
+                             state of the last good epoch are restored from memory
+``train``, ``setup_model``   several GPUs (``device=0,1``): the LoRA state travels to
+                             Ultralytics' DDP workers (see below)
 ===========================  ===========================================================
+
+Several GPUs: Ultralytics' ``train`` then pickles ``type(trainer)``, ``vars(trainer.args)``,
+the model and the callbacks (``ultralytics.utils.dist.generate_ddp_file``, with cloudpickle)
+and runs ``torch.distributed.run`` on a script that rebuilds the trainer in each worker as
+``cls(cfg=..., overrides=args, _callbacks=...)``: the ``lora=`` keyword (a ``partial``) is
+lost, and the model, when the launcher built it, arrives injected without its LoraConfig.
+So while the launcher writes that file its ``args`` hold :class:`CarriedLora` under
+``DDP_ARGS_KEY`` (removed again before anything saves ``args``); each worker's ``__init__``
+takes it out of ``overrides``. Every worker thus injects with the same options, or adopts
+the launcher's injected model with the launcher's config (``setup_model``). Rank 0 alone
+writes files: Ultralytics calls ``save_model`` there only, and ``get_model``,
+``setup_model`` and ``final_eval`` check ``RANK``; NaN recovery is decided by rank 0 for
+all, as in Ultralytics.
 
 Ultralytics' ``final_eval`` re-validates ``best.pt`` from disk with ``fuse=True``,
 which works because that file is already merged.
@@ -64,9 +79,10 @@ from pathlib import Path
 from typing import Any, cast
 
 import torch
+import torch.distributed as dist
 from torch import nn
 from ultralytics.models.yolo.detect import DetectionTrainer
-from ultralytics.utils import DEFAULT_CFG, LOGGER
+from ultralytics.utils import DEFAULT_CFG, LOGGER, RANK
 from ultralytics.utils.torch_utils import ModelEMA, unwrap_model
 
 from ..config import LoraConfig, as_patterns, finite_number
@@ -174,6 +190,27 @@ class LoraOptions:
         )
 
 
+# The trainer.args key that carries CarriedLora into Ultralytics' DDP workers (only while the launcher
+# writes their file: see the module docstring).
+DDP_ARGS_KEY = "lorakit_ddp"
+
+
+@dataclass(frozen=True)
+class CarriedLora:
+    """What a DDP worker's trainer needs from the launching one (pickled with Ultralytics' worker state).
+
+    ``config``, ``report`` and ``trainable`` are the launcher's injection, given when it
+    built the model (``LoraYOLO.train`` from a ``.pt``: Ultralytics pickles that injected
+    model for the workers); ``None``/empty when the workers build it (a ``.yaml`` model, or
+    ``resume=True``, whose LoRA settings come from the run's resume state).
+    """
+
+    options: LoraOptions
+    config: LoraConfig | None = None
+    report: InjectReport | None = None
+    trainable: frozenset[str] = frozenset()
+
+
 YOLO_METADATA = "lorakit_yolo"  # safetensors header key: what a base needs besides the tensors (class names)
 
 
@@ -261,6 +298,9 @@ class LoraTrainerMixin:
     Put it first: ``class LoraSegmentationTrainer(LoraTrainerMixin, SegmentationTrainer)``.
     A task whose output head has other re-initialised convs than the detector's
     class convs overrides :meth:`head_modules`.
+
+    Raises (``__init__``):
+        ConfigError: ``overrides[DDP_ARGS_KEY]`` is not a :class:`CarriedLora`.
     """
 
     # Ultralytics' BaseTrainer attributes this mixin reads (set there, untyped)
@@ -280,6 +320,7 @@ class LoraTrainerMixin:
     start_epoch: int
     epoch: int
     nan_recovery_attempts: int
+    ddp: bool
 
     def __init__(
         self,
@@ -289,7 +330,12 @@ class LoraTrainerMixin:
         *,
         lora: LoraOptions | None = None,
     ) -> None:
-        self.lora = lora or LoraOptions()
+        overrides = dict(overrides or {})
+        carried = overrides.pop(DDP_ARGS_KEY, None)  # set in a DDP worker only (see CarriedLora)
+        if carried is not None and not isinstance(carried, CarriedLora):
+            raise ConfigError(f"overrides[{DDP_ARGS_KEY!r}]: expected a CarriedLora, got {type(carried).__name__}")
+        self._carried: CarriedLora | None = carried
+        self.lora = lora or (carried.options if carried else LoraOptions())
         self.lora_report: InjectReport | None = None
         self.lora_config: LoraConfig | None = None
         self._lora_trainable: set[str] = set()
@@ -298,10 +344,60 @@ class LoraTrainerMixin:
         self._merged: MergedCopy | None = None  # the EMA merged, for validation and checkpoints
         self._changing_keys: list[str] | None = None  # what the resume state holds (resume.changing_keys)
         super().__init__(cfg, overrides, _callbacks)  # type: ignore[call-arg]
-        if self.world_size > 1:
-            raise NotImplementedError(f"{type(self).__name__}: multi-GPU (DDP) training is not supported yet")
         self.last_adapter = self.wdir / "last_adapter"
         self.best_adapter = self.wdir / "best_adapter"
+
+    def train(self) -> None:
+        """Ultralytics' ``train``; when it launches DDP workers, they get this trainer's LoRA state."""
+        if not self.ddp:
+            super().train()  # type: ignore[misc]
+            return
+        with self.carrying_lora():
+            super().train()  # type: ignore[misc]
+
+    @contextmanager
+    def carrying_lora(self) -> Iterator[CarriedLora]:
+        """Inside the block ``self.args`` holds this trainer's :class:`CarriedLora` under
+        ``DDP_ARGS_KEY``, so a DDP worker file written now (Ultralytics'
+        ``generate_ddp_file``) carries it; ``args`` is as before afterwards (checkpoints save
+        ``args`` and must not pickle lorakit objects)."""
+        injected = isinstance(self.model, nn.Module) and self.lora_config is not None
+        carried = CarriedLora(
+            options=self.lora,
+            config=self.lora_config if injected else None,
+            report=self.lora_report if injected else None,
+            trainable=frozenset(self._lora_trainable) if injected else frozenset(),
+        )
+        setattr(self.args, DDP_ARGS_KEY, carried)
+        try:
+            yield carried
+        finally:
+            delattr(self.args, DDP_ARGS_KEY)
+
+    def setup_model(self) -> Any:
+        """Ultralytics' ``setup_model``; a model that arrives injected (a DDP worker's, pickled by the
+        launcher after its ``get_model``) is adopted with the launcher's LoraConfig.
+
+        Raises:
+            RuntimeError: the model has LoRA layers but no :class:`CarriedLora` with a config came with it.
+        """
+        model = self.model
+        if (
+            isinstance(model, nn.Module)
+            and self.lora_config is None
+            and any(isinstance(m, LoraLayer) for m in model.modules())
+        ):
+            carried = self._carried
+            if carried is None or carried.config is None:
+                raise RuntimeError(
+                    f"{type(self).__name__}: the model given has LoRA layers but no LoraConfig came with it; "
+                    "let the trainer build the model (get_model)"
+                )
+            self.lora_config, self.lora_report = carried.config, carried.report
+            self._lora_trainable = set(carried.trainable)
+            if RANK in {-1, 0}:  # the launcher wrote it into the run folder it then cleared for the workers
+                resume.write_base(self.wdir, model)
+        return super().setup_model()  # type: ignore[misc]
 
     def check_resume(self, overrides: dict[str, Any]) -> None:
         """Ultralytics' resume checks, then the LoRA state saved beside ``last.pt`` (see :mod:`.resume`).
@@ -350,7 +446,8 @@ class LoraTrainerMixin:
                 if isinstance(m, nn.BatchNorm2d):
                     m.requires_grad_(True)
         if state is None:
-            resume.write_base(self.wdir, model)
+            if RANK in {-1, 0}:  # DDP: every worker builds the same model; one writes it
+                resume.write_base(self.wdir, model)
         else:
             resume.copy_into(model, state.live, f"{resume.FOLDER}/epoch{state.epoch}.safetensors")
         self.lora_config, self.lora_report = config, report
@@ -378,6 +475,8 @@ class LoraTrainerMixin:
         """Ultralytics' final validation of ``best.pt``; then the checkpoints get their ``description``
         and the resume state goes (the run is finished)."""
         super().final_eval()  # type: ignore[misc]
+        if RANK not in {-1, 0}:  # DDP: rank 0 wrote the files and alone rewrites them
+            return
         for pt, adapter in ((self.last, self.last_adapter), (self.best, self.best_adapter)):
             if pt.is_file() and adapter.is_dir():
                 describe_checkpoint(pt, merge_description(adapter, self.args.model, self.args.data))
@@ -401,8 +500,9 @@ class LoraTrainerMixin:
         channels = int((t.data or {}).get("channels", 3))
         x = torch.zeros(batch, channels, size, size, device=t.device)
         t0 = time.perf_counter()
+        model = unwrap_model(t.model)  # not through DDP: a forward without backward would confuse its reducer
         with torch.autocast(t.device.type, enabled=bool(t.amp)):  # the precision training runs in
-            measured = measure_conv_forms(unwrap_model(t.model), lambda: t.model(x))
+            measured = measure_conv_forms(model, lambda: model(x))
         weight = sum(1 for m in measured.values() if m["chosen"])
         LOGGER.info(
             f"LoRA: conv forms measured at batch {batch}, imgsz {size} in {time.perf_counter() - t0:.1f} s: "
@@ -494,7 +594,6 @@ class LoraTrainerMixin:
                 keys=self._changing_keys,
                 loraplus_ratio=self.lora.loraplus_ratio,
             )
-            self._last_good = self._snapshot()
         return saved
 
     def _snapshot(self) -> dict[str, Any]:
@@ -510,14 +609,22 @@ class LoraTrainerMixin:
         }
 
     def _handle_nan_recovery(self, epoch: int) -> bool:
-        """On a NaN/Inf loss or fitness, go back to the last saved epoch (from memory, not ``last.pt``).
+        """On a NaN/Inf loss or fitness, go back to the last good epoch (from memory, not ``last.pt``).
 
         Same policy as Ultralytics: nothing to do on the first epoch, at most 3 attempts,
-        then ``RuntimeError``. Returns True when the epoch must be redone.
+        then ``RuntimeError``; under DDP rank 0 decides for every rank. A good epoch is
+        remembered here, on every rank (``save_model`` runs on rank 0 only). Returns True
+        when the epoch must be redone.
         """
         loss_nan = self.loss is not None and not bool(torch.isfinite(self.loss).all())
         fitness_nan = self.fitness is not None and not math.isfinite(float(self.fitness))
-        if not (loss_nan or fitness_nan):
+        corrupted = RANK in {-1, 0} and (loss_nan or fitness_nan)
+        if RANK != -1 and dist.is_available() and dist.is_initialized():  # as Ultralytics: every rank follows rank 0
+            decision = [corrupted if RANK == 0 else None]
+            dist.broadcast_object_list(decision, 0)
+            corrupted = bool(decision[0])
+        if not corrupted:
+            self._last_good = self._snapshot()
             return False
         reason = "Loss NaN/Inf" if loss_nan else "Fitness NaN/Inf"
         good = self._last_good
@@ -530,7 +637,7 @@ class LoraTrainerMixin:
                 f"Training failed: NaN persisted for {self.nan_recovery_attempts} epochs (LoRA: try a lower lr0)"
             )
         LOGGER.warning(
-            f"{reason} detected (attempt {self.nan_recovery_attempts}/3), restoring the adapter of the last saved epoch"
+            f"{reason} detected (attempt {self.nan_recovery_attempts}/3), restoring the adapter of the last good epoch"
         )
         t: Any = self  # Ultralytics' trainer attributes are untyped (None in __init__)
         t._model_train()
