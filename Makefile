@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH)
-	$(BIN)/python -m pip install -q -e ".[yolo,hf,dev,qlora]" $(TORCH)
+	$(BIN)/python -m pip install -q -e ".[yolo,hf,dev,qlora,serve]" $(TORCH)
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -35,7 +35,7 @@ test: $(STAMP)
 
 # Benchmarks against PEFT, full fine-tuning and the frozen floor (long: ~30 min; run on a quiet machine).
 bench: $(STAMP)
-	$(BIN)/python -m pip install -q -e ".[yolo,hf,dev,qlora,bench]" $(TORCH)
+	$(BIN)/python -m pip install -q -e ".[yolo,hf,dev,qlora,serve,bench]" $(TORCH)
 	$(BIN)/python bench/train_step.py
 	$(BIN)/python bench/train_interleaved.py
 	$(BIN)/python bench/forward.py

@@ -32,6 +32,8 @@ verbs:
             lorakit yolo val|predict|export model=base.pt adapter=DIR [data=...|source=...|format=onnx]
             lorakit yolo merge model=base.pt adapter=DIR out=merged.pt [overwrite=False]
             lorakit yolo compare model=base.pt data=data.yaml [epochs=20] [base_data=old.yaml] [strategies=...]
+  serve     HTTP servers of one base with many adapters chosen per request (extra: serve)
+            lorakit serve yolo|llm model=... adapters=DIR [port=8000]
   version   print the lorakit version
 """
 
@@ -46,6 +48,7 @@ def _verbs() -> dict[str, Callable[[list[str]], int]]:
         "hf": _hf,
         "inspect": inspect_verb.run,
         "merge": merge_verb.run,
+        "serve": _serve,
         "version": _version,
         "yolo": _yolo,
     }
@@ -54,6 +57,13 @@ def _verbs() -> dict[str, Callable[[list[str]], int]]:
 def _hf(argv: list[str]) -> int:
     # Imported on use: it pulls in transformers.
     from ..hf.cli import run
+
+    return run(argv)
+
+
+def _serve(argv: list[str]) -> int:
+    # Imported on use: it pulls in fastapi and the model libraries.
+    from ..serve.cli import run
 
     return run(argv)
 
