@@ -138,6 +138,22 @@ def bench_yolo(root: Path, counts: list[int], n: int) -> list[dict[str, Any]]:
         naive.load_adapter(store / f"d{i}", name=f"d{i}", activate=False)
     _say("detector adapters loaded in the naive LoraYOLO")
     server = yolo_server(service, max_body=2**24)
+    # The 1.1x target compares a cached request with plain predict: time the two alternately, request by
+    # request, so the shared machine's load falls on both alike (timed apart, they drifted 1.35x vs 1.08x).
+    plain_lat: list[float] = []
+    served_lat: list[float] = []
+    t_plain = t_served = 0.0
+    for i in range(n):
+        t = time.perf_counter()
+        plain.predict(pil, **args)
+        plain_lat.append(time.perf_counter() - t)
+        t_plain += plain_lat[-1]
+        t = time.perf_counter()
+        service.detect(payloads[i % 8])
+        served_lat.append(time.perf_counter() - t)
+        t_served += served_lat[-1]
+    rows.append(_row("detector plain predict, interleaved", 0, plain_lat, t_plain, n, "req/s"))
+    rows.append(_row("detector served (in-process), interleaved", 8, served_lat, t_served, n, "req/s"))
     with in_thread(server.app) as url, httpx.Client(timeout=60) as client:
         for k in counts:
             lat, wall = _serial(n, lambda i, k=k: service.detect(payloads[i % k]))
@@ -263,8 +279,8 @@ def main() -> None:
     summary = {
         "llm_8_adapters_speedup_vs_naive": by[("llm served (batched waves)", 8)]["throughput"]
         / by[("llm naive (set_adapter + generate, serial)", 8)]["throughput"],
-        "detector_cached_p50_vs_plain": by[("detector served (in-process)", 8)]["p50_ms"]
-        / by[("detector plain Ultralytics predict", 0)]["p50_ms"],
+        "detector_cached_p50_vs_plain": by[("detector served (in-process), interleaved", 8)]["p50_ms"]
+        / by[("detector plain predict, interleaved", 0)]["p50_ms"],
         "detector_http_p50_vs_plain": by[("detector served over HTTP", 8)]["p50_ms"]
         / by[("detector plain Ultralytics predict", 0)]["p50_ms"],
     }

@@ -17,6 +17,10 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 
 # Blocks that cannot run in the tests, by their first line, each with the reason.
 NOT_RUN = {
+    'pip install "lorakit[serve,yolo]"      # or [serve,hf] for language models': (
+        "installs packages and starts servers that run until stopped; tests/serve starts the same servers "
+        "(lorakit serve yolo through the CLI in a subprocess) on 127.0.0.1 and sends them real requests"
+    ),
     "lorakit yolo compare model=base.pt data=data.yaml epochs=20 imgsz=640 base_data=old.yaml": (
         "trains eight strategies, a process each (minutes); the same command on stand-ins is "
         "tests/yolo/test_compare.py (every strategy, column, resume and bad input)"
