@@ -42,7 +42,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/adapters.py
 	$(BIN)/python bench/hf_minilm.py
 
-# Needs a CUDA device (~4 min on one H200): tests/gpu, then LLaMA-style LoRA step vs PEFT (bf16) and yolo26n
+# Needs a CUDA device (~5 min on one H200): tests/gpu, then LLaMA-style LoRA step vs PEFT (bf16, and on an NF4 base) and yolo26n
 # LoRA vs full fine-tuning with AMP; writes bench/results/gpu_check.json. Without CUDA it says so and stops.
 gpu-check: $(STAMP)
 	$(BIN)/python bench/gpu_check.py

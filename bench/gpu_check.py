@@ -1,6 +1,6 @@
 """The GPU check: ``tests/gpu`` and a short GPU benchmark, in one command (``make gpu-check``).
 
-    python bench/gpu_check.py               # on a CUDA machine: about 3-4 min on one H200
+    python bench/gpu_check.py               # on a CUDA machine: about 4-5 min on one H200
     python bench/gpu_check.py --cpu-smoke   # every code path at toy sizes on CPU (no GPU needed; ~1-2 min)
 
 1. ``pytest tests/gpu`` (the CUDA arithmetic tests and a YOLO LoRA epoch with ``amp=True``).
@@ -10,6 +10,8 @@
    vocab 32000: about 220M parameters), LoRA r=16, alpha=32 on every attention and MLP
    projection, batch 8 x 512 tokens, fused AdamW; median of 10 timed steps after 3 warm-up
    steps -> tokens/s, and the peak CUDA memory of the process (``max_memory_allocated``).
+   Then the same with a QLoRA base: the weights reloaded with NF4 Linear layers
+   (:func:`lorakit.hf.load_quantized`, bf16 compute), lorakit vs PEFT on that same model.
 3. yolo26n LoRA (LoraYOLO defaults) vs full fine-tuning (Ultralytics' own trainer) with AMP
    (``amp=True``, Ultralytics' default) on generated data (:func:`lorakit.yolo.make_dataset`,
    the demo's generator; 512 images at 320 px, batch 32): seconds per epoch, the second of two
@@ -94,6 +96,14 @@ def child_llama(lib: str, smoke: bool) -> dict[str, Any]:
     with device:  # built on the device: initialising 220M parameters on one CPU thread would take seconds
         model: Any = LlamaForCausalLM(cfg).to(torch.bfloat16)
     total = sum(p.numel() for p in model.parameters())
+    lib, _, base = lib.partition("-")
+    if base == "nf4":  # QLoRA: the same weights reloaded with 4-bit NF4 Linear layers (bitsandbytes)
+        from lorakit.hf import load_quantized
+
+        with tempfile.TemporaryDirectory() as folder:
+            model.save_pretrained(folder)
+            del model
+            model = load_quantized(folder, "nf4", compute_dtype="bfloat16", device=str(device))
     if lib == "peft":
         import peft
 
@@ -127,6 +137,7 @@ def child_llama(lib: str, smoke: bool) -> dict[str, Any]:
     return {
         "bench": "llama",
         "lib": lib,
+        "base": base or "bf16",
         "params_m": round(total / 1e6, 1),
         "trainable_m": round(sum(p.numel() for p in params) / 1e6, 2),
         "adapter_dtypes": sorted({str(p.dtype).removeprefix("torch.") for p in params}),
@@ -255,7 +266,7 @@ def _table(res: dict[str, Any]) -> str:
             lines.append(f"  {r['child'][1]:<24}failed")
             continue
         tok, ms, peak = _fmt(r["tokens_per_s"], ",.0f"), _fmt(r["step_s"] * 1e3, ".1f"), _fmt(r["peak_mib"], ",.0f")
-        lines.append(f"  {r['lib']:<24}{tok:>12}{ms:>10}{peak:>10}")
+        lines.append(f"  {r['lib'] + ', ' + r['base'] + ' base':<24}{tok:>12}{ms:>10}{peak:>10}")
     lines += ["", f"{'yolo26n epoch (AMP)':<26}{'s/epoch':>12}{'amp':>10}{'peak MiB':>10}{'trainable':>12}"]
     for r in res["yolo"]:
         if "error" in r:
@@ -293,7 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     res: dict[str, Any] = {"gpu": gpu, "smoke": smoke, "machine": common.machine(), "tests": _gpu_tests(smoke)}
     res["cuda"] = torch.version.cuda
     print(f"  {res['tests']['summary']}\nLLaMA-style LoRA step, lorakit vs PEFT ...", flush=True)
-    res["llama"] = [_child(["llama", lib], smoke) for lib in ("lorakit", "peft")]
+    res["llama"] = [_child(["llama", lib], smoke) for lib in ("lorakit", "peft", "lorakit-nf4", "peft-nf4")]
     print("yolo26n LoRA vs full fine-tuning with AMP ...", flush=True)
     with tempfile.TemporaryDirectory(prefix="lorakit-gpu-check-") as tmp:
         work = Path(tmp)
