@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,8 +16,8 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
 @pytest.fixture(scope="session", autouse=True)
-def loopback_only(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    offline.enable(tmp_path_factory.mktemp("yolo_config"))
+def loopback_only(yolo_config_dir: Path) -> Iterator[None]:
+    offline.enable(yolo_config_dir)
     originals = (socket.getaddrinfo, socket.socket.connect)
     refused: list[str] = []
 

@@ -54,9 +54,9 @@ def network_guard() -> Iterator[list[str]]:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def yolo_offline(network_guard: list[str], tmp_path_factory: pytest.TempPathFactory) -> str:
-    """Offline Ultralytics with a private config dir (before any ultralytics import)."""
-    return str(offline.enable(tmp_path_factory.mktemp("yolo_config")))
+def yolo_offline(network_guard: list[str], yolo_config_dir: Path) -> str:
+    """Offline Ultralytics with the session's private config dir (before any ultralytics import)."""
+    return str(offline.enable(yolo_config_dir))
 
 
 @pytest.fixture(autouse=True)
