@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import random
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,6 +22,7 @@ from lorakit.serve import content_version
 from lorakit.serve.app import in_thread as running
 
 from ..hf.conftest import _tokenizer  # the word-level tokenizer of the hf tests' tiny models
+from .clients import run_clients
 
 MAX_TOKENS = 12
 PROMPTS = ["the color of sky is", "one two", "repeat say good movie film great", "love", "snow is white red one"]
@@ -118,11 +118,7 @@ def test_concurrent_requests_are_batched_and_equal_their_answer_alone(
                 if body.get("adapter_version") != version or r.headers.get("X-Lorakit-Adapter-Version") != version:
                     failures.append(f"{name}: version {body.get('adapter_version')}")
 
-    threads = [threading.Thread(target=client, args=(jobs[i::6],)) for i in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    run_clients(client, jobs)
     assert not failures, failures[:5]
     after = served.service.batcher.stats()
     rows, waves = after["rows"] - before["rows"], after["waves"] - before["waves"]

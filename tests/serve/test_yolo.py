@@ -26,6 +26,7 @@ import lorakit
 from lorakit.serve import content_version
 from lorakit.serve.app import in_thread as running
 
+from .clients import run_clients
 from .yolo_world import IMGSZ, b64, make_detector_adapter, offline_answers, png_images
 
 pytestmark = pytest.mark.slow
@@ -118,12 +119,8 @@ def test_concurrent_clients_get_their_adapters_answers(world: SimpleNamespace, u
                 if not ok:
                     failures.append(f"{name} image {k}: {r.status_code} {r.text[:300]}")
 
-    threads = [threading.Thread(target=client, args=(jobs[i::6],)) for i in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert not failures and not any(t.is_alive() for t in threads)
+    run_clients(client, jobs)
+    assert not failures
 
     with httpx.Client(timeout=60) as c:  # several images in one request: one result each, in order
         body = _detect(c, url, "cars", world.images).json()
