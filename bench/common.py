@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from lorakit.compare.measure import peak_rss_mib as peak_rss_mib  # one home: what compare and the demo report
 from lorakit.machine import cpu_name
 
 HERE = Path(__file__).resolve().parent
@@ -39,10 +40,6 @@ def rss_mib() -> float:
     """Current resident set size in MiB (procfs)."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _busy_jiffies() -> int:
