@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from yolo_helpers import NETWORK_REFUSED
+from yolo_helpers import NETWORK_REFUSED, assert_no_lorakit_class
 
 from lorakit.yolo import offline
 
@@ -98,7 +98,7 @@ def plain_ultralytics(yolo_offline: str) -> Callable[..., None]:
     def check(paths: Iterable[str | os.PathLike[str]], imgsz: int = 64) -> None:
         args = [str(p) for p in paths]
         for p in args:
-            assert b"lorakit" not in Path(p).read_bytes(), p
+            assert_no_lorakit_class(Path(p))
         proc = subprocess.run(
             [sys.executable, "-c", _LOAD_PLAIN, str(imgsz), *args], capture_output=True, text=True, timeout=300
         )

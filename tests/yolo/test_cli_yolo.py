@@ -21,7 +21,7 @@ import pytest
 import safetensors
 import torch
 from torch import nn
-from yolo_helpers import checkpoint, final_outputs, save_random_detector, with_run_args
+from yolo_helpers import assert_no_lorakit_class, checkpoint, final_outputs, save_random_detector, with_run_args
 
 from lorakit.cli import main
 
@@ -194,7 +194,7 @@ def test_merge_writes_a_plain_checkpoint_atomically(run: SimpleNamespace, capsys
     assert main(argv) == 0
     assert str(out_file) in capsys.readouterr().out
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged.pt"]  # no temp file left behind
-    assert b"lorakit" not in out_file.read_bytes()
+    assert_no_lorakit_class(out_file)
     plain = YOLO(str(out_file)).model.float().eval()
     ref = LoraYOLO(str(run.pt), adapter=run.adapter).merged_model().eval()
     x = _x(1)

@@ -19,7 +19,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from torch import nn
-from yolo_helpers import TINY_TRAIN, final_outputs, save_random_detector
+from yolo_helpers import TINY_TRAIN, assert_no_lorakit_class, final_outputs, save_random_detector
 
 import lorakit
 
@@ -122,7 +122,7 @@ def test_save_merged_is_a_plain_checkpoint(runs: SimpleNamespace, tmp_path: Path
 
     m = LoraYOLO(str(runs.pt), adapter=runs.new.adapter)
     f = m.save_merged(tmp_path / "merged.pt")
-    assert b"lorakit" not in f.read_bytes()
+    assert_no_lorakit_class(f)
     plain = YOLO(str(f))
     assert not any(isinstance(mod, lorakit.LoraLayer) for mod in plain.model.modules())
     assert plain.names == runs.new.ema.names

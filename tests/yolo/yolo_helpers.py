@@ -143,3 +143,47 @@ def child_network_guard(root: Path) -> tuple[dict[str, str], Path]:
     log = root / "network.log"
     path = os.pathsep.join([str(guard), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     return {"PYTHONPATH": path, "LORAKIT_NETWORK_LOG": str(log)}, log
+
+
+_STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING", "BINSTRING", "STRING"}
+
+
+def pickled_modules(path: Path) -> set[str]:
+    """The modules a ``torch.save`` file's pickle imports classes or functions from, read without unpickling.
+
+    A plain Ultralytics checkpoint must name no ``lorakit`` module. Searching the raw bytes for
+    "lorakit" is not the same check: Ultralytics stores the git commit message of the current
+    checkout in every checkpoint's ``train_args``, so any commit subject naming the project failed it.
+    """
+    import pickletools
+    import zipfile
+
+    with zipfile.ZipFile(path) as zf:
+        data = zf.read(next(n for n in zf.namelist() if n.endswith("/data.pkl")))
+    modules: set[str] = set()
+    pushed: list[Any] = []  # what each opcode pushed (None for non-strings): STACK_GLOBAL reads the last two
+    memo: dict[int, Any] = {}
+    for op, arg, _pos in pickletools.genops(data):
+        if op.name in _STRING_OPS:
+            pushed.append(arg)
+        elif op.name in ("BINPUT", "LONG_BINPUT", "PUT"):
+            memo[int(arg)] = pushed[-1] if pushed else None
+        elif op.name == "MEMOIZE":
+            memo[len(memo)] = pushed[-1] if pushed else None
+        elif op.name in ("BINGET", "LONG_BINGET", "GET"):
+            pushed.append(memo.get(int(arg)))
+        elif op.name in ("GLOBAL", "INST"):
+            modules.add(str(arg).split(" ")[0])
+            pushed.append(None)
+        elif op.name == "STACK_GLOBAL":
+            modules.add(str(pushed[-2]))
+            pushed.append(None)
+        else:
+            pushed.append(None)
+    return modules
+
+
+def assert_no_lorakit_class(path: Path) -> None:
+    """The checkpoint's pickle references no lorakit module (so plain Ultralytics can load it)."""
+    named = sorted(m for m in pickled_modules(Path(path)) if m == "lorakit" or m.startswith("lorakit."))
+    assert not named, f"{path} pickles lorakit classes from {named}"
