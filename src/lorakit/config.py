@@ -60,6 +60,30 @@ def match_pattern(pattern: str, name: str) -> bool:
     return name == pattern or name.endswith("." + pattern)
 
 
+class PatternSet:
+    """Patterns read once, then matched against many module paths (same rules as :func:`match_pattern`).
+
+    Plain patterns are looked up by the path's dot-boundary suffixes (``a.b.c`` -> ``a.b.c``,
+    ``b.c``, ``c``): one set probe per path depth, not one comparison per pattern. An
+    adapter saved with explicit paths names a hundred layers, and a model has about a
+    thousand modules, so comparing each pair made loading such an adapter slow.
+    """
+
+    def __init__(self, patterns: Iterable[str]) -> None:
+        ordered = list(dict.fromkeys(patterns))
+        self._rank = {p: i for i, p in enumerate(ordered)}
+        self._plain = {p for p in ordered if not is_wildcard(p)}
+        self._wild = [p for p in ordered if is_wildcard(p)]
+
+    def matching(self, name: str) -> list[str]:
+        """The patterns matching ``name``, in their given order (each once)."""
+        hits = [p for p in self._wild if match_pattern(p, name)]
+        if self._plain:
+            parts = name.split(".")
+            hits += [s for s in (".".join(parts[i:]) for i in range(len(parts))) if s in self._plain]
+        return sorted(hits, key=self._rank.__getitem__)
+
+
 def is_wildcard(pattern: str) -> bool:
     """Glob and regex patterns may match layers lorakit cannot adapt; those are skipped."""
     return pattern.startswith("re:") or bool(_GLOB_CHARS & set(pattern))

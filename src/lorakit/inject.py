@@ -14,7 +14,7 @@ from . import init_svd, owned, state
 from .adapters import active_adapters, set_adapter
 from .batchnorm import _keep_eval as _keep_eval  # pickles made before the move name lorakit.inject._keep_eval
 from .batchnorm import freeze_batchnorm, release_batchnorm
-from .config import ALL_LINEAR, LoraConfig, is_wildcard, match_pattern
+from .config import ALL_LINEAR, LoraConfig, PatternSet, is_wildcard, match_pattern
 from .errors import ConfigError, TargetError
 from .layers.base import LayerHandler, LoraAdapter, LoraLayer, handler_for, registered_types, wrap
 from .peft_names import is_svd_init
@@ -112,7 +112,8 @@ def select_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.M
             the closest module names and the adaptable layers).
     """
     head = _output_head(model) if ALL_LINEAR in config.targets else None
-    name_patterns = [p for p in config.targets if p != ALL_LINEAR]
+    targets = PatternSet(p for p in config.targets if p != ALL_LINEAR)
+    excluded = PatternSet(config.exclude)
     skip: set[int] = set()
     found: list[tuple[str, nn.Module, LayerHandler]] = []
     for name, module in model.named_modules():
@@ -122,7 +123,7 @@ def select_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.M
             skip.update(id(m) for m in module.lora.modules())
         if isinstance(module, LoraAdapter):
             continue
-        by_name = [p for p in name_patterns if match_pattern(p, name)]
+        by_name = targets.matching(name)
         by_type = bool(config.target_types) and _type_matches(module, config.target_types)
         handler = handler_for(module)
         by_all_linear = (
@@ -130,7 +131,7 @@ def select_targets(model: nn.Module, config: LoraConfig) -> list[tuple[str, nn.M
         )
         if not (by_name or by_type or by_all_linear):
             continue
-        if any(match_pattern(p, name) for p in config.exclude):
+        if excluded.matching(name):
             continue
         if handler is None:
             explicit = [p for p in by_name if not is_wildcard(p)]

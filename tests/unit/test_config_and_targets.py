@@ -113,6 +113,25 @@ def test_name_patterns() -> None:
     assert "layers.0.norm" not in _targets(LoraConfig(targets=["layers.0.*"]))
 
 
+def test_pattern_set_matches_as_match_pattern() -> None:
+    """``PatternSet`` (suffix lookup, used by inject) agrees with ``match_pattern`` pair by pair,
+    order included, on near misses: partial words, dot boundaries, globs and regexes."""
+    from lorakit.config import PatternSet, match_pattern
+
+    patterns = [
+        "q_proj", "layers.1.q_proj", "1.q_proj", "ayers.1.q_proj", "model.layers", "*.v_proj",
+        "layers.?.k_proj", r"re:.*\.(q|v)_proj", "re:layers", "my_q_proj", "q_proj", "model.layers.0.q_proj",
+    ]  # fmt: skip
+    names = [
+        "", "q_proj", "my_q_proj", "layers.1.q_proj", "model.layers.1.q_proj", "model.layers.11.q_proj",
+        "model.layers.0.k_proj", "model.layers.0.v_proj", "model.layers", "xmodel.layers", "layers", "a.b.my_q_proj",
+    ]  # fmt: skip
+    matcher = PatternSet(patterns)
+    for name in names:
+        expected = list(dict.fromkeys(p for p in patterns if match_pattern(p, name)))
+        assert matcher.matching(name) == expected, name
+
+
 def test_all_linear_skips_output_head_and_types_select() -> None:
     names = _targets(LoraConfig(targets="all-linear"))
     assert "lm_head" not in names and len(names) == 8

@@ -244,7 +244,13 @@ class LoraYOLO(YOLO):  # type: ignore[misc]
             return model
         key = (self._generation, self._disabled, self.active_adapter)
         if self._view is None or self._view[0] != key:
-            copy = deepcopy(model)
+            # The copy shares every adapter's factors instead of copying them: merging only
+            # reads them, and unwrapping drops the copy's references. Copying all of them made
+            # each switch cost time in proportion to the number of adapters loaded.
+            shared: dict[int, Any] = {
+                id(ad): ad for m in model.modules() if isinstance(m, LoraLayer) for ad in m.lora.values()
+            }
+            copy = deepcopy(model, shared)
             if self._disabled or key[2] is None:
                 core.unload(copy)
             else:
