@@ -19,7 +19,10 @@ from ..io_format import atomic_path, atomic_write
 
 
 def fmt_bytes(n: float) -> str:
-    """``5_300_000`` -> ``"5.05 MB"`` (MiB), ``120_000`` -> ``"117 KB"`` (KiB)."""
+    """``5_300_000`` -> ``"5.05 MB"`` (MiB), ``120_000`` -> ``"117 KB"`` (KiB), ``300`` -> ``"300 B"``
+    (a small head's file would show as "0 KB")."""
+    if n < 2**10:
+        return f"{n:.0f} B"
     return f"{n / 2**20:.2f} MB" if n >= 2**20 else f"{n / 2**10:.0f} KB"
 
 
