@@ -2,8 +2,8 @@
 
 ::
 
-    from lorakit.hf.comparison import compare
-    result = compare("models/llama", "train.jsonl", epochs=3, base_data="old.jsonl")
+    import lorakit.hf
+    result = lorakit.hf.compare("models/llama", "train.jsonl", epochs=3, base_data="old.jsonl")
     result.rows          # one dict per strategy: eval loss, trainable, bytes stored, s/epoch, memory, forgetting
     print(result.markdown)
 
@@ -46,12 +46,8 @@ from .comparison_job import CATALOGUE, PLAIN
 JOB = "lorakit.hf.comparison_job"
 PLAIN_LR = 5e-5  # transformers' TrainingArguments default learning_rate
 _PER_STRATEGY = "compare sets it per strategy (strategies=lora-r4,lora-r16,dora,loraplus,...)"
-# hf train keys compare sets itself, and why
+# hf train keys compare sets itself, and why (model, data, out and epochs are compare's own arguments)
 RESERVED = {
-    "model": "give it as compare's model",
-    "data": "give it as compare's data",
-    "out": "out is compare's run folder",
-    "epochs": "give it as compare's epochs",
     "r": _PER_STRATEGY,
     "dora": _PER_STRATEGY,
     "loraplus_ratio": _PER_STRATEGY,
