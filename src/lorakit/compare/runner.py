@@ -8,8 +8,9 @@ peak memory that strategy's own, and a crash in one strategy leaves the others' 
 ``fork=True`` starts each job as a fork of this process calling the module's ``main([FOLDER,
 STRATEGY])`` instead of a new interpreter: the libraries this process imported are not imported
 again (transformers' Trainer takes 10 s of CPU to import, more than a small strategy's training).
-The caller must not have initialised CUDA (a forked child cannot use it then); the child's peak
-RSS starts from what this process held when it forked.
+A forked child cannot use CUDA once this process has initialised it (a notebook that ran a
+model on the GPU), so then each job gets a new interpreter after all. The child's peak RSS
+starts from what this process held when it forked.
 """
 
 from __future__ import annotations
@@ -58,16 +59,24 @@ def _fork(folder: Path, name: str, module: str, log: Path) -> int:
     return child.exitcode if child.exitcode is not None else 1
 
 
+def _can_fork() -> bool:
+    """``fork`` exists here and this process has not initialised CUDA (a forked child could not use it)."""
+    if not hasattr(os, "fork"):
+        return False
+    torch = sys.modules.get("torch")
+    return torch is None or not torch.cuda.is_initialized()
+
+
 def run_job(folder: Path, name: str, module: str, fork: bool = False) -> None:
     """``python -m module folder name`` (``fork``: ``module.main([folder, name])`` in a fork of this
-    process, where the platform has ``fork``), its output to ``folder/logs/NAME.log``.
+    process, where it can fork, see the module docstring), its output to ``folder/logs/NAME.log``.
 
     Raises:
         StrategyFailedError: it exited non-zero or kept no result (the log's last line is quoted).
     """
     log = folder / "logs" / f"{name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    if fork and hasattr(os, "fork"):
+    if fork and _can_fork():
         code = _fork(folder, name, module, log)
     else:
         with open(log, "wb") as f:
