@@ -7,6 +7,7 @@ import io
 import json
 import os
 import re
+import sys
 import textwrap
 from pathlib import Path
 
@@ -115,29 +116,50 @@ _JOB = textwrap.dedent(
     """
     import json, sys
     from pathlib import Path
-    folder, name = Path(sys.argv[1]), sys.argv[2]
-    settings = json.loads((folder / "settings.json").read_text())
-    if name == "bad":
-        print("training went wrong: out of patience")
-        sys.exit(3)
-    (folder / "results" / f"{name}.json").write_text(json.dumps({"n": len(name), "lr": settings["lr"]}))
+
+    def main(argv):
+        folder, name = Path(argv[0]), argv[1]
+        settings = json.loads((folder / "settings.json").read_text())
+        if name == "bad":
+            print("training went wrong: out of patience")
+            return 3
+        if name == "crash":
+            raise RuntimeError("the job broke")
+        # pytest is imported in a fork of this test's process, not in a fresh interpreter
+        result = {"n": len(name), "lr": settings["lr"], "forked": "pytest" in sys.modules}
+        (folder / "results" / f"{name}.json").write_text(json.dumps(result))
+        return 0
+
+    if __name__ == "__main__":
+        sys.exit(main(sys.argv[1:]))
     """
 )
 
 
+@pytest.mark.parametrize("fork", [False, True], ids=["interpreter", "fork"])
 def test_run_missing_runs_only_what_is_missing_and_names_a_failure(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fork: bool
 ) -> None:
     (tmp_path / "jobs").mkdir()
     (tmp_path / "jobs" / "fake_job.py").write_text(_JOB)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path / "jobs"), os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.syspath_prepend(str(tmp_path / "jobs"))
+    monkeypatch.delitem(sys.modules, "fake_job", raising=False)
     store = ResultStore(tmp_path / "run", {"lr": 0.1})
     store.put("kept", {"n": 99, "wall_s": 5.0})
     out = io.StringIO()
-    results = run_missing(store, ["kept", "abc"], "fake_job", lambda r: f"n={r['n']}", out)
-    assert results == [{"n": 99, "wall_s": 5.0}, {"n": 3, "lr": 0.1}]
+    results = run_missing(store, ["kept", "abc"], "fake_job", lambda r: f"n={r['n']}", out, fork=fork)
+    assert results == [{"n": 99, "wall_s": 5.0}, {"n": 3, "lr": 0.1, "forked": fork}]
     assert "[1/2] kept: kept from an earlier run" in out.getvalue() and "done in" in out.getvalue()
     with pytest.raises(StrategyFailedError, match=r"'bad' failed \(exit status 3\): training went wrong"):
-        run_missing(store, ["kept", "abc", "bad"], "fake_job", str, io.StringIO())
-    assert store.get("abc") == {"n": 3, "lr": 0.1} and store.get("bad") is None
+        run_missing(store, ["kept", "abc", "bad"], "fake_job", str, io.StringIO(), fork=fork)
+    assert store.get("abc") == {"n": 3, "lr": 0.1, "forked": fork} and store.get("bad") is None
     assert (tmp_path / "run" / "logs" / "bad.log").read_text().startswith("training went wrong")
+    # an exception: exit status 1, its last line quoted, the traceback in the log
+    with pytest.raises(StrategyFailedError, match=r"'crash' failed \(exit status 1\): RuntimeError: the job broke"):
+        run_missing(store, ["crash"], "fake_job", str, io.StringIO(), fork=fork)
+    assert "Traceback" in (tmp_path / "run" / "logs" / "crash.log").read_text()
+
+
+def test_bytes_under_a_kib_are_shown_as_bytes() -> None:
+    assert [fmt_bytes(n) for n in (300, 1024, 120_000, 5_300_000)] == ["300 B", "1 KB", "117 KB", "5.05 MB"]

@@ -26,6 +26,7 @@ verbs:
   hf        transformers models: LoRA training on JSONL data, generation with an adapter
             lorakit hf train model=DIR data=FILE.jsonl out=DIR [r=16] [epochs=3] [resume=True]
             lorakit hf generate model=DIR adapter=DIR prompt=TEXT
+            lorakit hf compare model=DIR data=FILE.jsonl [epochs=3] [base_data=FILE.jsonl] [strategies=...]
   yolo      Ultralytics YOLO (detect, segment, pose, obb, classify) as `yolo` users type: LoRA training,
             and base + adapter served
             lorakit yolo train model=base.pt data=data.yaml [epochs=100] [imgsz=640] [r=8] [any YOLO setting]

@@ -3,21 +3,26 @@
 Rows are dicts (one per strategy); :class:`Column` says how one key is shown,
 :class:`Axis` which way is better. :func:`verdicts` names the winner of each axis
 from the numbers, and the strategies no other beats on both accuracy and bytes
-stored (the trade-off the plot shows).
+stored (the trade-off the plot shows). :func:`write_report` lays them out as every
+integration's report does and writes ``results.json``, ``results.md`` and ``results.png``.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..io_format import atomic_path
+from ..io_format import atomic_path, atomic_write
 
 
 def fmt_bytes(n: float) -> str:
-    """``5_300_000`` -> ``"5.05 MB"`` (MiB), ``120_000`` -> ``"117 KB"`` (KiB)."""
+    """``5_300_000`` -> ``"5.05 MB"`` (MiB), ``120_000`` -> ``"117 KB"`` (KiB), ``300`` -> ``"300 B"``
+    (a small head's file would show as "0 KB")."""
+    if n < 2**10:
+        return f"{n:.0f} B"
     return f"{n / 2**20:.2f} MB" if n >= 2**20 else f"{n / 2**10:.0f} KB"
 
 
@@ -140,3 +145,75 @@ def plot(
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A finished comparison: ``rows`` (one dict per strategy, in the order run), ``base`` (the base
+    model's size and measurements), the ``verdicts`` in words, the strategies on the
+    accuracy-vs-bytes front (``pareto``), the ``markdown`` report and its ``folder``."""
+
+    rows: list[dict[str, Any]]
+    base: dict[str, Any]
+    verdicts: list[str]
+    pareto: list[str]
+    markdown: str
+    folder: Path
+
+
+def epochs_text(n: int) -> str:
+    """``1`` -> ``"1 epoch"``, ``3`` -> ``"3 epochs"``."""
+    return f"{n} epoch{'s' if n != 1 else ''}"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What one integration's report says around the numbers.
+
+    ``title`` heads it; ``intro`` (the setup) precedes the table; ``notes`` follow it, line by line;
+    ``columns`` are the table's, ``axes`` the verdicts', ``gain`` and ``cost`` the front's;
+    ``ys`` the plot's panels (:func:`plot`), ``plot_title`` its title.
+    """
+
+    title: str
+    intro: str
+    columns: Sequence[Column]
+    notes: Sequence[str]
+    axes: Sequence[Axis]
+    gain: Axis
+    cost: Axis
+    ys: Sequence[tuple[str, str]]
+    plot_title: str
+
+
+def write_report(
+    folder: Path, settings: dict[str, Any], base: dict[str, Any], rows: list[dict[str, Any]], layout: Layout
+) -> Comparison:
+    """The Markdown report (title, setup, table, notes, each strategy's method, who wins where, the
+    accuracy-vs-bytes front) and ``results.json``/``results.md``/``results.png`` in ``folder``,
+    each written atomically. Rows need ``strategy`` and ``method``."""
+    said = verdicts(rows, layout.axes)
+    front = pareto(rows, layout.gain, layout.cost)
+    lines = [f"# {layout.title}", "", layout.intro, "", markdown_table(rows, layout.columns), *layout.notes]
+    lines += ["", "## Strategies", ""] + [f"- `{r['strategy']}`: {r['method']}" for r in rows]
+    lines += ["", "## Who wins where", ""] + [f"- {v}" for v in said]
+    lines += [
+        "",
+        "Accuracy vs bytes stored: no other strategy is both as accurate and as small as "
+        + ", ".join(f"`{n}`" for n in front)
+        + " (cheapest first).",
+    ]
+    markdown = "\n".join(lines) + "\n"
+    payload = {"settings": settings, "base": base, "rows": rows, "verdicts": said, "pareto": front}
+    atomic_write(folder / "results.json", (json.dumps(payload, indent=2) + "\n").encode())
+    atomic_write(folder / "results.md", markdown.encode())
+    plot(
+        rows,
+        folder / "results.png",
+        x=layout.cost.key,
+        ys=layout.ys,
+        label="strategy",
+        title=layout.plot_title,
+        xlabel="bytes stored per task (log scale)",
+    )
+    return Comparison(rows, base, said, front, markdown, folder)

@@ -12,6 +12,7 @@ lorakit's registry imports it by itself the first time it meets a ``Conv1D``
     lorakit.hf.AdapterCheckpointCallback     saves the adapter into each Trainer checkpoint
     lorakit.hf.prepare_for_training(model)   gradient checkpointing that reaches the adapters
     lorakit.hf.load_quantized(path, "nf4")   a 4-bit/8-bit frozen base for QLoRA (lorakit.hf.quantize)
+    lorakit.hf.compare(model, "data.jsonl")  full, partial, head, LoRA, DoRA, LoRA+ measured (lorakit.hf.comparison)
 
 Modules that need more than transformers itself (the trainer, the CLI) load lazily.
 """
@@ -34,6 +35,7 @@ register(Conv1D, Conv1DHandler())
 
 _LAZY = {
     "AdapterCheckpointCallback": "callbacks",
+    "compare": "comparison",
     "prepare_for_training": "callbacks",
     "DataError": "data",
     "LoraTrainer": "trainer",
@@ -60,6 +62,7 @@ __all__ = [
     "ResumeMismatchError",
     "SavePretrainedError",
     "TrainWarning",
+    "compare",
     "default_targets",
     "load_quantized",
     "lora_config",

@@ -1,7 +1,8 @@
-"""``lorakit hf train|generate key=value ...``: the transformers verbs.
+"""``lorakit hf train|generate|compare key=value ...``: the transformers verbs.
 
     lorakit hf train model=PATH data=FILE.jsonl r=16 epochs=3 out=DIR [eval=FILE.jsonl] [resume=True]
     lorakit hf generate model=PATH [adapter=DIR] prompt="..." [max_new_tokens=64] [chat=False]
+    lorakit hf compare model=PATH data=FILE.jsonl [epochs=3] [base_data=FILE.jsonl] [strategies=...]
 
 ``train`` keys are the fields of :class:`lorakit.hf.train.TrainOptions`; see
 :mod:`lorakit.hf.train` for what ``out`` holds.
@@ -34,6 +35,12 @@ USAGE = """usage: lorakit hf SUBVERB key=value ...
                      {"text","label"} (classification)
   generate  greedy generation with an adapter
             lorakit hf generate model=PATH [adapter=DIR] prompt=TEXT [max_new_tokens=64] [chat=False]
+  compare   train full, partial, head-only, LoRA (r=4, 8, 16), DoRA and LoRA+ on the same data and budget;
+            one table (eval loss, trainable params, bytes stored per task, s/epoch, peak memory,
+            forgetting), its verdicts and a plot; an interrupted comparison goes on where it stopped
+            lorakit hf compare model=PATH data=FILE.jsonl [epochs=3] [base_data=FILE.jsonl]
+                  [strategies=full,lora-r8,...] [out=runs/hf-compare] [overwrite=False] [plain_lr=5e-5]
+                  [any hf train setting but r, dora, loraplus_ratio: lr, batch_size, max_len, device...]
 """
 
 GENERATE_KEYS = {"model", "adapter", "prompt", "max_new_tokens", "chat"}
@@ -49,7 +56,10 @@ def run(argv: list[str]) -> int:
         return _train(rest)
     if sub == "generate":
         return _generate(rest)
-    raise ArgError(f"unknown hf subverb {sub!r}{did_you_mean(sub, ('train', 'generate'))}; use train or generate")
+    if sub == "compare":
+        return _compare(rest)
+    subs = ("train", "generate", "compare")
+    raise ArgError(f"unknown hf subverb {sub!r}{did_you_mean(sub, subs)}; use train, generate or compare")
 
 
 class Terminated(KeyboardInterrupt):
@@ -161,4 +171,35 @@ def _generate(argv: list[str]) -> int:
     with torch.no_grad():
         out = cast(Any, model).generate(**enc, max_new_tokens=max_new, do_sample=False, pad_token_id=pad)
     print(tok.decode(out[0, n:], skip_special_tokens=True))
+    return 0
+
+
+COMPARE_KEYS = {"model", "data", "epochs", "base_data", "strategies", "out", "overwrite", "plain_lr"}
+
+
+def _compare(argv: list[str]) -> int:
+    from .comparison import compare
+    from .options import TrainOptions
+
+    # every hf train key passes here, so that compare says why one it sets itself (r=...) is refused
+    train_keys = {f.name for f in dataclasses.fields(TrainOptions)}
+    args = parse_args(argv, COMPARE_KEYS | train_keys, "hf compare")
+    missing = [k for k in ("model", "data") if k not in args]
+    if missing:
+        raise ArgError(f"hf compare needs {', '.join(k + '=...' for k in missing)}")
+    overwrite = args.pop("overwrite", False)
+    if not isinstance(overwrite, bool):
+        raise ArgError(f"hf compare: overwrite must be True or False, got {overwrite!r}")
+    for key in ("model", "data", "out", "base_data", "eval"):
+        if args.get(key) is not None:
+            args[key] = str(args[key])  # a path, whatever it looks like (``1``, ``a,b``)
+    result = compare(
+        args.pop("model"),
+        args.pop("data"),
+        out=args.pop("out", "runs/hf-compare"),
+        overwrite=overwrite,
+        **args,  # epochs, base_data, strategies, plain_lr and hf train's settings, checked by compare
+    )
+    print("\n" + result.markdown)
+    print(f"wrote {result.folder / 'results.md'}, results.json, results.png")
     return 0

@@ -39,6 +39,7 @@ import importlib.util
 import json
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -264,11 +265,17 @@ def _arguments(o: TrainOptions, device: str, out: Path) -> Any:
     )  # fmt: skip
 
 
-def train(o: TrainOptions) -> dict[str, Any]:
+def train(
+    o: TrainOptions, *, prepare: Callable[[nn.Module], None] | None = None, callbacks: Sequence[Any] = ()
+) -> dict[str, Any]:
     """Run ``lorakit hf train``; returns a summary dict (also written to ``out/metrics.json``).
 
     ``max_len`` above the model's context is clamped to it (a TrainWarning says so). Under
     ``torchrun`` every process runs this; the main one writes the files.
+
+    ``prepare`` (for ``lorakit hf compare``'s full, partial and head-only strategies) replaces the
+    LoRA injection: it gets the loaded model and sets which parameters train; the checkpoints then
+    hold no adapter, so such a run cannot resume. ``callbacks``: more ``TrainerCallback`` objects.
 
     Raises:
         ModelPathError, DataError, ConfigError: bad input, found before ``out`` is touched.
@@ -310,7 +317,11 @@ def train(o: TrainOptions) -> dict[str, Any]:
         if o.quantize == "none"
         else load_quantized_model(model_dir, data.task, data.labels, o, device)
     )
-    if ckpt is None:
+    if prepare is not None:
+        if ckpt is not None:
+            raise ConfigError("hf train: a run without an adapter (prepare=...) cannot resume")
+        prepare(model)
+    elif ckpt is None:
         inject(model, lora_config(model, o.targets, r=o.r, alpha=o.lora_alpha, dropout=o.dropout, dora=o.dora))
     else:
         load_adapter(model, ckpt / "adapter")
@@ -337,7 +348,7 @@ def train(o: TrainOptions) -> dict[str, Any]:
     trainer = RunTrainer(
         model=model, args=args, train_dataset=Examples(data.train),
         eval_dataset=Examples(data.eval) if data.eval else None, data_collator=Collator(data, tokenizer, o.max_len),
-        compute_metrics=_accuracy if data.task == "classify" else None, callbacks=[cb],
+        compute_metrics=_accuracy if data.task == "classify" else None, callbacks=[cb, *callbacks],
         out=out, run=run, st=st, seed=o.seed, make_optimizer=make_optimizer,
     )  # fmt: skip
     trainer.remove_callback(PrinterCallback)

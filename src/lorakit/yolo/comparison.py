@@ -25,37 +25,20 @@ what is missing; at the end it holds ``results.json``, ``results.md`` and
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from ..compare.report import Axis, Column, fmt_bytes, fmt_float, fmt_int, markdown_table, pareto, plot, verdicts
+from ..compare.report import Axis, Column, Comparison, Layout, epochs_text, fmt_bytes, fmt_float, fmt_int, write_report
 from ..compare.runner import run_missing
 from ..compare.store import ResultStore
 from ..errors import ConfigError, StrategyFailedError, did_you_mean
-from ..io_format import atomic_write
 from . import offline
 from .comparison_job import CATALOGUE, PLAIN
 
 # Ultralytics settings compare sets itself: each strategy's run folder, its frozen layers, and the model and data.
 RESERVED = {"project", "name", "exist_ok", "resume", "freeze", "model", "data", "mode", "epochs", "imgsz"}
-
-
-@dataclass(frozen=True)
-class Comparison:
-    """A finished comparison: ``rows`` (one dict per strategy, in the order run), ``base`` (the base
-    model's size and, with ``base_data``, its accuracy there), the ``verdicts`` in words, the
-    strategies on the accuracy-vs-bytes front (``pareto``), the ``markdown`` report and its ``folder``."""
-
-    rows: list[dict[str, Any]]
-    base: dict[str, Any]
-    verdicts: list[str]
-    pareto: list[str]
-    markdown: str
-    folder: Path
 
 
 def _sha256(path: Path) -> str:
@@ -238,62 +221,41 @@ AXES = (
 )
 
 
-def _epochs(n: int) -> str:
-    return f"{n} epoch{'s' if n != 1 else ''}"
-
-
 def _report(folder: Path, settings: dict[str, Any], rows: list[dict[str, Any]], base: dict[str, Any]) -> Comparison:
     forgetting = settings["base_data"] is not None
     base = {**base, "bytes": Path(settings["model"]).stat().st_size if Path(settings["model"]).is_file() else None}
-    said = verdicts(rows, AXES)
-    front = pareto(rows, ACCURACY, BYTES)
     t = settings["train"]
-    lines = [
-        "# lorakit yolo compare",
-        "",
-        f"Base `{settings['model']}`, data `{settings['data']}`, {_epochs(settings['epochs'])} at imgsz "
-        f"{settings['imgsz']}"
-        + (", " + " ".join(f"{k}={v}" for k, v in t.items()) if t else "")
-        + "; every strategy with the same data, budget and settings, each in its own process (so peak memory, "
-        "peak RSS on CPU or CUDA max allocated on a GPU, is that strategy's own).",
-        "",
-        markdown_table(rows, _columns(rows, forgetting)),
+    notes = [
         "Stored per task: `full` the whole checkpoint (fp16 .pt), `partial`/`head` the layers they train "
         "(fp32 safetensors), the LoRA family its adapter folder (fp32 safetensors + JSON)"
         + (f"; the base model itself is {fmt_bytes(base['bytes'])}." if base["bytes"] else "."),
     ]
     if forgetting:
-        lines += [
+        notes += [
             "",
             f"Base task (`{settings['base_data']}`): the base model scores mAP50-95 {base['base_map50_95']:.3f}. "
             "'adapted' is the fine-tuned model (LoRA family: the adapter merged) on it, 'adapter off' the LoRA "
             "model with its adapter disabled, which is the base.",
         ]
-    lines += ["", "## Strategies", ""] + [f"- `{r['strategy']}`: {r['method']}" for r in rows]
-    lines += ["", "## Who wins where", ""] + [f"- {v}" for v in said]
-    lines += [
-        "",
-        "Accuracy vs bytes stored: no other strategy is both as accurate and as small as "
-        + ", ".join(f"`{n}`" for n in front)
-        + " (cheapest first).",
-    ]
-    markdown = "\n".join(lines) + "\n"
-    payload = {"settings": settings, "base": base, "rows": rows, "verdicts": said, "pareto": front}
-    atomic_write(folder / "results.json", (json.dumps(payload, indent=2) + "\n").encode())
-    atomic_write(folder / "results.md", markdown.encode())
     ys = [("map50_95", "mAP50-95 on the new data")]
     if forgetting:
         ys.append(("base_map50_95_adapted", "mAP50-95 on the base data, adapted"))
-    plot(
-        rows,
-        folder / "results.png",
-        x="stored_bytes",
+    layout = Layout(
+        title="lorakit yolo compare",
+        intro=f"Base `{settings['model']}`, data `{settings['data']}`, {epochs_text(settings['epochs'])} at imgsz "
+        f"{settings['imgsz']}"
+        + (", " + " ".join(f"{k}={v}" for k, v in t.items()) if t else "")
+        + "; every strategy with the same data, budget and settings, each in its own process (so peak memory, "
+        "peak RSS on CPU or CUDA max allocated on a GPU, is that strategy's own).",
+        columns=_columns(rows, forgetting),
+        notes=notes,
+        axes=AXES,
+        gain=ACCURACY,
+        cost=BYTES,
         ys=ys,
-        label="strategy",
-        title=f"{settings['data']}: accuracy vs bytes stored per task ({_epochs(settings['epochs'])})",
-        xlabel="bytes stored per task (log scale)",
+        plot_title=f"{settings['data']}: accuracy vs bytes stored per task ({epochs_text(settings['epochs'])})",
     )
-    return Comparison(rows, base, said, front, markdown, folder)
+    return write_report(folder, settings, base, rows, layout)
 
 
 __all__ = ["CATALOGUE", "PLAIN", "Comparison", "StrategyFailedError", "compare"]
