@@ -25,6 +25,10 @@ NOT_RUN = {
         "trains eight strategies, a process each (minutes); the same command on stand-ins is "
         "tests/yolo/test_compare.py (every strategy, column, resume and bad input)"
     ),
+    "lorakit hf compare model=models/llama data=train.jsonl epochs=3 base_data=old.jsonl": (
+        "trains eight strategies (minutes); the same command on a tiny config-built LLaMA is "
+        "tests/hf/test_compare.py (every strategy, column, resume and bad input)"
+    ),
     "make demo   # creates .venv if missing, installs everything, runs the main demo": (
         "creates a virtual environment and pip-installs torch and the extras (network, minutes); what it runs "
         "is tested directly: tests/yolo/test_demo.py (the demo) and the suite itself (make test)"
