@@ -1,8 +1,9 @@
 """``hf train fsdp=True``: the adapted model sharded across the ``torchrun`` processes with
 FSDP2 (``torch.distributed.fsdp.fully_shard``), for models that do not fit one device.
 
-Each transformer block (the classes the model lists in ``_no_split_modules``) and then the
-whole model become one FSDP2 unit: every parameter, the frozen base and the trainable
+Each transformer block (the classes the model lists in ``_no_split_modules``; a model that
+lists none is one unit, gathered whole) and then the rest of the model become one FSDP2
+unit each: every parameter, the frozen base and the trainable
 adapters alike, is a ``DTensor`` holding 1/N of it on each process, gathered for a block's
 forward and backward and freed after; the adapters' gradients are reduce-scattered
 (averaged over the processes, as DDP averages them), so each process's AdamW updates its
