@@ -1,4 +1,4 @@
-"""2-process DDP scaling of ``lorakit hf train`` on this machine's CPUs (gloo, torchrun).
+"""2-process DDP and FSDP2 scaling of ``lorakit hf train`` on this machine's CPUs (gloo, torchrun).
 
     python bench/hf_ddp.py [--quick]
 
@@ -9,9 +9,12 @@ max_len 64, fp32, dropout 0. Runs, each a fresh ``lorakit hf train`` under ``tor
     1 process  x 1 thread     the baseline
     1 process  x 2 threads    the same cores used by intra-op threads instead
     2 processes x 1 thread    DDP, batch 8 per process (same global batch)
+    2 processes x 1 thread    FSDP2 (fsdp=True): the same, with the model sharded across the two
+                              (each block's weights gathered for its forward and backward: more
+                              communication than DDP, for half the memory per process)
 
 Reported: training seconds (``metrics.json``: ``Trainer.train`` only, not the start-up),
-samples/s, speed-up over the baseline, and the largest relative difference of the DDP loss
+samples/s, speed-up over the baseline, and the largest relative difference of each loss
 curve from the baseline's. Writes bench/results/hf_ddp.json, with the load average before and
 after: numbers from a shared 2-core machine are noisy, other work on it shows up as lost speed-up
 (and 2 threads on 2 busy cores can be far slower than 1).
@@ -78,10 +81,13 @@ def main() -> None:
         data = write_jsonl(root / "d.jsonl", records(n))
         common_args = [f"model={model}", f"data={data}", "r=16", f"epochs={epochs}", "lr=1e-3", "dropout=0.0",
                        "max_len=64", "eval_fraction=0.0", "progress=False", "device=cpu"]  # fmt: skip
-        for name, nproc, threads, batch in (("1 process x 1 thread", 1, 1, 16), ("1 process x 2 threads", 1, 2, 16),
-                                            ("2 processes x 1 thread (DDP)", 2, 1, 8)):  # fmt: skip
-            out = root / f"out-{nproc}-{threads}"
-            done = torchrun(nproc, [*common_args, f"out={out}", f"batch_size={batch}"], timeout=1800, threads=threads)
+        for name, nproc, threads, batch, fsdp in (
+            ("1 process x 1 thread", 1, 1, 16, False), ("1 process x 2 threads", 1, 2, 16, False),
+            ("2 processes x 1 thread (DDP)", 2, 1, 8, False), ("2 processes x 1 thread (FSDP2)", 2, 1, 8, True),
+        ):  # fmt: skip
+            out = root / f"out-{nproc}-{threads}-{'fsdp' if fsdp else 'ddp'}"
+            run = [*common_args, f"out={out}", f"batch_size={batch}", f"fsdp={fsdp}"]
+            done = torchrun(nproc, run, timeout=1800, threads=threads)
             if done.returncode != 0:
                 raise SystemExit(f"{name} failed:\n{done.stderr[-3000:]}")
             m = json.loads((out / "metrics.json").read_text())

@@ -62,6 +62,7 @@ __all__ = [
     "AdapterFiles",
     "LoadReport",
     "copy_adapter",
+    "encode_adapter",
     "load_adapter",
     "read_adapter_files",
     "save_adapter",
@@ -140,6 +141,38 @@ def save_adapter(
             previous adapter is kept.
     """
     folder = Path(path)
+    weights, cfg_text = encode_adapter(model, folder, name, metadata=metadata, original_base=original_base)
+    _write_folder(folder, weights, cfg_text)
+    return folder
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """``t`` whole: a parameter sharded by FSDP2 (a ``DTensor``) gathered from every process, any
+    other tensor as it is. Duck-typed so that torch builds without ``torch.distributed`` need nothing."""
+    gather = getattr(t, "full_tensor", None)
+    return cast(torch.Tensor, gather()) if callable(gather) else t
+
+
+def encode_adapter(
+    model: nn.Module,
+    path: str | Path,
+    name: str = "default",
+    *,
+    metadata: Mapping[str, str] | None = None,
+    original_base: bool = False,
+) -> tuple[bytes, bytes]:
+    """The two files :func:`save_adapter` writes for adapter ``name`` of ``model`` to ``path``
+    (``adapter_model.safetensors``, ``adapter_config.json``), without writing them; ``path``
+    only names the folder in error messages.
+
+    A model sharded by FSDP2 (``fully_shard``: its parameters are ``DTensor`` shards) is read
+    one tensor at a time through ``full_tensor()``, a collective: every process must call this
+    for the same adapter, and one of them writes the result (:func:`lorakit.hf.fsdp`).
+
+    Raises:
+        The errors of :func:`save_adapter`, but OSError.
+    """
+    folder = Path(path)
     layers = [(p, layer) for p, layer in lora_layers(model) if name in layer.lora]
     config = state.configs(model).get(name)
     if not layers or config is None:
@@ -164,22 +197,24 @@ def save_adapter(
             )
         for what, t in (("'s base weight", base_weight(layer, layer.lora_handler.weight_name)), (".A", ad.A)):
             check_materialised(t, f"{p}{what}", f"adapter {name!r} was not saved to {folder}")
+        weight = _full(base_weight(layer, layer.lora_handler.weight_name).detach())
         want = scaling_of(ad.r, ad.alpha, config.use_rslora)
         if abs(float(ad.scaling) - want) > 1e-6 * abs(want):
             raise ConfigError(
                 f"cannot save adapter {name!r} to {folder}: {p}.lora.{name}.scaling is {float(ad.scaling)}, but "
                 f"r={ad.r}, alpha={ad.alpha} give {want}; PEFT files store only r and alpha"
             )
-        for pname, t in ad.named_parameters():  # A, B and a variant's (DoRA's magnitude)
+        whole = {pname: _full(t.detach()) for pname, t in ad.named_parameters()}  # A, B, a variant's (DoRA)
+        for pname, t in whole.items():
             if not bool(torch.isfinite(t).all()):
                 raise NonFiniteError(f"{p}.lora.{name}.{pname} holds NaN/Inf; adapter not saved to {folder}")
         handler = layer.lora_handler
         a_key, b_key = factor_keys(p, handler)
-        tensors[a_key] = handler.to_file(layer, "A", ad.A.detach())
-        tensors[b_key] = handler.to_file(layer, "B", ad.B.detach())
+        tensors[a_key] = handler.to_file(layer, "A", whole["A"])
+        tensors[b_key] = handler.to_file(layer, "B", whole["B"])
         for key, attr in variant_keys(p, ad.variant).items():
-            tensors[key] = cast(torch.Tensor, getattr(ad, attr)).detach()
-        base[p] = original or fingerprint(base_weight(layer, layer.lora_handler.weight_name))
+            tensors[key] = whole[attr] if attr in whole else cast(torch.Tensor, getattr(ad, attr)).detach()
+        base[p] = original or fingerprint(weight)
         adapted.append((p, ad))
     # the adapter's own copies of what it trains fully, wherever the active adapter stands
     train: list[str] = []
@@ -187,11 +222,11 @@ def save_adapter(
     for entry in owned.owned_by(model, name):
         mine = entry.copies[name]
         if entry.attr:
-            tensors[bias_key(entry.path, adapted_paths)] = cast(nn.Parameter, mine).detach()
+            tensors[bias_key(entry.path, adapted_paths)] = _full(cast(nn.Parameter, mine).detach())
             continue
         train.append(entry.path)
         for k, v in cast(nn.Module, mine).state_dict().items():
-            tensors[module_key(entry.path, k)] = v.detach()
+            tensors[module_key(entry.path, k)] = _full(v.detach())
     # Own, contiguous CPU copies: safetensors refuses shared or strided storage.
     tensors = {k: v.to("cpu", copy=True).contiguous() for k, v in tensors.items()}
 
@@ -207,8 +242,7 @@ def save_adapter(
     bad = [k for k, v in extra.items() if k in own or not isinstance(k, str) or not isinstance(v, str)]
     if bad:
         raise ConfigError(f"cannot save adapter {name!r} to {folder}: metadata keys {bad} are reserved or not str->str")
-    _write_folder(folder, safetensors_bytes(tensors, metadata={**extra, **own}), cfg_text)
-    return folder
+    return safetensors_bytes(tensors, metadata={**extra, **own}), cfg_text
 
 
 def _write_folder(folder: Path, weights: bytes, config: bytes) -> None:

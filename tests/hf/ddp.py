@@ -20,8 +20,10 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def torchrun(nproc: int, args: list[str], timeout: float = 120, threads: int = 1) -> subprocess.CompletedProcess[str]:
-    """``torchrun --nproc_per_node=nproc -m lorakit.cli hf train ARGS`` with ``threads`` per process.
+def torchrun(nproc: int, args: list[str], timeout: float = 120, threads: int = 1,
+             script: Path | None = None) -> subprocess.CompletedProcess[str]:  # fmt: skip
+    """``torchrun --nproc_per_node=nproc -m lorakit.cli hf train ARGS`` (or ``script ARGS``) with
+    ``threads`` per process.
 
     Raises:
         subprocess.TimeoutExpired: the run took longer than ``timeout`` seconds (its processes are killed).
@@ -30,5 +32,5 @@ def torchrun(nproc: int, args: list[str], timeout: float = 120, threads: int = 1
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}  # fmt: skip
     launch = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
               "--master_addr=127.0.0.1", f"--master_port={free_port()}"]  # fmt: skip
-    cmd = [*launch, "-m", "lorakit.cli", "hf", "train", *args]
+    cmd = [*launch, *([str(script)] if script else ["-m", "lorakit.cli", "hf", "train"]), *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, check=False)

@@ -21,7 +21,7 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from ..adapters import list_adapters
-from ..io import save_adapter
+from ..io import encode_adapter, save_adapter
 
 
 class AdapterCheckpointCallback(TrainerCallback):
@@ -54,15 +54,22 @@ def adapter_folders(names: list[str], folder: Path) -> list[tuple[str, Path]]:
     return [(name, folder if i == 0 else folder / name) for i, name in enumerate(names)]
 
 
-def save_adapters(model: nn.Module, folder: Path, names: list[str] | None = None) -> None:
+def save_adapters(model: nn.Module, folder: Path, names: list[str] | None = None, *, write: bool = True) -> None:
     """:func:`lorakit.save_adapter` for each of ``names`` (default: every adapter), laid out by
     :func:`adapter_folders`.
+
+    ``write=False``: read the adapters as the save would, without writing: the part of the
+    processes that do not write when the model is sharded (FSDP2), whose reads are collectives
+    every process must join (:func:`lorakit.io.encode_adapter`).
 
     Raises:
         NonFiniteError: an adapter holds NaN/Inf.
     """
     for name, sub in adapter_folders(list_adapters(model) if names is None else names, folder):
-        save_adapter(model, sub, name)
+        if write:
+            save_adapter(model, sub, name)
+        else:
+            encode_adapter(model, sub, name)
 
 
 def prepare_for_training(model: nn.Module, *, gradient_checkpointing: bool = True, reentrant: bool = False) -> None:

@@ -63,6 +63,9 @@ class TrainOptions:
     # QLoRA (lorakit.hf.load_quantized): the base's Linear layers stored in 4 bits (nf4, fp4; double
     # quantisation) or 8 bits (int8), frozen; none: the base in fp32
     quantize: str = "none"
+    # FSDP2 under torchrun (lorakit.hf.fsdp): the model (base and adapters) sharded across the
+    # processes instead of copied to each (DDP); for a model that does not fit one device
+    fsdp: bool = False
     resume: bool = False
     stop_after: int = 0  # stop (with a checkpoint) after this many steps of this run, as if interrupted
     progress: bool = True
@@ -104,7 +107,7 @@ def check_options(o: TrainOptions) -> None:
     for name in ("eval_every", "save_every", "stop_after", "seed", "warmup", "max_steps"):
         if not _int(getattr(o, name)) or getattr(o, name) < 0:
             raise bad(name, "an int >= 0")
-    for name in ("gradient_checkpointing", "resume", "progress", "dora"):
+    for name in ("gradient_checkpointing", "resume", "progress", "dora", "fsdp"):
         if not isinstance(getattr(o, name), bool):
             raise bad(name, "True or False")
     if not finite_number(o.lr) or not o.lr > 0:
@@ -122,6 +125,11 @@ def check_options(o: TrainOptions) -> None:
     for name, allowed in CHOICES.items():
         if getattr(o, name) not in allowed:
             raise bad(name, " or ".join(", ".join(allowed).rsplit(", ", 1)))
+    if o.fsdp and o.quantize != "none":
+        raise ConfigError(
+            f"hf train: fsdp=True cannot shard a quantised base (quantize={o.quantize!r}: its packed weights are not "
+            "plain tensors); use fsdp=False (DDP) or quantize='none'"
+        )
     t = o.targets
     if t is not None and not (
         (isinstance(t, str) and t) or (isinstance(t, list) and t and all(isinstance(x, str) and x for x in t))

@@ -4,8 +4,9 @@ A resumed run must be the run that was saved: its adapter was built from ``r``,
 ``alpha``, ``dropout``, ``targets`` and ``dora`` (the variant), its examples, their order
 and their split come from ``model`` (tokenizer), ``data``, ``eval``, ``eval_fraction``,
 ``task``, ``seed``, ``batch_size``, ``grad_accum``, the number of processes and
-``max_len``, and its optimizer state from ``weight_decay`` and
-``loraplus_ratio`` (which also decides the optimizer's parameter groups). A change
+``max_len``, and its optimizer state from ``weight_decay``,
+``loraplus_ratio`` (which also decides the optimizer's parameter groups) and ``fsdp``
+(sharded, the state is saved as one shard per process). A change
 to any of these (:data:`FIXED`) is a :class:`ResumeMismatchError` naming each changed key
 with its saved and new value. Files are compared by content (sha256), not by path: the
 same file moved is the same run; the same path rewritten is not. ``lr``, ``epochs``,
@@ -29,7 +30,8 @@ from .options import TrainOptions, TrainWarning
 
 RUN_FILE = "run.json"
 FIXED = ("model", "data", "eval", "eval_fraction", "task", "r", "alpha", "dropout", "targets", "dora", "seed",
-         "batch_size", "grad_accum", "processes", "max_len", "weight_decay", "loraplus_ratio", "quantize")  # fmt: skip
+         "batch_size", "grad_accum", "processes", "fsdp", "max_len", "weight_decay", "loraplus_ratio",
+         "quantize")  # fmt: skip
 ADJUSTABLE = ("lr", "epochs", "max_steps", "warmup", "schedule")
 # The files of a model folder that decide its architecture and its tokens (weights are
 # too large to hash on every start; load_adapter's base-weight fingerprint covers them).
@@ -102,6 +104,7 @@ def run_record(o: TrainOptions, task: str, processes: int = 1) -> dict[str, Any]
         "batch_size": o.batch_size,
         "grad_accum": o.grad_accum,
         "processes": processes,
+        "fsdp": o.fsdp,
         "max_len": o.max_len,
         "weight_decay": o.weight_decay,
         "loraplus_ratio": o.loraplus_ratio,

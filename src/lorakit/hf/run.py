@@ -6,7 +6,8 @@ lorakit's own (the folder layout is documented in :mod:`lorakit.hf.train`):
 
 - checkpoints written as ``checkpoints/.step-N.tmp`` and renamed to ``step-N`` when
   complete (all processes wrote their part), the two newest kept, ``adapter/`` refreshed;
-- the optimizer in safetensors + JSON (no pickle), and no scheduler file: the lr is a
+- the optimizer in safetensors + JSON (no pickle; under FSDP2 one file of its own shard per
+  process, :mod:`lorakit.hf.fsdp`), and no scheduler file: the lr is a
   pure function of the step, recomputed on resume (so a changed ``lr`` applies at once);
 - the torch RNG in ``rng-<rank>.safetensors`` (dropout is the only randomness in a step);
 - the sample order of epoch ``e`` is ``randperm(n, seed * 1000 + e)`` (:class:`EpochSampler`),
@@ -37,6 +38,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from ..errors import NonFiniteError
 from ..io_format import atomic_write
 from .checkpoints import KEEP_CHECKPOINTS, NonFiniteLossError, latest_checkpoint, load_optimizer, save_optimizer
+from .fsdp import is_sharded
 from .plot import plot_losses
 from .resume import RUN_FILE
 from .trainer import LoraTrainerMixin
@@ -128,9 +130,15 @@ class RunTrainer(LoraTrainerMixin, transformers.Trainer):
         """Nothing: :func:`lorakit.hf.train.train` loaded the checkpoint's adapter (``adapter/``)
         into the model before building the optimizer over its parameters."""
 
+    def _shard(self) -> int | None:
+        """This process's rank when the model is sharded (FSDP2: each process keeps its part of the
+        optimizer state), else None (the main process saves the whole state)."""
+        return self.args.process_index if is_sharded(cast(nn.Module, self.model)) else None
+
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        if self.args.should_save:
-            save_optimizer(cast(torch.optim.Optimizer, self.optimizer), Path(output_dir), self.trainable)
+        shard = self._shard()
+        if self.args.should_save or shard is not None:
+            save_optimizer(cast(torch.optim.Optimizer, self.optimizer), Path(output_dir), self.trainable, shard=shard)
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         """The optimizer state from ``checkpoint``; the lr of each group recomputed for its step
@@ -138,7 +146,7 @@ class RunTrainer(LoraTrainerMixin, transformers.Trainer):
         if checkpoint is None:
             return
         opt = cast(torch.optim.Optimizer, self.optimizer)
-        load_optimizer(opt, Path(checkpoint), self.trainable)
+        load_optimizer(opt, Path(checkpoint), self.trainable, shard=self._shard())
         step = json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"]
         sched = cast(torch.optim.lr_scheduler.LRScheduler, self.lr_scheduler)
         sched.last_epoch = step - 1  # the next step() computes the lr of ``step``
@@ -211,7 +219,8 @@ class RunTrainer(LoraTrainerMixin, transformers.Trainer):
                 # state.json first: a removal cut short (Ctrl-C) leaves a folder resume ignores
                 (old / "state.json").unlink(missing_ok=True)
                 shutil.rmtree(old, ignore_errors=True)
-            self._save(str(self.out / "adapter"))
+        self._save(str(self.out / "adapter"))  # every process: a sharded model's tensors are gathered
+        if main:
             plot_losses(self.out, self.st.losses, self.st.evals)
         acc.wait_for_everyone()
 

@@ -3,11 +3,13 @@ run by ``transformers.Trainer`` (and so by accelerate: CUDA, bf16/fp16, DDP unde
 
     lorakit hf train model=PATH data=FILE.jsonl r=16 epochs=3 out=DIR [eval=FILE.jsonl] ...
     torchrun --nproc_per_node=2 -m lorakit.cli hf train ...      (DDP; gloo on CPU)
+    torchrun --nproc_per_node=2 -m lorakit.cli hf train ... fsdp=True   (FSDP2: the model sharded, lorakit.hf.fsdp)
 
 What ends up in ``out``::
 
     adapter/                    the latest adapter (PEFT format), replaced file by file, atomically
     checkpoints/step-000040/    adapter/ + optimizer.safetensors + optimizer.json + rng-<rank>.safetensors
+                                (fsdp=True: optimizer-<rank>.safetensors, each process's shard)
                                 + trainer_state.json + state.json + run.json: everything a resume needs
                                 (run.json: the run's settings, see lorakit.hf.resume)
     loss.png                    training loss per step and eval loss (rewritten at each checkpoint)
@@ -70,6 +72,7 @@ from .data import (
     pad_id,
     read_jsonl,
 )
+from .fsdp import shard
 from .options import TrainOptions, check_options, fit_max_len, model_context
 from .resume import check_resume, run_record
 from .targets import lora_config
@@ -305,6 +308,11 @@ def train(
     if o.resume and ckpt is None:
         raise ConfigError(f"hf train: resume=True but {out} holds no checkpoint")
     args = _arguments(o, device, out)
+    if o.fsdp and args.world_size < 2:
+        raise ConfigError(
+            "hf train: fsdp=True shards the model across the processes of a torchrun launch, but this run has "
+            "1 process; launch it with torchrun --nproc_per_node=N (N >= 2), or leave fsdp=False"
+        )
     run = run_record(o, data.task, args.world_size)
     if ckpt is not None:
         check_resume(ckpt, run)
@@ -327,6 +335,8 @@ def train(
         load_adapter(model, ckpt / "adapter")
     if o.gradient_checkpointing:
         prepare_for_training(model)
+    if o.fsdp:
+        shard(model, device)  # before the optimizer is built over the parameters
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     if main:

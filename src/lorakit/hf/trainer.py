@@ -34,6 +34,7 @@ from torch import nn
 from ..adapters import list_adapters
 from ..hotswap import hotswap_adapter
 from .callbacks import adapter_folders, save_adapters
+from .fsdp import is_sharded
 
 
 def _unwrapped(trainer: Any, model: nn.Module | None) -> nn.Module:
@@ -61,19 +62,25 @@ class LoraTrainerMixin:
             super().__init__(*args, **kwargs)
 
     def _save(self, output_dir: str | None = None, state_dict: dict[str, Any] | None = None) -> None:
-        """Write the adapters (and the tokenizer) to ``output_dir``; main process only.
+        """Write the adapters (and the tokenizer) to ``output_dir``; the main process writes.
 
         ``state_dict`` (given by ``Trainer`` under DeepSpeed or FSDP's full state dict) is not
-        used: the adapters are read from the model itself.
+        used: the adapters are read from the model itself. A model sharded by FSDP2
+        (:mod:`lorakit.hf.fsdp`) is read by every process (the tensors are gathered, a collective),
+        so every process must call this; the main one writes.
 
         Raises:
             NonFiniteError: an adapter holds NaN/Inf (from :func:`lorakit.save_adapter`).
         """
         t = cast(Any, self)
-        if not t.args.should_save:
+        model = _unwrapped(t, None)
+        sharded = is_sharded(model)
+        if not t.args.should_save and not sharded:
             return
         folder = Path(output_dir if output_dir is not None else t.args.output_dir)
-        save_adapters(_unwrapped(t, None), folder)
+        save_adapters(model, folder, write=t.args.should_save)
+        if not t.args.should_save:
+            return
         if t.processing_class is not None:
             t.processing_class.save_pretrained(str(folder))
 
