@@ -20,6 +20,17 @@ from .runs import causal_data, cli_args, leftovers, opts
 SRC = Path(lorakit.__file__).resolve().parents[1]  # the lorakit under test, for the subprocess
 
 
+def _exit_within(proc: subprocess.Popen[str], seconds: float, what: str) -> tuple[str, str]:
+    """The child's output once it exits; if it has not within ``seconds`` (generous: a loaded
+    machine), SIGABRT makes its fault handler (PYTHONFAULTHANDLER=1) print where it is stuck."""
+    try:
+        return proc.communicate(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        _, stderr = proc.communicate(timeout=60)
+        pytest.fail(f"no exit within {seconds} s of {what}; the child's stacks:\n{stderr[-8000:]}")
+
+
 SIGNALS = {"SIGINT": (signal.SIGINT, 130, "interrupted"), "SIGTERM": (signal.SIGTERM, 143, "terminated (SIGTERM)")}
 
 
@@ -34,7 +45,7 @@ def test_ctrl_c_names_the_last_checkpoint_and_resume_continues(
     signum, code, how = SIGNALS[name]
     gpt2, data, out = tiny_models["gpt2"], causal_data(tmp_path / "d.jsonl"), tmp_path / "run"
     run = {"epochs": 1000, "save_every": 1}  # 5000 steps: far more than the test waits for
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(SRC)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(SRC), "PYTHONFAULTHANDLER": "1"}
     cmd = [sys.executable, "-m", "lorakit.cli", "hf", "train", *cli_args(gpt2, data, out, **run)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
@@ -44,7 +55,7 @@ def test_ctrl_c_names_the_last_checkpoint_and_resume_continues(
             assert time.monotonic() < deadline, "no checkpoint within 120 s"
             time.sleep(0.02)
         proc.send_signal(signum)
-        stdout, stderr = proc.communicate(timeout=60)
+        stdout, stderr = _exit_within(proc, 180, name)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -58,3 +69,47 @@ def test_ctrl_c_names_the_last_checkpoint_and_resume_continues(
     assert leftovers(out) == []
     step = json.loads((ckpt / "state.json").read_text())["step"]
     assert train(opts(gpt2, data, out, stop_after=1, resume=True, **run))["steps"] == step + 1
+
+
+# Runs lorakit.cli in a child whose garbage-collector callback sends itself SIGINT once the second
+# checkpoint exists and lets the handler run there: Python reports the KeyboardInterrupt as
+# "Exception ignored" and the run would train on.
+_SWALLOWING_CHILD = """
+import gc, os, runpy, signal, sys
+from pathlib import Path
+mark = Path(sys.argv[1]) / "checkpoints" / "step-000002"
+fired = []
+def swallow(phase, info):
+    if not fired and mark.is_dir():
+        fired.append(1)
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(10000):  # the handler runs here, inside the callback
+            pass
+gc.callbacks.append(swallow)
+sys.argv = ["lorakit", *sys.argv[2:]]
+runpy.run_module("lorakit.cli", run_name="__main__")
+"""
+
+
+def test_a_swallowed_ctrl_c_still_stops_the_run(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    """A signal's exception raised inside a finaliser is printed and dropped by Python; the run
+    must still stop (at the end of the step) with exit 130 and the checkpoint line, not train on."""
+    gpt2, data, out = tiny_models["gpt2"], causal_data(tmp_path / "d.jsonl"), tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(SRC), "PYTHONFAULTHANDLER": "1"}
+    args = cli_args(gpt2, data, out, epochs=1000, save_every=1)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SWALLOWING_CHILD, str(out), "hf", "train", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    try:
+        stdout, stderr = _exit_within(proc, 240, "a SIGINT swallowed in a gc callback")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "Exception ignored" in stderr and "KeyboardInterrupt" in stderr, stderr[-3000:]  # it was swallowed
+    assert proc.returncode == 130, (stdout, stderr[-3000:])
+    ckpt = latest_checkpoint(out)
+    assert ckpt is not None and int(ckpt.name[5:]) <= 3  # stopped at the end of the step it came in
+    assert f"lorakit hf train: interrupted; the last checkpoint is {ckpt}" in stderr
+    assert leftovers(out) == []

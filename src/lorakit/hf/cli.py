@@ -67,8 +67,34 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, raised where the run is, so that it stops as on Ctrl-C (checkpoints intact)."""
 
 
-def _terminate(signum: int, frame: object) -> None:
-    raise Terminated()
+_signals: list[int] = []  # the stop signals received during this run, in order
+
+
+def _stop_exception() -> KeyboardInterrupt:
+    return Terminated() if _signals[-1] == signal.SIGTERM else KeyboardInterrupt()
+
+
+def _on_stop_signal(signum: int, frame: object) -> None:
+    _signals.append(signum)
+    raise _stop_exception()
+
+
+def _stop_callback() -> Any:
+    """A Trainer callback that raises the stop signal's exception again at the end of each step.
+
+    The handler's exception is raised wherever Python is when the signal arrives; inside a
+    finaliser (a ``__del__`` or a garbage-collector callback) Python prints "Exception
+    ignored" and goes on, and the run would train on. Once a signal has come, no further
+    step is finished.
+    """
+    from transformers import TrainerCallback
+
+    class StopAfterSignal(TrainerCallback):  # type: ignore[misc]
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            if _signals:
+                raise _stop_exception()
+
+    return StopAfterSignal()
 
 
 def _train(argv: list[str]) -> int:
@@ -89,10 +115,11 @@ def _train(argv: list[str]) -> int:
         opts = TrainOptions(**args)
     except TypeError as exc:
         raise ArgError(f"hf train: {exc}") from None
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    _signals.clear()
+    previous = {s: signal.signal(s, _on_stop_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         with _one_line(TrainWarning, "lorakit hf train: warning: "):
-            summary = train(opts)
+            summary = train(opts, callbacks=[_stop_callback()])
     except KeyboardInterrupt as exc:
         ckpt = latest_checkpoint(Path(opts.out))
         where = f"the last checkpoint is {ckpt} (resume=True continues from it)" if ckpt else "no checkpoint yet"
@@ -100,7 +127,8 @@ def _train(argv: list[str]) -> int:
         print(f"lorakit hf train: {how}; {where}", file=sys.stderr)
         return 143 if isinstance(exc, Terminated) else 130  # 128 + the signal's number
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # under torchrun, only the main process reports
     last = summary["evals"][-1] if summary["evals"] else {}
