@@ -1,24 +1,28 @@
 """README.md's ```bash blocks of ``lorakit inspect|merge|diff|hf`` commands, run as a reader types them
-(``python -m lorakit.cli``, from one working folder), with tiny stand-ins for the reader's model and data."""
+(line by line through the command's entry point, from one working folder), with tiny stand-ins for the
+reader's model and data.
+
+In this process, as tests/yolo/test_readme_yolo.py runs the ``lorakit yolo`` block: a subprocess per
+line imported torch and transformers six times (~50 of this test's ~80 CPU seconds). ``python -m
+lorakit.cli`` itself is run in a subprocess by tests/unit/test_cli_merge_diff.py (merge, diff) and
+tests/hf/test_interrupt.py (hf train)."""
 
 from __future__ import annotations
 
-import os
 import shlex
-import subprocess
-import sys
 from pathlib import Path
 
+import pytest
 import torch
 import transformers
 
 import lorakit
 import lorakit.hf
+from lorakit.cli import main
 from tests.readme_blocks import blocks, runner, substitute
 
 from .runs import causal_data
 
-ROOT = Path(__file__).resolve().parents[2]
 # Exit codes the README documents for a command other than 0.
 EXPECTED_RC = {"diff": 1}  # the two stand-in adapters differ: "exit 0 identical, 1 different"
 
@@ -30,7 +34,9 @@ def _adapter(folder: Path, seed: int, out: Path) -> Path:
     return lorakit.save_adapter(model, out)
 
 
-def test_readme_cli_blocks_run(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+def test_readme_cli_blocks_run(
+    tiny_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     work = tmp_path / "work"  # the reader's working folder: runs/... and outputs land here
     work.mkdir()
     gpt2 = tiny_models["gpt2"]
@@ -45,6 +51,7 @@ def test_readme_cli_blocks_run(tiny_models: dict[str, Path], tmp_path: Path) -> 
         "merged.safetensors": None,
     }
     ran = []
+    monkeypatch.chdir(work)  # after the stand-ins (absolute paths): the commands' relative paths land in work
     for block in blocks():
         if runner(block) != "bash-cli":
             continue
@@ -54,14 +61,10 @@ def test_readme_cli_blocks_run(tiny_models: dict[str, Path], tmp_path: Path) -> 
             if not argv:
                 continue
             assert argv[0] == "lorakit", line
-            done = subprocess.run(
-                [sys.executable, "-m", "lorakit.cli", *argv[1:]], cwd=work, capture_output=True, text=True,
-                timeout=300, env={**os.environ, "PYTHONPATH": f"{ROOT / 'src'}{os.pathsep}{ROOT}"},
-            )  # fmt: skip
+            code = main(argv[1:])
             want = EXPECTED_RC.get(argv[1], 0)
-            assert done.returncode == want, (
-                f"README.md line {block.line}: {line}\n{done.stdout[-2000:]}{done.stderr[-2000:]}"
-            )
+            out = capsys.readouterr()
+            assert code == want, f"README.md line {block.line}: {line}\n{out.out[-2000:]}{out.err[-2000:]}"
             ran.append(argv[1])
     assert {"inspect", "merge", "diff", "hf"} <= set(ran), ran
     assert (work / "merged.safetensors").is_file() and (work / "runs" / "chat" / "adapter").is_dir()

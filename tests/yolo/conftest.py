@@ -4,10 +4,14 @@
 here import ultralytics only inside fixtures and tests, never at the top.
 
 The network guard wraps ``socket.getaddrinfo`` and ``socket.socket.connect``
-(and ``connect_ex``) for the whole session: each call is recorded and refused
+(and ``connect_ex``) while each test module here runs, from before its module
+fixtures are set up to after they are torn down: each call is recorded and refused
 with ``OSError``. Refusing alone is not enough (Ultralytics' ``check_font``
 swallows the error), so every test fails at teardown if anything was recorded
-since the previous check, including during a module fixture's setup.
+since the previous check, including during a module fixture's setup. The guard
+is lifted between modules, so tests in other folders that run after these in the
+same process (pytest-xdist mixes folders), such as tests/serve's servers on
+127.0.0.1, are not refused.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from lorakit.yolo import offline
 NETWORK_CALLS: list[str] = []
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="module", autouse=True)
 def network_guard() -> Iterator[list[str]]:
     originals = (socket.getaddrinfo, socket.socket.connect, socket.socket.connect_ex)
 
@@ -54,8 +58,9 @@ def network_guard() -> Iterator[list[str]]:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def yolo_offline(network_guard: list[str], yolo_config_dir: Path) -> str:
-    """Offline Ultralytics with the session's private config dir (before any ultralytics import)."""
+def yolo_offline(yolo_config_dir: Path) -> str:
+    """Offline Ultralytics with the session's private config dir (before any ultralytics import; it sets
+    environment variables and copies a font, no network)."""
     return str(offline.enable(yolo_config_dir))
 
 

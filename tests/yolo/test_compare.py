@@ -1,12 +1,12 @@
 """``lorakit yolo compare`` / ``lorakit.yolo.compare``: every strategy on the same data and budget.
 
-One comparison of the default strategies (1 epoch, imgsz 64, 4 images per split) on a
-random-weight 2-class yolo26n base, adapted to the 3-class synthetic domain B with domain A
-as ``base_data``, is shared by the module. Each strategy runs in a child interpreter, where
-``child_network_guard`` refuses the network. The trainable-parameter column is checked
-against a count made here from the model's layers, the byte column against the files.
-With random weights and one epoch every mAP is 0, so accuracy is checked for presence,
-not size.
+One comparison of every method (1 epoch, imgsz 64, 4 images per split) on a random-weight
+2-class yolo26n base, adapted to the 3-class synthetic domain B with domain A as ``base_data``,
+is shared by the module; the last test resumes it with plain LoRA added (``lora-r2``). Each
+strategy runs in a child interpreter, where ``child_network_guard`` refuses the network. The
+trainable-parameter column is checked against a count made here from the model's layers, the
+byte column against the files. With random weights and one epoch every mAP is 0, so accuracy
+is checked for presence, not size.
 """
 
 from __future__ import annotations
@@ -40,9 +40,11 @@ TRAIN: dict[str, Any] = {
     "seed": 0,
 }
 DEFAULT = ["full", "partial", "head", "lora-r4", "lora-r8", "lora-r16", "dora", "loraplus"]
-# The shared run trains each method once: lora-r8 and lora-r16 are lora-r4's code at another rank,
-# and every child process costs 15-40 s here (the default set itself is pinned below).
-RUN = ["full", "partial", "head", "lora-r4", "dora", "loraplus"]
+# The module trains each method once, as every child process costs 15-40 s here (the default set
+# itself is pinned below): lora-r4/r8/r16 are one code path at three ranks, and plain LoRA is trained
+# by the resume test, as lora-r2 (its row gets every check the shared run's rows get).
+RUN = ["full", "partial", "head", "dora", "loraplus"]
+RESUMED = "lora-r2"
 COLUMNS = [
     "strategy",
     "method",
@@ -99,17 +101,22 @@ def test_the_default_set_is_every_method_at_three_ranks() -> None:
     assert list(CATALOGUE.default) == DEFAULT
 
 
+def _check_columns(r: dict[str, Any]) -> None:
+    """Every column of the table is filled in (the LoRA family's too), with a measured memory and epoch time."""
+    lora = r["strategy"] not in ("full", "partial", "head")
+    for key in COLUMNS + (LORA_ONLY if lora else []):
+        assert r.get(key) is not None, (r["strategy"], key)
+    if not lora:  # no adapter to switch off: the fine-tuned model is measured on the base data
+        assert r["base_map50_95_off"] is None and r["adapted_layers"] is None
+    assert r["memory"] == "peak RSS" and r["peak_mem_mib"] > 0 and r["epoch_s"] > 0
+
+
 def test_every_strategy_runs_and_reports_every_column(run: SimpleNamespace) -> None:
     assert not run.network.exists() or run.network.read_text() == ""
     rows = run.result.rows
     assert [r["strategy"] for r in rows] == RUN
     for r in rows:
-        lora = r["strategy"] not in ("full", "partial", "head")
-        for key in COLUMNS + (LORA_ONLY if lora else []):
-            assert r.get(key) is not None, (r["strategy"], key)
-        if not lora:  # no adapter to switch off: the fine-tuned model is measured on the base data
-            assert r["base_map50_95_off"] is None and r["adapted_layers"] is None
-        assert r["memory"] == "peak RSS" and r["peak_mem_mib"] > 0 and r["epoch_s"] > 0
+        _check_columns(r)
     # the files: JSON with the same rows, the Markdown table with a line per strategy, the plot
     saved = json.loads((run.out / "results.json").read_text())
     assert saved["rows"] == rows and saved["base"]["base_map50_95"] is not None
@@ -121,8 +128,8 @@ def test_every_strategy_runs_and_reports_every_column(run: SimpleNamespace) -> N
         assert (run.out / "results" / f"{s}.json").is_file()
     # a progress line as each strategy starts and ends, with an ETA once one has ended
     for i, s in enumerate(RUN, 1):
-        assert f"[{i}/6] {s}: running" in run.progress and f"[{i}/6] {s}: done in" in run.progress
-    assert re.search(r"\[2/6\] partial: running \(ETA \d", run.progress)
+        assert f"[{i}/5] {s}: running" in run.progress and f"[{i}/5] {s}: done in" in run.progress
+    assert re.search(r"\[2/5\] partial: running \(ETA \d", run.progress)
 
 
 def test_verdicts_are_computed_from_the_numbers(run: SimpleNamespace) -> None:
@@ -185,10 +192,10 @@ def test_trainable_parameters_equal_the_formula(run: SimpleNamespace) -> None:
     assert rows["full"]["trainable"] == total == rows["full"]["total_params"]
     assert rows["partial"]["freeze"] == 11 and rows["partial"]["trainable"] == from_layer(11)  # yolo26n backbone
     assert rows["head"]["freeze"] == 23 and rows["head"]["trainable"] == from_layer(23)
-    for name, r, dora in (("lora-r4", 4, False), ("dora", 8, True)):
-        trainable, adapted = _expected_lora(model, r, dora)
-        assert (rows[name]["trainable"], rows[name]["adapted_layers"]) == (trainable, adapted), name
-    assert rows["loraplus"]["trainable"] == _expected_lora(model, 8, False)[0]  # LoRA+ at r=8: learning rates only
+    trainable, adapted = _expected_lora(model, 8, True)
+    assert (rows["dora"]["trainable"], rows["dora"]["adapted_layers"]) == (trainable, adapted)
+    # LoRA+ at r=8: learning rates only (plain LoRA's count, checked at r=2 by the resume test)
+    assert (rows["loraplus"]["trainable"], rows["loraplus"]["adapted_layers"]) == _expected_lora(model, 8, False)
     for row in rows.values():
         assert row["trainable_fraction"] == row["trainable"] / total
 
@@ -197,14 +204,21 @@ def _size(path: Path) -> int:
     return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
+def _check_adapter_stored(out: Path, row: dict[str, Any]) -> None:
+    """A LoRA-family row stores the adapter folder of its run, and counts its bytes."""
+    name = row["strategy"]
+    assert row["stored"] == f"train/{name}/weights/best_adapter"
+    assert (out / row["stored"] / "adapter_model.safetensors").is_file()
+    assert row["stored_bytes"] == _size(out / row["stored"]) > 0, name
+
+
 def test_bytes_stored_equal_the_files(run: SimpleNamespace) -> None:
     from safetensors import safe_open
 
     rows = {r["strategy"]: r for r in run.result.rows}
     assert rows["full"]["stored"] == "train/full/weights/best.pt"
-    for name in ("lora-r4", "dora", "loraplus"):
-        assert rows[name]["stored"] == f"train/{name}/weights/best_adapter"
-        assert (run.out / rows[name]["stored"] / "adapter_model.safetensors").is_file()
+    for name in ("dora", "loraplus"):
+        _check_adapter_stored(run.out, rows[name])
     state = _trained_model(nc=3).state_dict()
     for name, first in (("partial", 11), ("head", 23)):  # the trained layers alone
         with safe_open(run.out / rows[name]["stored"], "pt") as f:
@@ -278,22 +292,32 @@ def test_an_interrupted_comparison_resumes_with_only_the_missing_strategies(run:
     """Run last in this module: the same comparison with one strategy more, through the CLI.
 
     A strategy that was interrupted left no result (each is written whole or not at all), so
-    it is missing exactly as ``lora-r2`` is here: one code path.
+    it is missing exactly as ``lora-r2`` is here: one code path. ``lora-r2`` is also the module's
+    plain LoRA run: its row gets the checks the shared run's rows get.
     """
     kept = RUN
     before = {s: (run.out / "results" / f"{s}.json").read_bytes() for s in kept}
     weights = {s: os.stat(run.out / "train" / s / "weights" / "best.pt").st_mtime_ns for s in kept}
-    code, out, err = _cli(run, f"strategies={','.join(RUN)},lora-r2")
+    code, out, err = _cli(run, f"strategies={','.join(RUN)},{RESUMED}")
     assert code == 0, err[-3000:]
-    for i, s in enumerate([*RUN, "lora-r2"], 1):
-        ran = s == "lora-r2"
-        assert (f"[{i}/7] {s}: running" in out) == ran and (f"[{i}/7] {s}: kept from an earlier run" in out) != ran
+    for i, s in enumerate([*RUN, RESUMED], 1):
+        ran = s == RESUMED
+        assert (f"[{i}/6] {s}: running" in out) == ran and (f"[{i}/6] {s}: kept from an earlier run" in out) != ran
     # the strategies already done: not run again, same numbers in the new table
     assert {s: (run.out / "results" / f"{s}.json").read_bytes() for s in kept} == before
     assert {s: os.stat(run.out / "train" / s / "weights" / "best.pt").st_mtime_ns for s in kept} == weights
     rows = {r["strategy"]: r for r in json.loads((run.out / "results.json").read_text())["rows"]}
     old = {r["strategy"]: r for r in run.result.rows}
     assert all(rows[s] == old[s] for s in kept)
-    assert rows["lora-r2"]["trainable"] == _expected_lora(_trained_model(nc=3), 2, False)[0]
-    assert "| lora-r2 |" in out  # the table is printed
+    new = rows[RESUMED]
+    _check_columns(new)
+    model = _trained_model(nc=3)
+    total = sum(p.numel() for p in model.parameters())
+    assert (new["trainable"], new["adapted_layers"]) == _expected_lora(model, 2, False)
+    assert new["trainable_fraction"] == new["trainable"] / total and new["total_params"] == total
+    _check_adapter_stored(run.out, new)
+    base = run.result.base
+    assert (new["base_map50_95_off"], new["base_map50_off"]) == (base["base_map50_95"], base["base_map50"])
+    assert (run.out / "results" / f"{RESUMED}.json").is_file()
+    assert f"| {RESUMED} |" in out  # the table is printed
     assert not run.network.exists() or run.network.read_text() == ""
