@@ -569,9 +569,28 @@ class LoraTrainerMixin:
             return cast(tuple[Any, Any], super().validate())  # type: ignore[misc]
 
     def save_model(self) -> bool:
-        """Write merged ``last.pt``/``best.pt`` (the EMA with LoRA folded in), the adapter and the resume state."""
-        assert self.ema is not None
+        """Write the resume state, then merged ``last.pt``/``best.pt`` (the EMA with LoRA folded in) and the adapter.
+
+        The resume state goes first: a run killed between the two leaves ``last.pt`` of the
+        previous epoch, whose state is kept (:func:`.resume.write_epoch` keeps two), rather
+        than a ``last.pt`` naming an epoch with no state.
+        """
+        assert self.ema is not None and self.lora_config is not None
         lora_ema = self.ema.ema
+        live = unwrap_model(self.model)
+        if self._changing_keys is None:  # the model's structure is fixed for the run: find them once
+            self._changing_keys = resume.changing_keys(live, self.lora_config)
+        resume.write_epoch(
+            self.wdir,
+            self.epoch,
+            live,
+            lora_ema,
+            self.lora_config,
+            self.lora.adapter_name,
+            self.lora.adapt_bn,
+            keys=self._changing_keys,
+            loraplus_ratio=self.lora.loraplus_ratio,
+        )
         with self._ema_merged():
             saved = bool(super().save_model())  # type: ignore[misc]
         if saved:
@@ -579,21 +598,6 @@ class LoraTrainerMixin:
             save_adapter(lora_ema, self.last_adapter, self.lora.adapter_name, self.args.task, run)
             if self.best_fitness == self.fitness:
                 copy_adapter(self.last_adapter, self.best_adapter)
-            assert self.lora_config is not None
-            live = unwrap_model(self.model)
-            if self._changing_keys is None:  # the model's structure is fixed for the run: find them once
-                self._changing_keys = resume.changing_keys(live, self.lora_config)
-            resume.write_epoch(
-                self.wdir,
-                self.epoch,
-                live,
-                lora_ema,
-                self.lora_config,
-                self.lora.adapter_name,
-                self.lora.adapt_bn,
-                keys=self._changing_keys,
-                loraplus_ratio=self.lora.loraplus_ratio,
-            )
         return saved
 
     def _snapshot(self) -> dict[str, Any]:
