@@ -293,6 +293,13 @@ def test_loraplus_scales_each_groups_B_factors_and_resume_keeps_the_ratio(
     assert resume.read(tmp_path / "last.pt", 3).loraplus_ratio == 16.0
 
 
+def test_cpu_optimizer_steps_with_the_fused_kernel(same_nc: SimpleNamespace) -> None:
+    """torch loops over tensors in Python on a CPU unless told otherwise; LoRA's many small tensors
+    then cost more than full fine-tuning's step (yolo26n: 43 ms against 7 ms fused)."""
+    groups = same_nc.trainer.optimizer.param_groups
+    assert groups and all(g["fused"] is True and not g["foreach"] for g in groups)
+
+
 def test_muon_refused(base: SimpleNamespace) -> None:
     from lorakit.yolo import LoraYOLO
 
