@@ -69,6 +69,8 @@ class Phases:
         self.epoch_t0 = (0.0, 0.0)
         self.setup = 0.0
         self.final_eval = 0.0
+        self.final_eval_cpu = 0.0
+        self.in_final_eval = False  # Ultralytics' final_eval runs on_fit_epoch_end once more: not an epoch
 
     def add(self, phase: str, wall: float, cpu: float) -> None:
         self.cur[phase] = self.cur.get(phase, 0.0) + wall
@@ -95,6 +97,8 @@ class Phases:
         self.epoch_t0 = (time.perf_counter(), time.process_time())
 
     def epoch_end(self, trainer: Any) -> None:
+        if self.in_final_eval:
+            return
         wall, cpu = time.perf_counter() - self.epoch_t0[0], time.process_time() - self.epoch_t0[1]
         cur: dict[str, float] = {}
         for suffix, total in (("", wall), (" cpu", cpu)):
@@ -154,11 +158,13 @@ def _instrument(model: Any, ph: Phases) -> None:
 
 def _final(fn: Callable[[], Any], ph: Phases) -> Callable[[], Any]:
     def wrapper() -> Any:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
+        ph.in_final_eval = True
         try:
             return fn()
         finally:
-            ph.final_eval = time.perf_counter() - t0
+            ph.final_eval, ph.final_eval_cpu = time.perf_counter() - t0, time.process_time() - c0
+            ph.in_final_eval = False
 
     return wrapper
 
@@ -234,6 +240,7 @@ def child(arm: str, model_name: str, imgsz: int, epochs: int, work: Path) -> dic
         "wall cpu": cpu,
         "setup": ph.setup,
         "final_eval": ph.final_eval,
+        "final_eval cpu": ph.final_eval_cpu,
         "per_epoch": ph.epochs,
         "map50_95": float(metrics.get("metrics/mAP50-95(B)", float("nan"))),
         "trainable": trainable,
@@ -256,7 +263,7 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             row: dict[str, Any] = {"model": model_name, "imgsz": imgsz, "phase": phase}
             for a in ARMS:
                 for suffix, col in (("", a), (" cpu", f"{a} cpu")):
-                    if phase in ("final_eval", "map50_95") and suffix:
+                    if phase == "map50_95" and suffix:
                         continue
                     if phase in ("wall", "final_eval", "map50_95"):
                         vals = [r[phase + suffix] for r in by_arm[a]]
