@@ -18,13 +18,14 @@ override                     why
                              statistics (``"model."`` in ``freeze_layer_names``), and
                              builds the groups from trainable parameters only, with an
                              explicit optimizer ("auto" -> AdamW lr 0.007; MuSGD refused:
-                             Muon would orthogonalise the LoRA factors)
+                             Muon would orthogonalise the LoRA factors); on a CPU its
+                             fused (Adam/AdamW) or foreach kernels (:func:`cpu_kernels`)
 ``validate``                 validates the EMA model *merged* (plain ``nn.Conv2d``, as
                              fast as full fine-tuning's), one copy refreshed in place
                              (:mod:`.merged`)
-``save_model``               writes ``last.pt``/``best.pt`` from that merged copy (loads,
-                             fuses and exports without lorakit), and the adapter next
-                             to them
+``save_model``               writes the resume state, then ``last.pt``/``best.pt`` from
+                             that merged copy (loads, fuses and exports without lorakit),
+                             and the adapter next to them
 ``final_eval``               Ultralytics' final validation of ``best.pt``; then each
                              file gets a ``description`` naming adapter and base
                              (:mod:`.provenance`) and the resume state goes
