@@ -2,6 +2,7 @@
 
     python bench/yolo_train_profile.py                              # yolo26n at imgsz 160 and 640
     python bench/yolo_train_profile.py --models yolo26n yolo26s --sizes 160 --epochs 10 --repeats 2
+    python bench/yolo_train_profile.py --sizes 160 --before /tmp/old/src   # + LoRA on older code, interleaved
 
 Both arms fine-tune the same base (the model's YAML with random weights, 80 classes,
 saved once as a ``.pt``) on the project's synthetic detection data (domain B, 3
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -51,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 PHASES = ["data", "forward", "backward", "optimizer", "EMA", "validation", "checkpoint", "other"]
-ARMS = ["full", "lora"]
+ARMS = ["full", "lora", "before"]  # "before": LoRA with lorakit imported from --before (an older checkout's src)
 
 
 class Phases:
@@ -69,6 +71,8 @@ class Phases:
         self.epoch_t0 = (0.0, 0.0)
         self.setup = 0.0
         self.final_eval = 0.0
+        self.final_eval_cpu = 0.0
+        self.in_final_eval = False  # Ultralytics' final_eval runs on_fit_epoch_end once more: not an epoch
 
     def add(self, phase: str, wall: float, cpu: float) -> None:
         self.cur[phase] = self.cur.get(phase, 0.0) + wall
@@ -95,6 +99,8 @@ class Phases:
         self.epoch_t0 = (time.perf_counter(), time.process_time())
 
     def epoch_end(self, trainer: Any) -> None:
+        if self.in_final_eval:
+            return
         wall, cpu = time.perf_counter() - self.epoch_t0[0], time.process_time() - self.epoch_t0[1]
         cur: dict[str, float] = {}
         for suffix, total in (("", wall), (" cpu", cpu)):
@@ -154,11 +160,13 @@ def _instrument(model: Any, ph: Phases) -> None:
 
 def _final(fn: Callable[[], Any], ph: Phases) -> Callable[[], Any]:
     def wrapper() -> Any:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
+        ph.in_final_eval = True
         try:
             return fn()
         finally:
-            ph.final_eval = time.perf_counter() - t0
+            ph.final_eval, ph.final_eval_cpu = time.perf_counter() - t0, time.process_time() - c0
+            ph.in_final_eval = False
 
     return wrapper
 
@@ -234,10 +242,12 @@ def child(arm: str, model_name: str, imgsz: int, epochs: int, work: Path) -> dic
         "wall cpu": cpu,
         "setup": ph.setup,
         "final_eval": ph.final_eval,
+        "final_eval cpu": ph.final_eval_cpu,
         "per_epoch": ph.epochs,
         "map50_95": float(metrics.get("metrics/mAP50-95(B)", float("nan"))),
         "trainable": trainable,
         "peak_rss_mib": common.peak_rss_mib(),
+        "lorakit": str(Path(sys.modules["lorakit"].__file__ or "").parent),
     }
 
 
@@ -252,11 +262,12 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     keys = sorted({(r["model"], r["imgsz"]) for r in runs})
     for model_name, imgsz in keys:
         by_arm = {a: [r for r in runs if (r["model"], r["imgsz"], r["arm"]) == (model_name, imgsz, a)] for a in ARMS}
+        arms = [a for a in ARMS if by_arm[a]]
         for phase in [*PHASES, "epoch", "wall", "final_eval", "map50_95"]:
             row: dict[str, Any] = {"model": model_name, "imgsz": imgsz, "phase": phase}
-            for a in ARMS:
+            for a in arms:
                 for suffix, col in (("", a), (" cpu", f"{a} cpu")):
-                    if phase in ("final_eval", "map50_95") and suffix:
+                    if phase == "map50_95" and suffix:
                         continue
                     if phase in ("wall", "final_eval", "map50_95"):
                         vals = [r[phase + suffix] for r in by_arm[a]]
@@ -266,6 +277,10 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             row["ratio"] = row["lora"] / row["full"] if row["full"] else float("nan")
             if "full cpu" in row:
                 row["ratio cpu"] = row["lora cpu"] / row["full cpu"] if row["full cpu"] else float("nan")
+            if "before" in arms:
+                row["before ratio"] = row["before"] / row["full"] if row["full"] else float("nan")
+                if "full cpu" in row:
+                    row["before ratio cpu"] = row["before cpu"] / row["full cpu"] if row["full cpu"] else float("nan")
             rows.append(row)
     return rows
 
@@ -280,6 +295,11 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=0, help="epochs per run (default: 8 at imgsz <= 320, 3 above)")
     ap.add_argument("--repeats", type=int, default=1, help="runs per arm (alternating)")
     ap.add_argument("--name", default="yolo_train_profile")
+    ap.add_argument(
+        "--before",
+        help="a lorakit src folder (e.g. `git archive <commit> src | tar -x -C /tmp/old`, then /tmp/old/src): "
+        "adds a third arm, LoRA on that code, interleaved with the other two (before/after on one machine state)",
+    )
     args = ap.parse_args()
     if args.child:
         model_name, imgsz = args.models[0], args.sizes[0]
@@ -289,11 +309,16 @@ def main() -> int:
         work = Path(args.work or tmp)
         work.mkdir(parents=True, exist_ok=True)
         runs: list[dict[str, Any]] = []
+        pythonpath = os.environ.get("PYTHONPATH", "")
         for model_name in args.models:
             for imgsz in args.sizes:
                 epochs = args.epochs or (8 if imgsz <= 320 else 3)
                 for rep in range(args.repeats):
-                    for arm in ARMS:
+                    for arm in ARMS if args.before else ARMS[:2]:
+                        if arm == "before":  # the child imports lorakit from there instead
+                            os.environ["PYTHONPATH"] = os.pathsep.join([args.before, pythonpath])
+                        else:
+                            os.environ["PYTHONPATH"] = pythonpath
                         res = common.run_child(
                             Path(__file__),
                             ["--arm", arm, "--models", model_name, "--sizes", str(imgsz), "--epochs", str(epochs)]
@@ -318,6 +343,8 @@ def main() -> int:
         ("lora cpu", "LoRA: CPU", ".3f"),
         ("ratio cpu", "LoRA / full: CPU", ".2f"),
     ]
+    if args.before:
+        cols += [("before cpu", "LoRA before: CPU", ".3f"), ("before ratio cpu", "LoRA before / full: CPU", ".2f")]
     text = common.table(rows, cols)
     print("\n" + text)
     path = common.write_json(args.name, {"machine": common.machine(), "args": vars(args), "rows": rows, "runs": runs})

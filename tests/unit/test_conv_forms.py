@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 import pytest
 import torch
 from torch import nn
@@ -107,3 +109,71 @@ def test_bad_arguments() -> None:
     model = _model()
     with pytest.raises(ValueError, match="shrink"):
         measure_conv_forms(model, lambda: None, shrink=0)
+
+
+class _ConvOps(torch.utils._python_dispatch.TorchDispatchMode):  # type: ignore[misc]
+    """Counts the convolution kernels (forward and backward) that run inside the block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.convs = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func.overloadpacket in (torch.ops.aten.convolution, torch.ops.aten.convolution_backward):
+            self.convs += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize(
+    ("conv", "lora_convs"),
+    [
+        (nn.Conv2d(16, 24, 1), 0),  # 1x1: A and B are matrix products
+        (nn.Conv2d(16, 24, 3, padding=1, stride=2), 2),  # A is a 3x3 conv (forward, backward); B a product
+        (nn.Conv2d(16, 24, 1, padding="same"), 0),
+        (nn.Conv1d(16, 24, 1), 0),
+        (nn.Conv2d(16, 24, 1, groups=4), 4),  # grouped: both stay convolutions
+    ],
+)
+def test_activation_form_runs_pointwise_factors_as_matrix_products(conv: nn.Module, lora_convs: int) -> None:
+    """The thin r-channel convolutions of the activation form run far below a CPU's GEMM speed; a 1x1
+    one (B always, A of a 1x1 conv) is a batched matrix product, several times faster
+    (bench/conv_forms.py). Outputs and gradients are the convolution form's to float32 rounding."""
+    torch.manual_seed(0)
+    lorakit.inject(conv, lorakit.LoraConfig(r=4, targets=["*"], init="random"))
+    handler = ConvHandler()
+    layer = cast(LoraLayer, conv)
+    x = torch.randn(3, 16, *([12] * (conv.weight.dim() - 2)), requires_grad=True)
+    results = {}
+    for form in ("activation", "weight"):
+        layer.__dict__[CONV_FORM_ATTR] = (form, 4)
+        assert handler.use_weight_form(layer) == (form == "weight")
+        with _ConvOps() as ops:
+            y = conv(x)
+            y.backward(torch.cos(y.detach()))
+        if form == "activation":  # the base conv's forward and backward, plus the factors' convs
+            assert ops.convs == 2 + lora_convs
+        grads = {n: p.grad.clone() for n, p in conv.named_parameters() if p.grad is not None}
+        results[form] = (y.detach(), x.grad.clone(), grads)
+        x.grad = None
+        conv.zero_grad(set_to_none=True)
+    (ya, gxa, gpa), (yw, gxw, gpw) = results["activation"], results["weight"]
+    # float32, sums of <= 16*9 products of unit-sized values: both forms agree to a few ulps of their size
+    torch.testing.assert_close(ya, yw, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gxa, gxw, rtol=1e-5, atol=1e-5)
+    assert gpa.keys() == gpw.keys() and gpa
+    for n in gpa:  # the factors' gradients sum over the batch and the 12x12 pixels too
+        torch.testing.assert_close(gpa[n], gpw[n], rtol=1e-4, atol=1e-4)
+
+
+def test_pointwise_factors_keep_unbatched_and_channels_last_inputs() -> None:
+    """Inputs the matrix product does not take as they are (unbatched, channels-last) use the convolutions."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 8, 1)
+    lorakit.inject(conv, lorakit.LoraConfig(r=4, targets=["*"], init="random"))
+    layer = cast(LoraLayer, conv)
+    x = torch.randn(2, 8, 5, 5)
+    layer.__dict__[CONV_FORM_ATTR] = ("weight", 4)
+    want = conv(x)
+    layer.__dict__[CONV_FORM_ATTR] = ("activation", 4)
+    torch.testing.assert_close(conv(x[0]), want[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(conv(x.to(memory_format=torch.channels_last)), want, rtol=1e-5, atol=1e-6)
