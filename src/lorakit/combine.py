@@ -211,7 +211,7 @@ def combine_adapters(
             continue
         handler = layer.lora_handler
         weight = getattr(layer, handler.weight_name)
-        D = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        D = torch.zeros(handler.weight_shape(layer), dtype=torch.float32, device=weight.device)
         for w, ad in terms:
             D += w * ad.scaling.float() * handler.delta_weight(layer, ad.A.detach().float(), ad.B.detach().float())
         if method == "cat":

@@ -113,6 +113,11 @@ class _QuantLinearHandler(LinearHandler):
     def factor_dtype(self, module: nn.Module) -> torch.dtype:
         return torch.float32
 
+    def weight_shape(self, module: nn.Module) -> torch.Size:
+        # a 4-bit weight is stored packed, two values a byte, as (out * in / 2, 1)
+        m = cast(nn.Linear, module)
+        return torch.Size((m.out_features, m.in_features))
+
     def forward(self, module: LoraLayer, x: torch.Tensor) -> torch.Tensor:
         y = cast(torch.Tensor, module._lora_base_cls.forward(module, x))
         live = module._lora_live

@@ -76,6 +76,11 @@ class LayerHandler:
         """Shapes of ``(A, B)`` for rank ``r``."""
         raise NotImplementedError
 
+    def weight_shape(self, module: nn.Module) -> torch.Size:
+        """The shape :meth:`delta_weight` returns: the base weight's (a quantised layer stores
+        its weight packed, so it answers with the shape it computes with)."""
+        return cast(torch.Tensor, getattr(module, self.weight_name)).shape
+
     def factor_dtype(self, module: nn.Module) -> torch.dtype:
         """The dtype new factors get: the weight's (a quantised layer's: its compute dtype)."""
         return cast(torch.dtype, getattr(module, self.weight_name).dtype)
@@ -337,7 +342,7 @@ class LoraLayer(nn.Module):
         """
         handler = self.lora_handler
         weight = getattr(self, handler.weight_name)
-        total = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        total = torch.zeros(handler.weight_shape(self), dtype=torch.float32, device=weight.device)
         for n in names:
             ad = cast(LoraAdapter, self.lora[n])
             if ad.variant != "lora":
