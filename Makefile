@@ -28,8 +28,10 @@ demo: $(STAMP)
 demo-core: $(STAMP)
 	$(BIN)/python -m lorakit.demo
 
+# Two pytest workers (pytest-xdist), one per core: most tests run one thread (OMP_NUM_THREADS=1).
+# --dist loadfile keeps each file on one worker, so its module fixtures are built once.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 	$(BIN)/ruff check src tests
 	$(BIN)/mypy
 
