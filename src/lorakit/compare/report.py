@@ -53,6 +53,27 @@ class Axis:
     fmt: Callable[[Any], str] = str
 
 
+def cost_columns(rows: Sequence[dict[str, Any]]) -> list[Column]:
+    """The columns every comparison shows after its accuracy ones: what a strategy costs
+    (trainable parameters and their share, bytes stored per task, s/epoch, peak memory, headed
+    with the memory measures its rows used)."""
+    kinds = sorted({str(r["memory"]) for r in rows})
+    return [
+        Column("trainable", "trainable params", fmt_int),
+        Column("trainable_fraction", "trainable %", lambda v: f"{v:.1%}"),
+        Column("stored_bytes", "stored per task", fmt_bytes),
+        Column("epoch_s", "s / epoch", fmt_float(2)),
+        Column("peak_mem_mib", f"{' / '.join(kinds)} (MiB)", fmt_float(0)),
+    ]
+
+
+# The cost axes every comparison's verdicts name (BYTES is also the plot's cost axis).
+TRAINABLE = Axis("trainable", "Fewest trainable parameters", "min", fmt_int)
+BYTES = Axis("stored_bytes", "Smallest per task (bytes stored)", "min", fmt_bytes)
+SPEED = Axis("epoch_s", "Fastest (s / epoch)", "min", lambda v: f"{v:.2f} s")
+MEMORY = Axis("peak_mem_mib", "Least peak memory", "min", lambda v: f"{v:.0f} MiB")
+
+
 def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[Column]) -> str:
     """A Markdown table of ``rows``, numbers right-aligned."""
 

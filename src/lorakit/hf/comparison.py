@@ -36,7 +36,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from ..compare.report import Axis, Column, Comparison, Layout, epochs_text, fmt_bytes, fmt_float, fmt_int, write_report
+from ..compare.report import (
+    BYTES,
+    MEMORY,
+    SPEED,
+    TRAINABLE,
+    Axis,
+    Column,
+    Comparison,
+    Layout,
+    cost_columns,
+    epochs_text,
+    fmt_bytes,
+    fmt_float,
+    write_report,
+)
 from ..compare.runner import run_job, run_missing
 from ..compare.store import ResultStore
 from ..config import finite_number
@@ -248,17 +262,9 @@ def _layout(settings: dict[str, Any], rows: list[dict[str, Any]], base: dict[str
     causal = base["task"] == "causal"
     forgetting = settings["base_data"] is not None
     acc = "token accuracy" if causal else "accuracy"
-    kinds = sorted({str(r["memory"]) for r in rows})
     cols = [Column("strategy", "strategy"), Column("eval_loss", "eval loss", fmt_float(4))]
     cols += [Column("perplexity", "perplexity", fmt_float(2))] if causal else []
-    cols += [
-        Column("accuracy", acc, fmt_float(3)),
-        Column("trainable", "trainable params", fmt_int),
-        Column("trainable_fraction", "trainable %", lambda v: f"{v:.1%}"),
-        Column("stored_bytes", "stored per task", fmt_bytes),
-        Column("epoch_s", "s / epoch", fmt_float(2)),
-        Column("peak_mem_mib", f"{' / '.join(kinds)} (MiB)", fmt_float(0)),
-    ]
+    cols += [Column("accuracy", acc, fmt_float(3)), *cost_columns(rows)]
     if forgetting:
         cols += [
             Column("base_eval_loss_adapted", "base eval loss, adapted", fmt_float(4)),
@@ -266,14 +272,13 @@ def _layout(settings: dict[str, Any], rows: list[dict[str, Any]], base: dict[str
         ]
     loss = Axis("eval_loss", "Lowest eval loss", "min", fmt_float(4))
     accuracy = Axis("accuracy", f"Most accurate ({acc})", "max", fmt_float(3))
-    size = Axis("stored_bytes", "Smallest per task (bytes stored)", "min", fmt_bytes)
     axes = [
         loss,
         accuracy,
-        Axis("trainable", "Fewest trainable parameters", "min", fmt_int),
-        size,
-        Axis("epoch_s", "Fastest (s / epoch)", "min", lambda v: f"{v:.2f} s"),
-        Axis("peak_mem_mib", "Least peak memory", "min", lambda v: f"{v:.0f} MiB"),
+        TRAINABLE,
+        BYTES,
+        SPEED,
+        MEMORY,
         Axis("base_eval_loss_adapted", "Least forgetting (base eval loss after adaptation)", "min", fmt_float(4)),
     ]
     t = settings["train"]
@@ -318,7 +323,7 @@ def _layout(settings: dict[str, Any], rows: list[dict[str, Any]], base: dict[str
         notes=notes,
         axes=axes,
         gain=gain,
-        cost=size,
+        cost=BYTES,
         ys=ys,
         plot_title=f"{Path(settings['data']).name}: {ys[0][0].replace('_', ' ')} vs bytes stored per task "
         f"({epochs_text(settings['epochs'])})",

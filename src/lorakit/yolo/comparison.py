@@ -30,7 +30,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from ..compare.report import Axis, Column, Comparison, Layout, epochs_text, fmt_bytes, fmt_float, fmt_int, write_report
+from ..compare.report import (
+    BYTES,
+    MEMORY,
+    SPEED,
+    TRAINABLE,
+    Axis,
+    Column,
+    Comparison,
+    Layout,
+    cost_columns,
+    epochs_text,
+    fmt_bytes,
+    fmt_float,
+    write_report,
+)
 from ..compare.runner import run_missing
 from ..compare.store import ResultStore
 from ..errors import ConfigError, StrategyFailedError, did_you_mean
@@ -189,16 +203,11 @@ FORGETTING_KEYS = ("base_map50_95_adapted", "base_map50_adapted", "base_map50_95
 
 
 def _columns(rows: list[dict[str, Any]], forgetting: bool) -> list[Column]:
-    kinds = sorted({str(r["memory"]) for r in rows})
     cols = [
         Column("strategy", "strategy"),
         Column("map50_95", "mAP50-95", fmt_float(3)),
         Column("map50", "mAP50", fmt_float(3)),
-        Column("trainable", "trainable params", fmt_int),
-        Column("trainable_fraction", "trainable %", lambda v: f"{v:.1%}"),
-        Column("stored_bytes", "stored per task", fmt_bytes),
-        Column("epoch_s", "s / epoch", fmt_float(2)),
-        Column("peak_mem_mib", f"{' / '.join(kinds)} (MiB)", fmt_float(0)),
+        *cost_columns(rows),
     ]
     if forgetting:
         cols += [
@@ -209,14 +218,13 @@ def _columns(rows: list[dict[str, Any]], forgetting: bool) -> list[Column]:
 
 
 ACCURACY = Axis("map50_95", "Most accurate (mAP50-95)", "max", fmt_float(3))
-BYTES = Axis("stored_bytes", "Smallest per task (bytes stored)", "min", fmt_bytes)
 AXES = (
     ACCURACY,
     Axis("map50", "Most accurate (mAP50)", "max", fmt_float(3)),
-    Axis("trainable", "Fewest trainable parameters", "min", fmt_int),
+    TRAINABLE,
     BYTES,
-    Axis("epoch_s", "Fastest (s / epoch)", "min", lambda v: f"{v:.2f} s"),
-    Axis("peak_mem_mib", "Least peak memory", "min", lambda v: f"{v:.0f} MiB"),
+    SPEED,
+    MEMORY,
     Axis("base_map50_95_adapted", "Least forgetting (base mAP50-95 after adaptation)", "max", fmt_float(3)),
 )
 
