@@ -190,14 +190,13 @@ def encode_adapter(
     adapted: list[tuple[str, LoraAdapter]] = []
     for p, layer in layers:
         ad = cast(LoraAdapter, layer.lora[name])
+        w0 = base_weight(layer, layer.lora_handler.weight_name)
         original = None
         if initials is not None:
-            ad, original = init_svd.as_lora_on_original(
-                initials[p], ad, base_weight(layer, layer.lora_handler.weight_name), config.use_rslora, p
-            )
-        for what, t in (("'s base weight", base_weight(layer, layer.lora_handler.weight_name)), (".A", ad.A)):
+            ad, original = init_svd.as_lora_on_original(initials[p], ad, w0, config.use_rslora, p)
+        for what, t in (("'s base weight", w0), (".A", ad.A)):
             check_materialised(t, f"{p}{what}", f"adapter {name!r} was not saved to {folder}")
-        weight = _full(base_weight(layer, layer.lora_handler.weight_name).detach())
+        weight = _full(w0.detach())
         want = scaling_of(ad.r, ad.alpha, config.use_rslora)
         if abs(float(ad.scaling) - want) > 1e-6 * abs(want):
             raise ConfigError(
