@@ -52,18 +52,55 @@ def _scb(layer: Any) -> torch.Tensor:
     return cast(torch.Tensor, scb if scb is not None else layer.state.SCB)
 
 
+def unpack_for_cpu(layer: Any) -> bool:
+    """Put a 4-bit weight that bitsandbytes repacked for its CPU kernel back in the usual layout.
+
+    On a CPU with AVX512-BF16, bitsandbytes' first inference forward of a ``Linear4bit``
+    (eval mode, input without gradient) repacks the weight in place for its fast kernel
+    (``quant_state.packing_format_for_cpu``). That kernel has no backward: a training step
+    after an evaluation then got no gradient through the layer (every LoRA factor below the
+    last packed layer stopped learning, silently), and the packed bytes are not what
+    :func:`dequantized` reads. bitsandbytes undoes the packing itself before saving a state
+    dict or moving to a GPU; lorakit does the same before reading the weight, and an adapted
+    layer is never packed (``Linear4bitHandler.forward``). The packing stores the block scales
+    in bf16 (and undoing it quantises them again under double quantisation), so a layer packed
+    before :func:`lorakit.inject` keeps that rounding. Returns whether the layer was packed.
+    """
+    qs = getattr(layer.weight, "quant_state", None)
+    if qs is None or not getattr(qs, "packing_format_for_cpu", False):
+        return False
+    weight = layer.weight
+    weight.data, weight.quant_state = bnbF._convert_weight_packed_for_cpu_inverse(weight.data, qs)
+    return True
+
+
+def quantized_kind(layer: Any) -> str:
+    """``"4bit"`` or ``"8bit"``: the kind of quantised weight ``layer`` holds (nothing is dequantised).
+
+    Raises:
+        TargetError: ``layer`` is not a quantised bitsandbytes ``Linear4bit``/``Linear8bitLt``
+            (e.g. one not moved to its device yet: bitsandbytes quantises on that move).
+    """
+    weight = layer.weight
+    if isinstance(layer, bnb.nn.Linear4bit) and getattr(weight, "quant_state", None) is not None:
+        return "4bit"
+    if isinstance(layer, bnb.nn.Linear8bitLt) and weight.dtype == torch.int8:
+        return "8bit"
+    raise TargetError(f"{type(layer).__name__} holds no quantised weight (its weight is {weight.dtype})")
+
+
 def dequantized(layer: Any) -> torch.Tensor:
     """The weight ``(out, in)`` a quantised layer computes with, in float32.
 
     Raises:
         TargetError: ``layer`` is not a quantised bitsandbytes ``Linear4bit``/``Linear8bitLt``.
     """
-    weight = layer.weight
-    if isinstance(layer, bnb.nn.Linear4bit) and getattr(weight, "quant_state", None) is not None:
+    if quantized_kind(layer) == "4bit":
+        unpack_for_cpu(layer)
+        weight = layer.weight
         return cast(torch.Tensor, bnbF.dequantize_4bit(weight.data, weight.quant_state)).float()
-    if isinstance(layer, bnb.nn.Linear8bitLt) and weight.dtype == torch.int8:
-        return cast(torch.Tensor, bnbF.int8_vectorwise_dequant(weight.data, _scb(layer))).float()
-    raise TargetError(f"{type(layer).__name__} holds no quantised weight (its weight is {weight.dtype})")
+    weight = layer.weight
+    return cast(torch.Tensor, bnbF.int8_vectorwise_dequant(weight.data, _scb(layer))).float()
 
 
 def grid_error_bound(layer: Any) -> torch.Tensor:
@@ -79,8 +116,8 @@ def grid_error_bound(layer: Any) -> torch.Tensor:
         TargetError: not a quantised layer, or a 4-bit layer with double quantisation
             (its stored absmax is itself rounded, so the bound would not hold exactly).
     """
-    dequantized(layer)  # raises for anything else
-    if isinstance(layer, bnb.nn.Linear4bit):
+    if quantized_kind(layer) == "4bit":  # raises for anything else
+        unpack_for_cpu(layer)
         qs = layer.weight.quant_state
         if qs.nested:
             raise TargetError("grid_error_bound: a double-quantised (nested) 4-bit layer has no exact bound")
@@ -103,7 +140,8 @@ class _QuantLinearHandler(LinearHandler):
 
     def check(self, module: nn.Module, r: int, name: str) -> None:
         try:
-            dequantized(module)
+            # only the kind: dequantising every weight here cost a float32 copy of each at inject
+            quantized_kind(module)
         except TargetError as exc:
             raise TargetError(
                 f"{name}: {exc}; move the model to its device (bitsandbytes quantises there) or load it with "
@@ -160,6 +198,14 @@ class Linear4bitHandler(_QuantLinearHandler):
         dtype = cast("torch.dtype | None", module.compute_dtype)
         return dtype if dtype is not None else torch.float32
 
+    def forward(self, module: LoraLayer, x: torch.Tensor) -> torch.Tensor:
+        # An adapted layer keeps the usual layout: bitsandbytes' packed CPU kernel has no backward,
+        # and packing in place at an inference forward would cut the next training step's gradient
+        # (unpack_for_cpu). Set on every call: cheap, and it holds for layers adapted before loading.
+        module.__dict__["support_avx512bf16_for_cpu"] = False  # a plain attribute of bitsandbytes
+        unpack_for_cpu(module)
+        return super().forward(module, x)
+
     def check(self, module: nn.Module, r: int, name: str) -> None:
         super().check(module, r, name)
         if self.factor_dtype(module) not in COMPUTE_DTYPES:
@@ -169,6 +215,7 @@ class Linear4bitHandler(_QuantLinearHandler):
             )
 
     def quantized_like(self, layer: Any, weight: torch.Tensor) -> nn.Module:
+        unpack_for_cpu(layer)  # the settings below are those of the usual layout
         w = layer.weight
         qs = w.quant_state
         new = bnb.nn.Linear4bit(
@@ -232,4 +279,6 @@ __all__ = [
     "QuantEmbeddingHandler",
     "dequantized",
     "grid_error_bound",
+    "quantized_kind",
+    "unpack_for_cpu",
 ]

@@ -22,11 +22,11 @@ def gpt2(seed: int = 0) -> nn.Module:
     return transformers.GPT2LMHeadModel(cfg).eval()
 
 
-def llama(seed: int = 0) -> nn.Module:
+def llama(seed: int = 0, hidden: int = 32, intermediate: int = 64) -> nn.Module:
     torch.manual_seed(seed)
     cfg = transformers.LlamaConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64,
-        vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        hidden_size=hidden, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=intermediate, vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0,
     )  # fmt: skip
     return transformers.LlamaForCausalLM(cfg).eval()
 

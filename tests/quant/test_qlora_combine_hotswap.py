@@ -22,7 +22,7 @@ import lorakit
 from lorakit.io_errors import BaseModelMismatchError
 
 from ..hf.models import llama
-from .conftest import base_bytes, load, logits, quantised_layers
+from .conftest import WIDTHS, base_bytes, load, logits, quantised_layers
 
 QUANTIZE = ["nf4", "int8"]
 
@@ -91,7 +91,7 @@ def test_hotswap_equals_a_fresh_load(quantize: str, llama_dir: Path, tmp_path: P
 
 
 def test_hotswap_refuses_a_file_of_the_unquantised_base(llama_dir: Path, tmp_path: Path) -> None:
-    dense = llama(seed=0)
+    dense = llama(seed=0, **WIDTHS)
     lorakit.inject(dense, lorakit.LoraConfig(r=2, targets="all-linear"), name="b")
     file = lorakit.save_adapter(dense, tmp_path / "dense", name="b")
     model = with_adapters(llama_dir, "nf4")

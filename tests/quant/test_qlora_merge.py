@@ -24,7 +24,7 @@ from lorakit.errors import ConfigError
 from lorakit.quant import dequantized, grid_error_bound
 
 from ..hf.models import llama
-from .conftest import load, logits, quantised_layers
+from .conftest import WIDTHS, load, logits, quantised_layers
 from .test_qlora_train import train
 
 # fp32 rounding of a sum of a few terms of size |W|: a few ulps (2^-23 each) of the largest weight
@@ -58,7 +58,7 @@ def test_merge_paths_and_their_bounds(quantize: str, llama_dir: Path, tmp_path: 
     requant = load(llama_dir, quantize)
     lorakit.load_adapter(requant, folder)
     lorakit.merge_and_unload(requant, requantize=True)
-    exact = llama(seed=0)  # the unquantised fp32 base the quantised one was made from
+    exact = llama(seed=0, **WIDTHS)  # the unquantised fp32 base the quantised one was made from
     with pytest.warns(UserWarning, match="saved on a different base model"):  # the fingerprint tells them apart
         lorakit.load_adapter(exact, folder, allow_other_base=True)
     lorakit.merge_and_unload(exact)

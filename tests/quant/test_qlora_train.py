@@ -11,7 +11,7 @@ import torch
 import lorakit
 from lorakit.quant import Linear4bitHandler, Linear8bitHandler
 
-from .conftest import TOKENS, base_bytes, load, logits, quantised_layers
+from .conftest import TOKENS, WIDTHS, base_bytes, load, logits, quantised_layers
 
 peft = pytest.importorskip("peft")
 
@@ -74,3 +74,44 @@ def test_peft_loads_the_file_on_the_same_quantised_model(quantize: str, llama_di
     # applied (lorakit scales the r-wide side), float32 rounding: a few ulps per layer.
     scale = float(ours.abs().max())
     torch.testing.assert_close(theirs, ours, atol=1e-5 * scale, rtol=0)
+
+
+@pytest.mark.packed_kernel
+def test_training_after_an_inference_forward_keeps_every_gradient(tmp_path: Path) -> None:
+    """bitsandbytes' CPU kernel choice left as it is. On a CPU with AVX512-BF16 a 4-bit layer
+    repacks its weight at its first inference forward, and the packed kernel has no backward: a
+    training step after an evaluation got no gradient through those layers (the first layers'
+    LoRA factors got exactly zero). Adapted layers stay in the usual layout: after an evaluation
+    the gradients equal those of a model never evaluated, bitwise. A layer bitsandbytes packed
+    before inject is unpacked (its block scales keep the packing's bf16 rounding, so only
+    "every factor gets a gradient" is compared there). On a CPU without AVX512-BF16 nothing
+    packs, and the test only shows that evaluating changes nothing."""
+    from ..hf.models import llama
+
+    folder = tmp_path / "llama64"
+    llama(seed=0, **WIDTHS).save_pretrained(folder)
+
+    def grads(evaluate: str) -> dict[str, torch.Tensor]:
+        model = load(folder, "nf4")
+        if evaluate == "before inject":
+            logits(model)  # plain layers: bitsandbytes may pack them here
+        torch.manual_seed(0)
+        lorakit.inject(model, lorakit.LoraConfig(r=4, targets="all-linear"))
+        with torch.no_grad():  # B random, so every factor gets a gradient
+            for n, p in model.named_parameters():
+                if n.endswith(".B"):
+                    p.copy_(torch.randn(p.shape) * 0.1)
+        if evaluate == "after inject":
+            logits(model)  # adapted layers: must not pack
+        model.train()
+        model(input_ids=TOKENS, labels=TOKENS).loss.backward()
+        qs = {n: m.weight.quant_state for n, m in quantised_layers(model).items()}
+        packed = [n for n, q in qs.items() if getattr(q, "packing_format_for_cpu", False)]
+        assert packed == [], packed
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    fresh, after, before = grads("never"), grads("after inject"), grads("before inject")
+    assert fresh.keys() == after.keys() == before.keys() and len(fresh) == 2 * 7 * 2  # A, B; 7 projections; 2 layers
+    for n, g in fresh.items():
+        assert torch.equal(g, after[n]), n
+        assert float(before[n].abs().sum()) > 0, n
