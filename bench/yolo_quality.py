@@ -50,6 +50,13 @@ EXPERIMENTS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     "lora_r8_lr7e-3_bn": ("lora", {"lr0": 0.007}, {"adapt_bn": True}),
     "lora_r8_lr7e-3_bn_seed1": ("lora", {"lr0": 0.007, "seed": 1}, {"adapt_bn": True}),
     "lora_r4_headfull_lr1e-2": ("lora", {"lr0": 0.01}, {"r": 4, "exclude": ["model.23.*"], "train": ["model.23"]}),
+    # LoraYOLO's own defaults ("defaults" arm: r=8, adapt_bn, lr 0.007), with the early layers frozen
+    # (frozen_stride=4, the default since issue 19) and adapted (frozen_stride=0, the default before)
+    **{
+        f"lora_defaults{tag}_seed{seed}": ("defaults", {"lr0": 0.007, "seed": seed}, opts)
+        for tag, opts in (("", {}), ("_stride0", {"frozen_stride": 0}))
+        for seed in (0, 1, 2)
+    },
 }
 IMGSZ = 160
 COMMON = {
@@ -134,6 +141,8 @@ def adapt(out: Path, name: str) -> dict[str, Any]:
             train_modules=lora.pop("train", ()),
         )
         model = LoraYOLO(str(out / "base.pt"), config=config, adapt_bn=lora.pop("adapt_bn", False))
+    elif arm == "defaults":
+        model = LoraYOLO(str(out / "base.pt"), **lora)
     else:
         model = YOLO(str(out / "base.pt"))
         if arm == "head":

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 from copy import deepcopy
 from pathlib import Path
 from types import SimpleNamespace
@@ -47,10 +48,14 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
         with contextlib.redirect_stdout(printed):
             # r=4 here overrides the constructor's r=8; one run with Ultralytics' plots on (they must work
             # with LoRA, offline)
-            model.train(data=str(data), project=str(root / "runs"), name=name, r=4, **{**TRAIN, "plots": name == "new"})
+            # the "new" run leaves the early layers frozen (frozen_stride=4; the default adapts them)
+            extra = {"frozen_stride": 4, "plots": True} if name == "new" else {"plots": False}
+            model.train(data=str(data), project=str(root / "runs"), name=name, r=4, **{**TRAIN, **extra})
         t = model.trainer
         ema = t.ema.ema.float().eval()
-        run = SimpleNamespace(adapter=t.best_adapter, ema=ema, best=t.best, dir=t.save_dir, printed=printed.getvalue())
+        run = SimpleNamespace(
+            adapter=t.best_adapter, model=t.model, ema=ema, best=t.best, dir=t.save_dir, printed=printed.getvalue()
+        )
         setattr(out, name, run)
     return out
 
@@ -65,11 +70,40 @@ def test_base_plus_adapter_reproduces_the_trained_model(runs: SimpleNamespace) -
         live = m.model.eval()
         x = _x()
         torch.testing.assert_close(final_outputs(live, x), final_outputs(run.ema, x), atol=1e-5, rtol=1e-5)
-        # BatchNorm statistics came from the adapter: the base's differ, so this is not vacuous
-        bn = next(p for p, mod in live.named_modules() if isinstance(mod, nn.BatchNorm2d))
+        # BatchNorm statistics came from the adapter: the base's differ, so this is not vacuous (the first
+        # BN past the early layers, which stay the base's: test_early_layers_stay_exactly_the_base)
+        bn = next(p for p, mod in live.named_modules() if isinstance(mod, nn.BatchNorm2d) and p.startswith("model.3."))
         base_bn = LoraYOLO(str(runs.pt)).model.get_submodule(bn)
         assert not torch.equal(live.get_submodule(bn).running_mean, base_bn.running_mean)
         torch.testing.assert_close(final_outputs(m.merged_model(), x), final_outputs(run.ema, x), atol=1e-4, rtol=1e-4)
+
+
+def test_early_layers_stay_exactly_the_base(runs: SimpleNamespace) -> None:
+    """``frozen_stride=4`` (the "new" run): yolo26n's ``model.0``-``model.2`` get no LoRA and their
+    BatchNorm neither trains nor updates its statistics (the backward pass ends before them), in
+    the trained model and its EMA, and the adapter file holds nothing of them. The default run
+    ("same") trained them."""
+    from safetensors import safe_open
+
+    from lorakit.yolo import LoraYOLO
+    from lorakit.yolo.targets import early_layers
+
+    base = LoraYOLO(str(runs.pt)).model
+    early = early_layers(base, 4)
+    assert early == ["model.0", "model.1", "model.2"]
+    ref = {k: v for k, v in base.state_dict().items() if k.startswith(tuple(f"{e}." for e in early))}
+    assert any(k.endswith("bn.running_var") for k in ref)
+    for model in (runs.new.model, runs.new.ema):
+        sd = model.state_dict()
+        assert [k for k in ref if not torch.equal(sd[k], ref[k])] == []
+    with safe_open(str(runs.new.adapter / "adapter_model.safetensors"), "pt") as f:
+        names = list(f.keys())
+    stored = [k for k in names if re.search(r"(^|\.)model\.[0-2]\.", k)]
+    assert stored == [], stored
+    # the next layer's BatchNorm did train (not a run where nothing moved), and the default run
+    # trained the early ones too
+    for run, bn in ((runs.new, "model.3.bn.running_mean"), (runs.same, "model.1.bn.running_mean")):
+        assert not torch.equal(run.model.state_dict()[bn], base.state_dict()[bn]), bn
 
 
 def test_switch_between_adapters_on_one_base(runs: SimpleNamespace) -> None:

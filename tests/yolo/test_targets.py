@@ -55,6 +55,35 @@ def test_default_targets_count_r8(detector: nn.Module) -> None:
     report = lorakit.inject(model, detector_config(model, r=8))
     assert len(report.targets) == 98
     assert report.trainable == report.lora_params
+    # frozen_stride=4 leaves model.1.conv and three convs of model.2 out (model.2.m.0.cv1,
+    # 16 -> 8 channels, is thin at r=8 anyway)
+    model = copy.deepcopy(detector)
+    report = lorakit.inject(model, detector_config(model, r=8, frozen_stride=4))
+    assert len(report.targets) == 94
+    assert not any(t.name.startswith(("model.1.", "model.2.")) for t in report.targets)
+
+
+def test_early_layers_are_the_chain_up_to_the_stride(detector: nn.Module) -> None:
+    from lorakit.yolo.targets import early_layers
+
+    before = {k: v.clone() for k, v in detector.state_dict().items()}
+    assert early_layers(detector, 4) == ["model.0", "model.1", "model.2"]  # stride 2, 4, 4
+    assert early_layers(detector, 8) == [f"model.{i}" for i in range(5)]  # + stride 8 (model.3, model.4)
+    assert early_layers(detector, 1) == [] and early_layers(detector, 0) == []
+    assert early_layers(nn.Conv2d(3, 4, 3), 4) == []  # not an Ultralytics model: nothing frozen
+    # the probe forward left the model (BatchNorm statistics included) and its mode as they were
+    assert detector.training and all(torch.equal(v, before[k]) for k, v in detector.state_dict().items())
+    excluded = default_exclusions(detector, 8, frozen_stride=4)
+    assert "early layer" in excluded["model.1.conv"] and "stem" in excluded["model.0.conv"]
+    assert "model.1.conv" not in default_exclusions(detector, 8)  # the default adapts it
+
+
+def test_lora_options_refuse_a_bad_frozen_stride() -> None:
+    from lorakit.yolo import LoraOptions
+
+    for bad in (-1, 2.0, True, "4"):
+        with pytest.raises(lorakit.ConfigError, match="frozen_stride must be an int >= 0"):
+            LoraOptions(frozen_stride=bad)  # type: ignore[arg-type]
 
 
 def test_train_modules_are_trained_not_adapted(detector: nn.Module) -> None:

@@ -55,6 +55,7 @@ from ..layers import LoraLayer
 from .checks import check_settings
 from .offline import runs_project
 from .provenance import recorded_merge
+from .targets import FROZEN_STRIDE
 from .tasks import trainer_for
 from .trainer import LoraOptions, LoraTrainerMixin
 from .variants import Variant, fresh_variant
@@ -69,8 +70,8 @@ class LoraYOLO(YOLO):  # type: ignore[misc]
     Args:
         model: a ``.pt`` checkpoint or ``.yaml`` config, as for ``YOLO``.
         adapter: an adapter folder to load on it (as :meth:`load_adapter`, named after its run).
-        r, alpha, dropout, exclude, config, adapt_bn, adapter_name, max_fraction, measure_forms, loraplus_ratio:
-            the LoRA settings, see :class:`~lorakit.yolo.trainer.LoraOptions`. ``exclude``
+        r, alpha, dropout, exclude, config, adapt_bn, adapter_name, max_fraction, measure_forms, loraplus_ratio,
+        frozen_stride: the LoRA settings, see :class:`~lorakit.yolo.trainer.LoraOptions`. ``exclude``
             is a path pattern or a list of them (a string is one pattern).
         task, verbose: as for ``YOLO``.
 
@@ -94,6 +95,7 @@ class LoraYOLO(YOLO):  # type: ignore[misc]
         max_fraction: float = 1.0,
         measure_forms: bool = False,
         loraplus_ratio: float | None = None,
+        frozen_stride: int = FROZEN_STRIDE,
         task: str | None = None,
         verbose: bool = False,
     ) -> None:
@@ -108,6 +110,7 @@ class LoraYOLO(YOLO):  # type: ignore[misc]
             max_fraction=max_fraction,
             measure_forms=measure_forms,
             loraplus_ratio=loraplus_ratio,
+            frozen_stride=frozen_stride,
         )
         super().__init__(model, task=task, verbose=verbose)
         if not isinstance(self, LoraYOLO):  # YOLO.__init__ switched the class (World/YOLOE/RT-DETR)
@@ -325,8 +328,8 @@ class LoraYOLO(YOLO):  # type: ignore[misc]
         """Train a LoRA adapter; arguments as ``YOLO.train``, plus the LoRA settings. Returns the metrics.
 
         The LoRA settings of the constructor (``r``, ``alpha``, ``dropout``, ``exclude``, ``config``,
-        ``adapt_bn``, ``adapter_name``, ``max_fraction``, ``measure_forms``, ``loraplus_ratio``:
-        :class:`~lorakit.yolo.trainer.LoraOptions`) may be given here too, and then override the
+        ``adapt_bn``, ``adapter_name``, ``max_fraction``, ``measure_forms``, ``loraplus_ratio``,
+        ``frozen_stride``: :class:`~lorakit.yolo.trainer.LoraOptions`) may be given here too, and then override the
         constructor's for this run; ``dropout`` is
         LoRA's (Ultralytics uses it for classifier heads only). At the end it prints where the
         merged checkpoints and the adapter folders are (:func:`saved_files`). Without ``project=``

@@ -16,7 +16,17 @@ every conv except three kinds, each left *frozen* (not trained fully):
   (16 -> 8). Training such a layer fully would be cheaper. LoRA is not a
   "0.1 %" method on small YOLOs: in yolo26n many 16-32 channel convs get
   LoRA of 50-100 % of their size;
-* the fixed ``dfl`` conv (older heads; YOLO26 has ``reg_max=1`` and none).
+* the fixed ``dfl`` conv (older heads; YOLO26 has ``reg_max=1`` and none);
+* with ``frozen_stride`` (off by default), **the early layers** (:func:`early_layers`):
+  the leading layers whose output is at most ``frozen_stride`` times smaller than the
+  image, in yolo26n at ``frozen_stride=4`` ``model.0``-``model.2`` (two stride-2 convs
+  and the C3k2 at stride 4). They are left exactly as in the base, BatchNorm included,
+  so the backward pass ends before them, as Ultralytics' ``freeze=3`` does. At the
+  highest resolutions the backward costs the most per weight: a yolo26n LoRA training
+  step (imgsz 160, CPU, BatchNorm adapting) took 0.86x full fine-tuning's instead of
+  0.98x. But those layers' BatchNorm and LoRA carry most of a change of colours and
+  textures: on the synthetic A -> B benchmark (bench/yolo_quality.py, three seeds)
+  mAP50-95 fell from 0.42 to 0.33, so it is a choice, not the default.
 
 Both YOLO26 heads (``cv2``/``cv3`` one-to-many, used by training and NMS
 export, and ``one2one_cv2``/``one2one_cv3``, used by ``nms=False`` export) are
@@ -38,9 +48,61 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
+import torch
 from torch import nn
 
 from ..config import LoraConfig, as_patterns
+
+# The default frozen_stride: 0, every layer adapted (see the module docstring for what 4 costs and saves).
+FROZEN_STRIDE = 0
+# The probe image's side for early_layers: a multiple of every YOLO model's largest stride (32).
+_PROBE = 64
+
+
+def early_layers(model: nn.Module, frozen_stride: int) -> list[str]:
+    """Paths (``model.0``, ``model.1``, ...) of the leading layers whose output stride is at
+    most ``frozen_stride``: a chain from the image, each layer reading the one before.
+
+    The stride of each layer's output is read from one no-grad forward of a 64 x 64 zero image
+    in eval mode (BatchNorm statistics untouched): ``64 / output width``. ``frozen_stride`` 0 gives ``[]``.
+    """
+    layers = getattr(model, "model", None)
+    if frozen_stride < 1 or not isinstance(layers, (nn.Sequential, nn.ModuleList)) or not len(layers):
+        return []
+    yaml = getattr(model, "yaml", None)
+    channels = int(yaml.get("channels", 3)) if isinstance(yaml, dict) else 3
+    widths: dict[int, int] = {}
+
+    def record(i: int) -> Callable[..., None]:
+        def hook(module: nn.Module, args: object, out: object) -> None:
+            if isinstance(out, torch.Tensor) and out.dim() == 4:
+                widths[i] = out.shape[-1]
+
+        return hook
+
+    hooks = [layer.register_forward_hook(record(i)) for i, layer in enumerate(layers)]
+    was_training = model.training
+    param = next(model.parameters(), None)
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, channels, _PROBE, _PROBE, device=param.device if param is not None else None))
+    finally:
+        model.train(was_training)
+        for h in hooks:
+            h.remove()
+    names = {id(m): n for n, m in model.named_modules()}
+    out: list[str] = []
+    for i, layer in enumerate(layers):
+        chained = i == 0 or getattr(layer, "f", -1) == -1  # reads the layer before it
+        if not chained or i not in widths or _PROBE // widths[i] > frozen_stride:
+            break
+        out.append(names[id(layer)])
+    return out
+
+
+def _under(name: str, prefixes: Iterable[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
 def head_of(model: nn.Module) -> nn.Module | None:
@@ -85,10 +147,13 @@ def lora_fraction(layer: nn.Conv2d | nn.Linear, r: int) -> float:
     return lora / layer.weight.numel()
 
 
-def default_exclusions(model: nn.Module, r: int, max_fraction: float = 1.0) -> dict[str, str]:
+def default_exclusions(
+    model: nn.Module, r: int, max_fraction: float = 1.0, frozen_stride: int = FROZEN_STRIDE
+) -> dict[str, str]:
     """``{path: reason}`` of the convs and linears :func:`detector_config` leaves out (see the module docstring)."""
     yaml = getattr(model, "yaml", None)
     image_ch = int(yaml.get("channels", 3)) if isinstance(yaml, dict) else 3
+    early = early_layers(model, frozen_stride)
     out: dict[str, str] = {}
     for name, m in model.named_modules():
         if isinstance(m, nn.Linear):
@@ -103,6 +168,8 @@ def default_exclusions(model: nn.Module, r: int, max_fraction: float = 1.0) -> d
             out[name] = f"grouped conv (groups={m.groups})"
         elif m.in_channels == image_ch and name.startswith("model.0."):
             out[name] = "stem (reads the image)"
+        elif _under(name, early):
+            out[name] = f"early layer (output stride <= {frozen_stride}: frozen, the backward stops before it)"
         elif lora_fraction(m, r) > max_fraction:
             out[name] = f"thin layer (LoRA would be {lora_fraction(m, r):.0%} of its {m.weight.numel()} weights)"
     return out
@@ -118,11 +185,12 @@ def detector_config(
     train_modules: str | Iterable[str] = (),
     max_fraction: float = 1.0,
     batchnorm: str = "frozen",
+    frozen_stride: int = FROZEN_STRIDE,
 ) -> LoraConfig:
     """The default :class:`LoraConfig` for an Ultralytics model of any task.
 
     Targets every ``nn.Conv2d`` and ``nn.Linear`` except those :func:`default_exclusions`
-    names (grouped/depthwise, the stem, thin layers, DFL) and the
+    names (grouped/depthwise, the stem, thin layers, DFL; early layers when asked) and the
     ``train_modules`` (trained fully, so not adapted). Both YOLO26 heads are included.
 
     Args:
@@ -132,13 +200,15 @@ def detector_config(
         train_modules: modules trained fully (e.g. re-initialised class convs; a string is one).
         max_fraction: leave out convs whose LoRA would exceed this fraction of their weights (default 1.0).
         batchnorm: as in :class:`LoraConfig` (``"frozen"``: BN statistics never move).
+        frozen_stride: the leading layers with output stride at most this are not adapted
+            (:func:`early_layers`; 0, the default: every layer is).
 
     Raises:
         ConfigError: ``exclude`` or ``train_modules`` is not a pattern or a list of them;
             LoraConfig's own checks.
     """
     train_modules = as_patterns("train_modules", train_modules)
-    auto = [p for p in default_exclusions(model, r, max_fraction) if p not in train_modules]
+    auto = [p for p in default_exclusions(model, r, max_fraction, frozen_stride) if p not in train_modules]
     return LoraConfig(
         r=r,
         alpha=alpha,
