@@ -101,7 +101,8 @@ def early_layers(model: nn.Module, frozen_stride: int) -> list[str]:
     return out
 
 
-def _under(name: str, prefixes: Iterable[str]) -> bool:
+def under(name: str, prefixes: Iterable[str]) -> bool:
+    """Whether module path ``name`` is one of ``prefixes`` or inside one."""
     return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
@@ -168,7 +169,7 @@ def default_exclusions(
             out[name] = f"grouped conv (groups={m.groups})"
         elif m.in_channels == image_ch and name.startswith("model.0."):
             out[name] = "stem (reads the image)"
-        elif _under(name, early):
+        elif under(name, early):
             out[name] = f"early layer (output stride <= {frozen_stride}: frozen, the backward stops before it)"
         elif lora_fraction(m, r) > max_fraction:
             out[name] = f"thin layer (LoRA would be {lora_fraction(m, r):.0%} of its {m.weight.numel()} weights)"

@@ -98,7 +98,7 @@ from . import resume
 from .checks import check_optimizer
 from .merged import MergedCopy
 from .provenance import RUN_KEYS, describe_checkpoint, merge_description
-from .targets import FROZEN_STRIDE, class_convs, detector_config, early_layers
+from .targets import FROZEN_STRIDE, class_convs, detector_config, early_layers, under
 
 # What optimizer="auto" means for LoRA: 7x what full fine-tuning wanted on the synthetic A->B benchmark
 # (bench/yolo_quality.md; yolo26n, r=8, BatchNorm adapting, 15 epochs). There lr 0.007 reached 96-100 % of
@@ -184,7 +184,7 @@ class LoraOptions:
             bn = [
                 n
                 for n, m in model.named_modules()
-                if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(n.startswith(f"{e}.") for e in early)
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and not under(n, early)
             ]
             train_modules = [*train_modules, *(n for n in bn if n not in train_modules)]
         if self.config is None:
@@ -461,7 +461,7 @@ class LoraTrainerMixin:
         report = inject(model, config, self.lora.adapter_name)
         if self.lora.adapt_bn:
             # inject trains the BatchNorm layers of config.train_modules; the others (the early layers'
-            # by default, see LoraOptions.frozen_stride) keep the base's statistics: eval mode for good
+            # with LoraOptions.frozen_stride) keep the base's statistics: eval mode for good
             for m in model.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters()):
                     freeze_batchnorm(m)
