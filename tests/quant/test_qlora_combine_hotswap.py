@@ -84,8 +84,13 @@ def test_hotswap_equals_a_fresh_load(quantize: str, llama_dir: Path, tmp_path: P
         lorakit.set_adapter(model, name)
         fresh = load(llama_dir, quantize)
         lorakit.load_adapter(fresh, file)
-        want = logits(fresh)
-        torch.testing.assert_close(logits(model), want, **tol(want))
+        if quantize == "int8":  # LLM.int8() rounds each layer's input: compare layers on their own inputs
+            got, wanted = layer_outputs(model), layer_outputs(fresh)
+            for n, want in wanted.items():
+                torch.testing.assert_close(got[n], want, **tol(want))
+        else:
+            want = logits(fresh)
+            torch.testing.assert_close(logits(model), want, **tol(want))
     after = base_bytes(model)
     assert all(torch.equal(after[k], v) for k, v in before.items())
 
