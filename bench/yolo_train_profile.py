@@ -3,16 +3,19 @@
     python bench/yolo_train_profile.py                              # yolo26n at imgsz 160 and 640
     python bench/yolo_train_profile.py --models yolo26n yolo26s --sizes 160 --epochs 10 --repeats 2
     python bench/yolo_train_profile.py --sizes 160 --before /tmp/old/src   # + LoRA on older code, interleaved
+    python bench/yolo_train_profile.py --arms full lora                    # leave out full_cl
 
 Both arms fine-tune the same base (the model's YAML with random weights, 80 classes,
 saved once as a ``.pt``) on the project's synthetic detection data (domain B, 3
 classes, so the class convs are re-initialised in both arms), with the same
 Ultralytics arguments: AdamW, batch 16 at imgsz 160 (8 at 640), ``nbs`` = batch (an
 optimizer step per batch), no warm-up, validation after every epoch, ``workers=0``,
-one thread. Full fine-tuning is the stock ``DetectionTrainer`` at lr 0.001; LoRA is
-:class:`lorakit.yolo.LoraYOLO` with its defaults. Each run is a fresh child
-interpreter; arms alternate (full, LoRA, full, LoRA, ...) so slow drifts of a shared
-machine hit both.
+one thread. Full fine-tuning (``full``) is the stock ``DetectionTrainer`` at lr 0.001;
+``full_cl`` is the same with the model stored channels-last (what a LoRA run does on a
+CPU, :mod:`lorakit.yolo.layout`), so the LoRA maths and the layout can be told apart;
+LoRA is :class:`lorakit.yolo.LoraYOLO` with its defaults. Each run is a fresh child
+interpreter; arms alternate (full, full_cl, LoRA, full, ...) so slow drifts of a shared
+machine hit all.
 
 Phases of each epoch, timed inside the trainer by wrapping its own methods:
 
@@ -30,7 +33,8 @@ other           the rest of the epoch (scheduler, logging, callbacks)
 ==============  ====================================================================
 
 Reported per phase: the median seconds per epoch (first epoch left out: caching and
-warm-up), wall-clock and CPU time (see :class:`Phases`), and the ratios LoRA / full.
+warm-up), wall-clock and CPU time (see :class:`Phases`), and the ratios LoRA / full
+and LoRA / full_cl.
 ``wall`` is the whole ``train()`` call including setup and the final validation of
 ``best.pt``. Writes
 ``bench/results/yolo_train_profile.json`` and ``.png``.
@@ -52,8 +56,11 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
+# ratio name -> (numerator arm, denominator arm), reported when both ran
+RATIOS = {"ratio": ("lora", "full"), "ratio_cl": ("lora", "full_cl"), "before ratio": ("before", "full")}
 PHASES = ["data", "forward", "backward", "optimizer", "EMA", "validation", "checkpoint", "other"]
-ARMS = ["full", "lora", "before"]  # "before": LoRA with lorakit imported from --before (an older checkout's src)
+# "before": LoRA with lorakit imported from --before (an older checkout's src)
+ARMS = ["full", "full_cl", "lora", "before"]
 
 
 class Phases:
@@ -222,9 +229,19 @@ def child(arm: str, model_name: str, imgsz: int, epochs: int, work: Path) -> dic
         "exist_ok": True,
         "verbose": False,
     }
-    model = YOLO(str(base)) if arm == "full" else LoraYOLO(str(base))
-    if arm == "full":
+    model = YOLO(str(base)) if arm.startswith("full") else LoraYOLO(str(base))
+    if arm.startswith("full"):
         args |= {"optimizer": "AdamW", "lr0": 0.001}
+    if arm == "full_cl":
+        from ultralytics.models.yolo.detect import DetectionTrainer
+
+        from lorakit.yolo.layout import to_channels_last
+
+        class ChannelsLastTrainer(DetectionTrainer):  # type: ignore[misc]
+            def get_model(self, *a: Any, **k: Any) -> Any:
+                return to_channels_last(super().get_model(*a, **k))
+
+        args["trainer"] = ChannelsLastTrainer
     ph = Phases()
     _instrument(model, ph)
     t0, c0 = time.perf_counter(), time.process_time()
@@ -274,13 +291,12 @@ def summarise(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                         row[col] = statistics.median(vals) if vals else float("nan")
                     else:
                         row[col] = _median(by_arm[a], phase + suffix)
-            row["ratio"] = row["lora"] / row["full"] if row["full"] else float("nan")
-            if "full cpu" in row:
-                row["ratio cpu"] = row["lora cpu"] / row["full cpu"] if row["full cpu"] else float("nan")
-            if "before" in arms:
-                row["before ratio"] = row["before"] / row["full"] if row["full"] else float("nan")
-                if "full cpu" in row:
-                    row["before ratio cpu"] = row["before cpu"] / row["full cpu"] if row["full cpu"] else float("nan")
+            for name, (num, den) in RATIOS.items():
+                if num in arms and den in arms:
+                    for suffix in ("", " cpu"):
+                        if num + suffix in row:
+                            den_value = row[den + suffix]
+                            row[name + suffix] = row[num + suffix] / den_value if den_value else float("nan")
             rows.append(row)
     return rows
 
@@ -295,6 +311,7 @@ def main() -> int:
     ap.add_argument("--epochs", type=int, default=0, help="epochs per run (default: 8 at imgsz <= 320, 3 above)")
     ap.add_argument("--repeats", type=int, default=1, help="runs per arm (alternating)")
     ap.add_argument("--name", default="yolo_train_profile")
+    ap.add_argument("--arms", nargs="+", default=ARMS[:3], choices=ARMS[:3], help="arms besides --before")
     ap.add_argument(
         "--before",
         help="a lorakit src folder (e.g. `git archive <commit> src | tar -x -C /tmp/old`, then /tmp/old/src): "
@@ -314,7 +331,7 @@ def main() -> int:
             for imgsz in args.sizes:
                 epochs = args.epochs or (8 if imgsz <= 320 else 3)
                 for rep in range(args.repeats):
-                    for arm in ARMS if args.before else ARMS[:2]:
+                    for arm in [*args.arms, *(["before"] if args.before else [])]:
                         if arm == "before":  # the child imports lorakit from there instead
                             os.environ["PYTHONPATH"] = os.pathsep.join([args.before, pythonpath])
                         else:
@@ -340,16 +357,19 @@ def main() -> int:
         ("lora", "LoRA: wall", ".3f"),
         ("ratio", "LoRA / full: wall", ".2f"),
         ("full cpu", "full: CPU", ".3f"),
+        ("full_cl cpu", "full_cl: CPU", ".3f"),
         ("lora cpu", "LoRA: CPU", ".3f"),
         ("ratio cpu", "LoRA / full: CPU", ".2f"),
+        ("ratio_cl cpu", "LoRA / full_cl: CPU", ".2f"),
+        ("before cpu", "LoRA before: CPU", ".3f"),
+        ("before ratio cpu", "LoRA before / full: CPU", ".2f"),
     ]
-    if args.before:
-        cols += [("before cpu", "LoRA before: CPU", ".3f"), ("before ratio cpu", "LoRA before / full: CPU", ".2f")]
+    cols = [c for c in cols if any(c[0] in r for r in rows)]
     text = common.table(rows, cols)
     print("\n" + text)
     path = common.write_json(args.name, {"machine": common.machine(), "args": vars(args), "rows": rows, "runs": runs})
     groups = {
-        f"{r['model']}@{r['imgsz']} {r['phase']}": {"full": r["full cpu"], "lora": r["lora cpu"]}
+        f"{r['model']}@{r['imgsz']} {r['phase']}": {a: r[f"{a} cpu"] for a in ARMS if f"{a} cpu" in r}
         for r in rows
         if r["phase"] in PHASES
     }

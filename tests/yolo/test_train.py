@@ -19,6 +19,7 @@ from torch import nn
 from yolo_helpers import TINY_TRAIN, checkpoint, layer_outputs, save_random_detector, start_snapshot, with_run_args
 
 import lorakit
+from lorakit.yolo.layout import usual_layout
 
 pytestmark = pytest.mark.slow
 IMGSZ = 64
@@ -142,7 +143,8 @@ def test_disabled_adapter_reproduces_base_exactly(base: SimpleNamespace, same_nc
         y_ref = layer_outputs(base_model, x)
         for model in (same_nc.trainer.model, same_nc.trainer.ema.ema):
             model.eval()
-            with lorakit.disabled(model):
+            # trained channels-last (a CPU run); in the base's layout the convolutions round as the base's do
+            with usual_layout(model), lorakit.disabled(model):
                 assert torch.equal(layer_outputs(model, x), y_ref)
             assert not torch.equal(layer_outputs(model, x), y_ref)
 
@@ -150,9 +152,14 @@ def test_disabled_adapter_reproduces_base_exactly(base: SimpleNamespace, same_nc
 def test_checkpoints_load_without_lorakit(same_nc: SimpleNamespace, plain_ultralytics: Any) -> None:
     t = same_nc.trainer
     assert t.best.exists() and t.last.exists()
+    # a CPU run trains channels-last (lorakit.yolo.layout) ...
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in t.model.parameters() if p.dim() == 4)
+    assert any(not p.is_contiguous() for p in t.model.parameters() if p.dim() == 4)
     for f in (t.best, t.last):  # merged: plain convs throughout
         ckpt = torch.load(f, map_location="cpu", weights_only=False)
         assert sum(type(m) is nn.Conv2d for m in ckpt["model"].modules()) > 100
+        # ... and writes checkpoints in the usual layout (safetensors, for one, refuses anything else)
+        assert all(v.is_contiguous() for v in ckpt["model"].state_dict().values())
     plain_ultralytics([t.best, t.last], imgsz=64)
 
 

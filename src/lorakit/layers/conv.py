@@ -188,7 +188,12 @@ def _is_pointwise(m: nn.Conv2d) -> bool:
 
 
 def _batched_contiguous(m: nn.Conv2d, x: torch.Tensor) -> bool:
-    return x.dim() == len(m.kernel_size) + 2 and x.is_contiguous()
+    return x.dim() == len(m.kernel_size) + 2 and (x.is_contiguous() or _channels_last(x))
+
+
+def _channels_last(x: torch.Tensor) -> bool:
+    """``x`` is 4-D and stored channels-last (each pixel's channels side by side), not also plain contiguous."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
 def _pointwise(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -196,8 +201,11 @@ def _pointwise(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     ``(out, in, 1..) x (N, in, *S) -> (N, out, *S)``. With ``r`` output or input channels this runs
     faster than the convolution kernels on a CPU, backward included (bench/conv_forms.py). ``bmm`` on
     the expanded weight, not ``matmul``: matmul folds the batch into the pixels through a transposed
-    copy of ``x``, slower than the convolution."""
+    copy of ``x``, slower than the convolution. A channels-last ``x`` is already ``(N*H*W, in)`` in
+    memory: one ``linear`` over all pixels, its result channels-last too."""
     n, c = x.shape[0], x.shape[1]
+    if _channels_last(x):
+        return F.linear(x.permute(0, 2, 3, 1), w.reshape(w.shape[0], c)).permute(0, 3, 1, 2)
     out = torch.bmm(w.reshape(1, w.shape[0], c).expand(n, -1, -1), x.reshape(n, c, -1))
     return out.reshape(n, w.shape[0], *x.shape[2:])
 

@@ -94,7 +94,7 @@ from ..inject import InjectReport, inject
 from ..io import copy_adapter
 from ..layers import LoraLayer
 from ..loraplus import loraplus_split
-from . import resume
+from . import layout, resume
 from .checks import check_optimizer
 from .merged import MergedCopy
 from .provenance import RUN_KEYS, describe_checkpoint, merge_description
@@ -142,6 +142,10 @@ class LoraOptions:
         loraplus_ratio: LoRA+ (:func:`lorakit.loraplus_split`): each optimizer group's B
             factors learn at ``ratio`` times its lr (16 is the paper's choice); None: off.
             Kept on ``resume=True`` (it decides the optimizer's groups).
+        channels_last: train with the model's 4-D tensors stored channels-last
+            (:mod:`.layout`): the same maths, faster CPU convolutions (a yolo26n step at imgsz
+            160 took 0.69x the time). None (default): on a CPU only; True/False: always/never.
+            Checkpoints and adapter files keep the usual layout.
     """
 
     r: int = 8
@@ -155,9 +159,12 @@ class LoraOptions:
     measure_forms: bool = False
     loraplus_ratio: float | None = None
     frozen_stride: int = FROZEN_STRIDE
+    channels_last: bool | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "exclude", as_patterns("exclude", self.exclude))
+        if self.channels_last is not None and not isinstance(self.channels_last, bool):
+            raise ConfigError(f"LoraOptions: channels_last must be None, True or False, got {self.channels_last!r}")
         stride = self.frozen_stride
         if isinstance(stride, bool) or not isinstance(stride, int) or stride < 0:
             raise ConfigError(f"LoraOptions: frozen_stride must be an int >= 0, got {stride!r}")
@@ -323,6 +330,7 @@ class LoraTrainerMixin:
 
     # Ultralytics' BaseTrainer attributes this mixin reads (set there, untyped)
     args: Any
+    device: torch.device
     model: Any
     ema: Any
     optimizer: Any
@@ -472,6 +480,8 @@ class LoraTrainerMixin:
             resume.copy_into(model, state.live, f"{resume.FOLDER}/epoch{state.epoch}.safetensors")
         self.lora_config, self.lora_report = config, report
         self._lora_trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        if layout.wanted(self.lora.channels_last, self.device):
+            layout.to_channels_last(model)  # before the EMA and the merged copy are made from it
         if verbose:
             trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
             LOGGER.info(
@@ -613,7 +623,7 @@ class LoraTrainerMixin:
             keys=self._changing_keys,
             loraplus_ratio=self.lora.loraplus_ratio,
         )
-        with self._ema_merged():
+        with self._ema_merged(), layout.usual_layout(self.ema.ema):
             saved = bool(super().save_model())  # type: ignore[misc]
         if saved:
             run = {"data": self.args.data, "imgsz": self.args.imgsz}
