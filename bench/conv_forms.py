@@ -2,6 +2,7 @@
 
     python bench/conv_forms.py                          # yolo26n, batch 16, imgsz 160
     python bench/conv_forms.py --model yolo26s --imgsz 640 --batch 8
+    python bench/conv_forms.py --channels-last             # weights and inputs channels-last, as CPU training
 
 For every conv the detector's default LoRA adapts (r=8), with the input shape it
 sees in a training step, one forward + backward of that layer alone (the output
@@ -50,6 +51,7 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--layers", action="store_true", help="print every layer")
+    ap.add_argument("--channels-last", action="store_true", help="time channels-last (lorakit.yolo.layout)")
     args = ap.parse_args()
     common.one_thread()
     from lorakit.yolo import offline
@@ -68,6 +70,11 @@ def main() -> int:
     torch.manual_seed(0)
     model = DetectionModel(f"{args.model}.yaml", nc=3, verbose=False)
     lorakit.inject(model, LoraOptions().build(model, class_convs(model)))
+    layout = torch.channels_last if args.channels_last else torch.contiguous_format
+    if args.channels_last:
+        from lorakit.yolo.layout import to_channels_last
+
+        to_channels_last(model)
     layers = list(lora_layers(model))
     shapes: dict[str, tuple[int, ...]] = {}
     hooks = [m.register_forward_pre_hook(_record(n, shapes)) for n, m in layers]
@@ -87,7 +94,7 @@ def main() -> int:
     tune_s = time.perf_counter() - t0
     rows: list[dict[str, Any]] = []
     for name, layer in layers:
-        x = torch.randn(shapes[name], requires_grad=True)
+        x = torch.randn(shapes[name]).contiguous(memory_format=layout).requires_grad_()
         row: dict[str, Any] = {"layer": name, "shape": list(shapes[name]), "auto": auto[name]}
         row["measured"] = "weight" if measured[name]["chosen"] else "activation"
         for form in FORMS:
@@ -113,7 +120,7 @@ def main() -> int:
         print(f"  {pick} picks the slower form on {len(wrong)} of {len(rows)} layers")
     print(f"  measuring took {tune_s:.2f} s")
     common.write_json(
-        f"conv_forms_{args.model}_{args.imgsz}",
+        f"conv_forms_{args.model}_{args.imgsz}" + ("_cl" if args.channels_last else ""),
         {"machine": common.machine(), "args": vars(args), "sums": sums, "tune_s": tune_s, "rows": rows},
     )
     return 0

@@ -50,11 +50,16 @@ EXPERIMENTS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     "lora_r8_lr7e-3_bn": ("lora", {"lr0": 0.007}, {"adapt_bn": True}),
     "lora_r8_lr7e-3_bn_seed1": ("lora", {"lr0": 0.007, "seed": 1}, {"adapt_bn": True}),
     "lora_r4_headfull_lr1e-2": ("lora", {"lr0": 0.01}, {"r": 4, "exclude": ["model.23.*"], "train": ["model.23"]}),
-    # LoraYOLO's own defaults ("defaults" arm: r=8, adapt_bn, lr 0.007), with the early layers frozen
-    # (frozen_stride=4, the default since issue 19) and adapted (frozen_stride=0, the default before)
+    # LoraYOLO's own defaults ("defaults" arm: r=8, adapt_bn, lr 0.007, every layer adapted, channels-last
+    # on an x86 CPU), and with one setting changed: the early layers frozen (frozen_stride=4), the usual
+    # memory layout (Ultralytics' channels_last=False)
     **{
-        f"lora_defaults{tag}_seed{seed}": ("defaults", {"lr0": 0.007, "seed": seed}, opts)
-        for tag, opts in (("", {}), ("_stride0", {"frozen_stride": 0}))
+        f"lora_defaults{tag}_seed{seed}": ("defaults", {"lr0": 0.007, "seed": seed, **train}, opts)
+        for tag, train, opts in (
+            ("", {}, {}),
+            ("_stride4", {}, {"frozen_stride": 4}),
+            ("_nchw", {"channels_last": False}, {}),
+        )
         for seed in (0, 1, 2)
     },
 }

@@ -3,7 +3,7 @@
     python bench/yolo_train_profile.py                              # yolo26n at imgsz 160 and 640
     python bench/yolo_train_profile.py --models yolo26n yolo26s --sizes 160 --epochs 10 --repeats 2
     python bench/yolo_train_profile.py --sizes 160 --before /tmp/old/src   # + LoRA on older code, interleaved
-    python bench/yolo_train_profile.py --arms full lora                    # leave out full_cl
+    python bench/yolo_train_profile.py --arms full lora                    # leave out full_fast
 
 Both arms fine-tune the same base (the model's YAML with random weights, 80 classes,
 saved once as a ``.pt``) on the project's synthetic detection data (domain B, 3
@@ -11,11 +11,11 @@ classes, so the class convs are re-initialised in both arms), with the same
 Ultralytics arguments: AdamW, batch 16 at imgsz 160 (8 at 640), ``nbs`` = batch (an
 optimizer step per batch), no warm-up, validation after every epoch, ``workers=0``,
 one thread. Full fine-tuning (``full``) is the stock ``DetectionTrainer`` at lr 0.001;
-``full_cl`` is the same with the model stored channels-last (what a LoRA run does on a
-CPU, :mod:`lorakit.yolo.layout`), so the LoRA maths and the layout can be told apart;
-LoRA is :class:`lorakit.yolo.LoraYOLO` with its defaults. Each run is a fresh child
-interpreter; arms alternate (full, full_cl, LoRA, full, ...) so slow drifts of a shared
-machine hit all.
+``full_fast`` is the same on lorakit's trainer speed-ups (channels-last on an x86 CPU, the
+setup's heap frozen for the garbage collector: :mod:`lorakit.yolo.speed`, which a LoRA run
+has too), so what LoRA saves and what the trainer saves can be told apart; LoRA is
+:class:`lorakit.yolo.LoraYOLO` with its defaults. Each run is a fresh child interpreter;
+arms alternate (full, full_fast, LoRA, full, ...) so slow drifts of a shared machine hit all.
 
 Phases of each epoch, timed inside the trainer by wrapping its own methods:
 
@@ -34,7 +34,7 @@ other           the rest of the epoch (scheduler, logging, callbacks)
 
 Reported per phase: the median seconds per epoch (first epoch left out: caching and
 warm-up), wall-clock and CPU time (see :class:`Phases`), and the ratios LoRA / full
-and LoRA / full_cl.
+and LoRA / full_fast.
 ``wall`` is the whole ``train()`` call including setup and the final validation of
 ``best.pt``. Writes
 ``bench/results/yolo_train_profile.json`` and ``.png``.
@@ -57,10 +57,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 # ratio name -> (numerator arm, denominator arm), reported when both ran
-RATIOS = {"ratio": ("lora", "full"), "ratio_cl": ("lora", "full_cl"), "before ratio": ("before", "full")}
+RATIOS = {"ratio": ("lora", "full"), "ratio_fast": ("lora", "full_fast"), "before ratio": ("before", "full")}
 PHASES = ["data", "forward", "backward", "optimizer", "EMA", "validation", "checkpoint", "other"]
 # "before": LoRA with lorakit imported from --before (an older checkout's src)
-ARMS = ["full", "full_cl", "lora", "before"]
+ARMS = ["full", "full_fast", "lora", "before"]
 
 
 class Phases:
@@ -232,16 +232,12 @@ def child(arm: str, model_name: str, imgsz: int, epochs: int, work: Path) -> dic
     model = YOLO(str(base)) if arm.startswith("full") else LoraYOLO(str(base))
     if arm.startswith("full"):
         args |= {"optimizer": "AdamW", "lr0": 0.001}
-    if arm == "full_cl":
+    if arm == "full_fast":
         from ultralytics.models.yolo.detect import DetectionTrainer
 
-        from lorakit.yolo.layout import to_channels_last
+        from lorakit.yolo.speed import with_speedups
 
-        class ChannelsLastTrainer(DetectionTrainer):  # type: ignore[misc]
-            def get_model(self, *a: Any, **k: Any) -> Any:
-                return to_channels_last(super().get_model(*a, **k))
-
-        args["trainer"] = ChannelsLastTrainer
+        args["trainer"] = with_speedups(DetectionTrainer)
     ph = Phases()
     _instrument(model, ph)
     t0, c0 = time.perf_counter(), time.process_time()
@@ -357,10 +353,10 @@ def main() -> int:
         ("lora", "LoRA: wall", ".3f"),
         ("ratio", "LoRA / full: wall", ".2f"),
         ("full cpu", "full: CPU", ".3f"),
-        ("full_cl cpu", "full_cl: CPU", ".3f"),
+        ("full_fast cpu", "full_fast: CPU", ".3f"),
         ("lora cpu", "LoRA: CPU", ".3f"),
         ("ratio cpu", "LoRA / full: CPU", ".2f"),
-        ("ratio_cl cpu", "LoRA / full_cl: CPU", ".2f"),
+        ("ratio_fast cpu", "LoRA / full_fast: CPU", ".2f"),
         ("before cpu", "LoRA before: CPU", ".3f"),
         ("before ratio cpu", "LoRA before / full: CPU", ".2f"),
     ]

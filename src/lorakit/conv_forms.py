@@ -86,7 +86,10 @@ def time_forms(layer: LoraLayer, shape: tuple[int, ...], reps: int = 1) -> dict[
     (the best of ``reps`` after one warm-up). Gradients of the layer's parameters are left as they were."""
     m = cast(nn.Conv2d, layer)
     weight = m.weight
-    x = torch.randn(shape, dtype=weight.dtype, device=weight.device, requires_grad=True)
+    x = torch.randn(shape, dtype=weight.dtype, device=weight.device)
+    if weight.dim() == 4 and not weight.is_contiguous() and weight.is_contiguous(memory_format=torch.channels_last):
+        x = x.contiguous(memory_format=torch.channels_last)  # a channels-last conv gets (and gives) channels-last
+    x.requires_grad_()
     params = [p for p in layer.parameters() if p.requires_grad]
     grads = [p.grad for p in params]
     for p in params:  # backward would accumulate into an existing .grad

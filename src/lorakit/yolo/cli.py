@@ -46,7 +46,7 @@ USAGE = """usage: lorakit yolo SUBVERB key=value ...
             best.pt/last.pt and the adapter folders
             lorakit yolo train model=base.pt|yolo26n.yaml data=data.yaml [epochs=100] [imgsz=640] [batch=16]
                   [r=8] [alpha=r] [dropout=0.0] [adapt_bn=True] [exclude=PATTERN,...] [adapter_name=default]
-                  [max_fraction=1.0] [measure_forms=False] [frozen_stride=0] [channels_last=None]
+                  [max_fraction=1.0] [measure_forms=False] [frozen_stride=0]
                   [loraplus_ratio=None] [any other YOLO train setting]
   val       mAP of base + adapter (without adapter=, of the base)
             lorakit yolo val model=base.pt [adapter=DIR] data=data.yaml [imgsz=640] [batch=16] ...
@@ -78,7 +78,6 @@ LORA_KEYS: dict[str, tuple[tuple[type, ...], str]] = {
     "measure_forms": ((bool,), "True or False"),
     "loraplus_ratio": ((int, float, type(None)), "a number or None, e.g. loraplus_ratio=16"),
     "frozen_stride": ((int,), "an int >= 0, e.g. frozen_stride=4 (leave the stride-2 and stride-4 layers frozen)"),
-    "channels_last": ((bool, type(None)), "True, False or None (None: on a CPU only)"),
 }
 # Ultralytics settings this command sets itself: the sub-verb is the mode; model= is opened here;
 # dropout= is LoRA's; stream= would leave predict's results unconsumed.

@@ -3,7 +3,9 @@
 ``python -m lorakit.yolo.comparison_job FOLDER STRATEGY`` reads the comparison's
 ``FOLDER/settings.json`` (:mod:`lorakit.compare.store`), trains ``STRATEGY`` with
 the trainer the single-strategy commands use (Ultralytics' own for ``full``,
-``partial`` and ``head``; :class:`~lorakit.yolo.LoraYOLO`'s for the LoRA family),
+``partial`` and ``head``; :class:`~lorakit.yolo.LoraYOLO`'s for the LoRA family), every
+one with lorakit's trainer speed-ups, as a LoRA run has them
+(:class:`~lorakit.yolo.speed.SpeedMixin`: the times then differ by strategy, not by trainer),
 and keeps its result as ``FOLDER/results/STRATEGY.json``. A process per strategy
 makes each peak memory that strategy's own. :func:`run_base` (not a strategy)
 measures the base model on ``base_data``.
@@ -121,6 +123,7 @@ def run_strategy(folder: Path, settings: dict[str, Any], strategy: str) -> dict[
     from ..compare.measure import peak_memory, size
     from .measure import EpochMeter, open_yolo
     from .model import LoraYOLO
+    from .speed import with_speedups
 
     t_start = time.perf_counter()
     # An interrupted earlier try of this strategy left files but no result: start from nothing, so no
@@ -142,6 +145,7 @@ def run_strategy(folder: Path, settings: dict[str, Any], strategy: str) -> dict[
         freeze = frozen_layers(model.model, strategy)
         if freeze:
             train["freeze"] = freeze
+        train["trainer"] = with_speedups(model.task_map[model.task]["trainer"])
     else:
         model = LoraYOLO(settings["model"], **lora_options(strategy, settings["model"]))
     meter = EpochMeter(model)

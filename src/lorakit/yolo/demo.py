@@ -7,7 +7,9 @@ for the output folder, default ``runs/demo``). No downloads, no network:
 2. **pre-train**: yolo26n built from its YAML and trained on A: the "base".
 3. **adapt** the base to B three ways, with equal epochs, seed and data: full
    fine-tuning, head only (``freeze=23``: layers 0-22 frozen), and LoRA
-   (:class:`lorakit.yolo.LoraYOLO` with its defaults).
+   (:class:`lorakit.yolo.LoraYOLO` with its defaults). Every training runs on
+   Ultralytics' trainer with lorakit's speed-ups (:mod:`lorakit.yolo.speed`; LoRA's
+   trainer has them built in), so the times compare the methods, not the trainers.
 4. **checks** on the LoRA model: with the adapter disabled it computes the base
    model *exactly* (every output bitwise, and the same mAP on A); merged equals
    unmerged, and the merged model exported to ONNX gives ONNX Runtime outputs
@@ -202,11 +204,22 @@ def _raw(model: Any, x: Any) -> dict[str, Any]:
     return {k: torch.cat([h[k].flatten() for h in heads]) for k in ("boxes", "scores")}
 
 
+def _plain_trainer() -> Any:
+    """Ultralytics' detection trainer on lorakit's speed-ups (:mod:`lorakit.yolo.speed`), which the LoRA
+    arm has too: the arms' times then differ by what they train, not by the trainer."""
+    from ultralytics.models.yolo.detect import DetectionTrainer
+
+    from .speed import with_speedups
+
+    return with_speedups(DetectionTrainer)
+
+
 def _job_pretrain(out: Path, s: Settings) -> dict[str, Any]:
     t0 = time.perf_counter()
     model = open_yolo("yolo26n.yaml")
     meter = EpochMeter(model)
     model.train(
+        trainer=_plain_trainer(),
         data=str(_data(out, "A")),
         optimizer="AdamW",
         lr0=s.pretrain_lr,
@@ -217,7 +230,7 @@ def _job_pretrain(out: Path, s: Settings) -> dict[str, Any]:
 
 
 def _job_plain(out: Path, s: Settings, arm: str) -> dict[str, Any]:
-    """Full or head-only fine-tuning with the stock Ultralytics trainer."""
+    """Full or head-only fine-tuning with Ultralytics' trainer (on lorakit's speed-ups, as LoRA's)."""
     from safetensors.torch import save_file
 
     model = open_yolo(out / "base.pt")
@@ -225,7 +238,14 @@ def _job_plain(out: Path, s: Settings, arm: str) -> dict[str, Any]:
     extra = {"freeze": 23} if arm == "head" else {}  # layers 0-22 frozen: only Detect (layer 23) trains
     t0 = time.perf_counter()
     lr = s.lr_head if arm == "head" else s.lr_full
-    model.train(data=str(_data(out, "B")), optimizer="AdamW", lr0=lr, **extra, **s.train_args(out, arm, s.epochs))
+    model.train(
+        trainer=_plain_trainer(),
+        data=str(_data(out, "B")),
+        optimizer="AdamW",
+        lr0=lr,
+        **extra,
+        **s.train_args(out, arm, s.epochs),
+    )
     seconds, rss = time.perf_counter() - t0, peak_rss_mib()
     best = Path(model.trainer.best)
     if arm == "head":  # what must be stored per domain: the head's weights
@@ -255,6 +275,7 @@ def _job_lora(out: Path, s: Settings) -> dict[str, Any]:
 
     import lorakit
 
+    from .layout import to_usual_layout
     from .model import LoraYOLO
 
     model = LoraYOLO(str(out / "base.pt"))
@@ -278,6 +299,7 @@ def _job_lora(out: Path, s: Settings) -> dict[str, Any]:
         "map50_b": m50,
     }
     lora = trainer.ema.ema.float().eval()  # the final EMA, unmerged (val=False: best.pt is this epoch)
+    to_usual_layout(lora)  # trained channels-last on an x86 CPU; the base runs in the usual layout
     base = open_yolo(out / "base.pt").model.float().eval()
     checks: dict[str, Any] = {}
 

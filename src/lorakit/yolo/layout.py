@@ -1,22 +1,30 @@
-"""Memory layout of a YOLO model while it trains: channels-last on a CPU, the usual layout in files.
+"""Memory layout of a YOLO model while it trains: channels-last on an x86 CPU too, the usual layout in files.
 
 A 4-D tensor ``(N, C, H, W)`` is stored either row by row per channel (PyTorch's
 default, "NCHW") or with each pixel's ``C`` values side by side ("channels-last",
-NHWC in memory; the shape and every result are unchanged). oneDNN's CPU convolutions,
-forward and backward, run markedly faster on channels-last: one training step of
-yolo26n (batch 16, imgsz 160, one thread, a 2-core AMD EPYC) took 0.69x the time in
-NCHW, yolo26n at 640 0.85x, yolo26s at 160 0.90x, for full fine-tuning and LoRA alike
-(``bench/yolo_train_profile.py`` has the whole runs). Converting the model's 4-D
-weights is enough: a convolution whose weight is channels-last gives a channels-last
-output, and the layers after it follow.
+NHWC in memory; the shape and every result are unchanged up to summation order).
+Ultralytics has a ``channels_last`` setting: by default (None) it trains channels-last
+on CUDA only and ignores ``True`` on a CPU (its comment says there is no benefit there),
+while its CPU *inference* goes channels-last on x86 with oneDNN. Measured here, oneDNN's
+CPU convolutions are faster on channels-last in training too, forward and backward:
+one training step (one thread, a 2-core AMD EPYC with AVX-512) took 0.69-0.79x the time
+at yolo26n, batch 16, imgsz 160, 0.85x at imgsz 640 (batch 8), 0.90x on yolo26s at 160,
+for full fine-tuning and LoRA alike (whole runs: ``bench/yolo_train_profile.py``).
+
+So lorakit's trainers read the same setting and, where it is None, also train
+channels-last on the CPUs where Ultralytics infers channels-last (Linux, x86-64,
+oneDNN on); ``channels_last=False`` keeps the usual layout, ``True`` forces it.
+Converting the model's 4-D weights is enough: a convolution whose weight is
+channels-last gives a channels-last output, and the layers after it follow.
 
 Files keep the usual layout: ``safetensors`` refuses tensors that are not contiguous,
-and a plain checkpoint should load and save in any tool as Ultralytics' own do, so
-:func:`usual_layout` converts a model back while it is written.
+and Ultralytics releases before 8.4 pickle weights as they are while their layer fusion
+needs the usual layout, so :func:`usual_layout` converts a model back while it is written.
 """
 
 from __future__ import annotations
 
+import platform
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -25,12 +33,21 @@ from torch import nn
 
 
 def wanted(setting: bool | None, device: torch.device) -> bool:
-    """Whether a run on ``device`` trains channels-last: ``setting``, or when None (auto) on a CPU only.
+    """Whether lorakit converts a model training on ``device`` to channels-last.
 
-    Only CPUs were measured; on a GPU the gain depends on the card and on mixed precision, so
-    it is left to the user (``channels_last=True``).
+    ``setting`` is the run's ``channels_last`` (Ultralytics' key). None (auto): on a CPU
+    where Ultralytics' own CPU inference goes channels-last (Linux on x86-64 with oneDNN
+    enabled); on CUDA Ultralytics converts the model itself, so not here.
     """
-    return device.type == "cpu" if setting is None else setting
+    if setting is not None:
+        return bool(setting)
+    return (
+        device.type == "cpu"
+        and platform.system() == "Linux"
+        and platform.machine() in {"x86_64", "AMD64"}
+        and torch.backends.mkldnn.is_available()  # type: ignore[no-untyped-call]
+        and bool(torch.backends.mkldnn.enabled)
+    )
 
 
 def to_channels_last(model: nn.Module) -> nn.Module:
@@ -40,6 +57,14 @@ def to_channels_last(model: nn.Module) -> nn.Module:
     holding them sees the new storage.
     """
     _relayout(model, torch.channels_last)
+    return model
+
+
+def to_usual_layout(model: nn.Module) -> nn.Module:
+    """Store every 4-D parameter and buffer of ``model`` in PyTorch's default layout, in place; returns
+    ``model``. Two models in the same layout run the same kernels: needed where outputs are compared
+    bitwise, since the layouts sum in different orders."""
+    _relayout(model, torch.contiguous_format)
     return model
 
 
@@ -61,7 +86,7 @@ def usual_layout(model: nn.Module) -> Iterator[nn.Module]:
     if not any(_is_channels_last(t) for t in [*model.parameters(), *model.buffers()]):
         yield model
         return
-    _relayout(model, torch.contiguous_format)
+    to_usual_layout(model)
     try:
         yield model
     finally:

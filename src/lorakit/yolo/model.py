@@ -71,7 +71,7 @@ class LoraYOLO(YOLO):  # type: ignore[misc]
         model: a ``.pt`` checkpoint or ``.yaml`` config, as for ``YOLO``.
         adapter: an adapter folder to load on it (as :meth:`load_adapter`, named after its run).
         r, alpha, dropout, exclude, config, adapt_bn, adapter_name, max_fraction, measure_forms, loraplus_ratio,
-        frozen_stride, channels_last: the LoRA settings, see :class:`~lorakit.yolo.trainer.LoraOptions`. ``exclude``
+        frozen_stride: the LoRA settings, see :class:`~lorakit.yolo.trainer.LoraOptions`. ``exclude``
             is a path pattern or a list of them (a string is one pattern).
         task, verbose: as for ``YOLO``.
 
@@ -96,7 +96,6 @@ class LoraYOLO(YOLO):  # type: ignore[misc]
         measure_forms: bool = False,
         loraplus_ratio: float | None = None,
         frozen_stride: int = FROZEN_STRIDE,
-        channels_last: bool | None = None,
         task: str | None = None,
         verbose: bool = False,
     ) -> None:
@@ -112,7 +111,6 @@ class LoraYOLO(YOLO):  # type: ignore[misc]
             measure_forms=measure_forms,
             loraplus_ratio=loraplus_ratio,
             frozen_stride=frozen_stride,
-            channels_last=channels_last,
         )
         super().__init__(model, task=task, verbose=verbose)
         if not isinstance(self, LoraYOLO):  # YOLO.__init__ switched the class (World/YOLOE/RT-DETR)
@@ -331,8 +329,8 @@ class LoraYOLO(YOLO):  # type: ignore[misc]
 
         The LoRA settings of the constructor (``r``, ``alpha``, ``dropout``, ``exclude``, ``config``,
         ``adapt_bn``, ``adapter_name``, ``max_fraction``, ``measure_forms``, ``loraplus_ratio``,
-        ``frozen_stride``, ``channels_last``: :class:`~lorakit.yolo.trainer.LoraOptions`) may be given here
-        too, and then override the constructor's for this run; ``dropout`` is
+        ``frozen_stride``: :class:`~lorakit.yolo.trainer.LoraOptions`) may be given here too, and then override the
+        constructor's for this run; ``dropout`` is
         LoRA's (Ultralytics uses it for classifier heads only). At the end it prints where the
         merged checkpoints and the adapter folders are (:func:`saved_files`). Without ``project=``
         the run goes under ``./runs/<task>/`` unless the user's Ultralytics settings chose a

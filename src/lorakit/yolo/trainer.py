@@ -98,6 +98,7 @@ from . import layout, resume
 from .checks import check_optimizer
 from .merged import MergedCopy
 from .provenance import RUN_KEYS, describe_checkpoint, merge_description
+from .speed import SpeedMixin
 from .targets import FROZEN_STRIDE, class_convs, detector_config, early_layers, under
 
 # What optimizer="auto" means for LoRA: 7x what full fine-tuning wanted on the synthetic A->B benchmark
@@ -142,10 +143,6 @@ class LoraOptions:
         loraplus_ratio: LoRA+ (:func:`lorakit.loraplus_split`): each optimizer group's B
             factors learn at ``ratio`` times its lr (16 is the paper's choice); None: off.
             Kept on ``resume=True`` (it decides the optimizer's groups).
-        channels_last: train with the model's 4-D tensors stored channels-last
-            (:mod:`.layout`): the same maths, faster CPU convolutions (a yolo26n step at imgsz
-            160 took 0.69x the time). None (default): on a CPU only; True/False: always/never.
-            Checkpoints and adapter files keep the usual layout.
     """
 
     r: int = 8
@@ -159,12 +156,9 @@ class LoraOptions:
     measure_forms: bool = False
     loraplus_ratio: float | None = None
     frozen_stride: int = FROZEN_STRIDE
-    channels_last: bool | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "exclude", as_patterns("exclude", self.exclude))
-        if self.channels_last is not None and not isinstance(self.channels_last, bool):
-            raise ConfigError(f"LoraOptions: channels_last must be None, True or False, got {self.channels_last!r}")
         stride = self.frozen_stride
         if isinstance(stride, bool) or not isinstance(stride, int) or stride < 0:
             raise ConfigError(f"LoraOptions: frozen_stride must be an int >= 0, got {stride!r}")
@@ -317,8 +311,9 @@ def new_head_modules(model: nn.Module, weights: Any, heads: list[str]) -> list[s
     return [p for p in heads if not loaded(p)]
 
 
-class LoraTrainerMixin:
-    """The LoRA overrides (see the module docstring), for any Ultralytics task trainer.
+class LoraTrainerMixin(SpeedMixin):
+    """The LoRA overrides (see the module docstring), for any Ultralytics task trainer, on
+    :class:`~lorakit.yolo.speed.SpeedMixin` (channels-last on an x86 CPU, the setup's heap frozen).
 
     Put it first: ``class LoraSegmentationTrainer(LoraTrainerMixin, SegmentationTrainer)``.
     A task whose output head has other re-initialised convs than the detector's
@@ -330,7 +325,6 @@ class LoraTrainerMixin:
 
     # Ultralytics' BaseTrainer attributes this mixin reads (set there, untyped)
     args: Any
-    device: torch.device
     model: Any
     ema: Any
     optimizer: Any
@@ -480,8 +474,10 @@ class LoraTrainerMixin:
             resume.copy_into(model, state.live, f"{resume.FOLDER}/epoch{state.epoch}.safetensors")
         self.lora_config, self.lora_report = config, report
         self._lora_trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-        if layout.wanted(self.lora.channels_last, self.device):
-            layout.to_channels_last(model)  # before the EMA and the merged copy are made from it
+        if layout.wanted(getattr(self.args, "channels_last", None), self.device):
+            # the base is channels-last already (SpeedMixin); now the LoRA factors, before the EMA and the
+            # merged copy are made from the model
+            layout.to_channels_last(model)
         if verbose:
             trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
             LOGGER.info(
@@ -623,8 +619,8 @@ class LoraTrainerMixin:
             keys=self._changing_keys,
             loraplus_ratio=self.lora.loraplus_ratio,
         )
-        with self._ema_merged(), layout.usual_layout(self.ema.ema):
-            saved = bool(super().save_model())  # type: ignore[misc]
+        with self._ema_merged():  # SpeedMixin writes it in the usual layout
+            saved = bool(super().save_model())
         if saved:
             run = {"data": self.args.data, "imgsz": self.args.imgsz}
             save_adapter(lora_ema, self.last_adapter, self.lora.adapter_name, self.args.task, run)

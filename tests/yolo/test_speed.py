@@ -1,6 +1,9 @@
-"""Channels-last training (lorakit.yolo.layout): the same maths as the usual layout, files in the usual layout."""
+"""lorakit's trainer speed-ups (lorakit.yolo.speed): channels-last training, the same maths as the usual
+layout, files in the usual layout; the setup's heap frozen for the garbage collector while training."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,7 +12,6 @@ from torch import nn
 
 import lorakit
 from lorakit.batchnorm import freeze_batchnorm
-from lorakit.errors import ConfigError
 from lorakit.layers.conv import _pointwise
 from lorakit.yolo import layout
 
@@ -112,12 +114,66 @@ def test_pointwise_on_channels_last_input_is_the_1x1_convolution() -> None:
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-5)
 
 
-def test_the_setting_auto_means_on_a_cpu_only_and_bad_values_are_refused() -> None:
-    from lorakit.yolo.trainer import LoraOptions
+def test_the_setting_is_ultralytics_channels_last_and_auto_means_an_x86_linux_cpu(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import platform
 
-    assert layout.wanted(None, torch.device("cpu"))
-    assert not layout.wanted(None, torch.device("cuda", 0))
-    assert layout.wanted(True, torch.device("cuda", 0)) and not layout.wanted(False, torch.device("cpu"))
-    for bad in ("yes", 1, 0.0):
-        with pytest.raises(ConfigError, match="channels_last must be None, True or False"):
-            LoraOptions(channels_last=bad)  # type: ignore[arg-type]
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    assert layout.wanted(True, gpu) and layout.wanted(True, cpu)
+    assert not layout.wanted(False, cpu) and not layout.wanted(False, gpu)
+    assert not layout.wanted(None, gpu)  # on CUDA Ultralytics converts the model itself
+    monkeypatch.setattr(platform, "system", lambda: "Linux")
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    assert layout.wanted(None, cpu) == bool(torch.backends.mkldnn.is_available())
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    assert not layout.wanted(None, cpu)
+    monkeypatch.setattr(platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(platform, "system", lambda: "Darwin")
+    assert not layout.wanted(None, cpu)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("setting", "frozen_before"), [(None, False), (False, True)])
+def test_a_plain_trainer_with_the_speedups_trains_as_set_and_saves_the_usual_layout(
+    tmp_path: Path, setting: bool | None, frozen_before: bool
+) -> None:
+    """What ``compare`` does for its full/partial/head strategies: Ultralytics' own trainer, one epoch,
+    channels-last where the run's ``channels_last`` (Ultralytics' key) and this CPU say so; the heap
+    frozen while it trains and given back after, unless something else had frozen objects already."""
+    import gc
+
+    from ultralytics import YOLO
+    from ultralytics.models.yolo.detect import DetectionTrainer
+    from yolo_helpers import TINY_TRAIN, checkpoint, save_random_detector
+
+    from lorakit.yolo import make_dataset
+    from lorakit.yolo.speed import with_speedups
+
+    data = make_dataset(tmp_path / "data", domain="B", n_train=8, n_val=4, imgsz=64, seed=1)
+    model = YOLO(str(save_random_detector(tmp_path / "base.pt", seed=0)))
+    cls = with_speedups(DetectionTrainer)
+    assert issubclass(cls, DetectionTrainer) and cls.__name__ == "FastDetectionTrainer"
+    frozen_while_training: list[int] = []
+    model.add_callback("on_train_epoch_start", lambda _: frozen_while_training.append(gc.get_freeze_count()))
+    assert gc.get_freeze_count() == 0
+    if frozen_before:
+        gc.freeze()
+    before = gc.get_freeze_count()
+    try:
+        model.train(
+            trainer=cls, data=str(data), epochs=1, imgsz=64, channels_last=setting, project=str(tmp_path), **TINY_TRAIN
+        )
+        after = gc.get_freeze_count()
+    finally:
+        gc.unfreeze()
+    if frozen_before:  # someone else's freeze: left frozen, nothing added (frozen objects that die leave it)
+        assert all(0 < n <= before for n in frozen_while_training) and 0 < after <= before
+    else:
+        assert frozen_while_training[0] > 100_000 and after == 0
+    convs = [p for p in model.trainer.model.parameters() if p.dim() == 4]
+    channels_last = all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+    usual = all(p.is_contiguous() for p in convs)
+    assert (channels_last and not usual) if layout.wanted(setting, torch.device("cpu")) else usual
+    for pt in (model.trainer.last, model.trainer.best):
+        assert all(v.is_contiguous() for v in checkpoint(pt)["model"].state_dict().values())
