@@ -134,14 +134,16 @@ def test_the_setting_is_ultralytics_channels_last_and_auto_means_an_x86_linux_cp
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("setting", "frozen_before"), [(None, False), (False, True)])
+@pytest.mark.parametrize(("setting", "frozen_before"), [(None, False), (False, True), (True, False)])
 def test_a_plain_trainer_with_the_speedups_trains_as_set_and_saves_the_usual_layout(
     tmp_path: Path, setting: bool | None, frozen_before: bool
 ) -> None:
     """What ``compare`` does for its full/partial/head strategies: Ultralytics' own trainer, one epoch,
     channels-last where the run's ``channels_last`` (Ultralytics' key) and this CPU say so; the heap
-    frozen while it trains and given back after, unless something else had frozen objects already."""
+    frozen while it trains and given back after, unless something else had frozen objects already.
+    ``channels_last=True`` on a CPU is applied, without Ultralytics' log line saying it is ignored."""
     import gc
+    import logging
 
     from ultralytics import YOLO
     from ultralytics.models.yolo.detect import DetectionTrainer
@@ -160,6 +162,10 @@ def test_a_plain_trainer_with_the_speedups_trains_as_set_and_saves_the_usual_lay
     if frozen_before:
         gc.freeze()
     before = gc.get_freeze_count()
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("ultralytics").addHandler(handler)
     try:
         model.train(
             trainer=cls, data=str(data), epochs=1, imgsz=64, channels_last=setting, project=str(tmp_path), **TINY_TRAIN
@@ -167,6 +173,9 @@ def test_a_plain_trainer_with_the_speedups_trains_as_set_and_saves_the_usual_lay
         after = gc.get_freeze_count()
     finally:
         gc.unfreeze()
+        logging.getLogger("ultralytics").removeHandler(handler)
+    assert model.trainer.args.channels_last is setting
+    assert not [line for line in lines if "only supported on CUDA" in line], lines
     if frozen_before:  # someone else's freeze: left frozen, nothing added (frozen objects that die leave it)
         assert all(0 < n <= before for n in frozen_while_training) and 0 < after <= before
     else:

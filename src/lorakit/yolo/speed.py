@@ -43,17 +43,34 @@ class SpeedMixin:
     device: torch.device
     ema: Any
     _froze_heap = False
+    _decided: bool | None = None  # channels-last or not, decided when setup starts
+
+    def channels_last(self) -> bool:
+        """Whether this run trains channels-last (the run's ``channels_last``, :func:`.layout.wanted`)."""
+        if self._decided is not None:
+            return self._decided
+        return wanted(getattr(self.args, "channels_last", None), self.device)
 
     def get_model(self, *args: Any, **kwargs: Any) -> nn.Module:
         model: nn.Module = super().get_model(*args, **kwargs)  # type: ignore[misc]
-        return to_channels_last(model) if wanted(getattr(self.args, "channels_last", None), self.device) else model
+        return to_channels_last(model) if self.channels_last() else model
 
     def save_model(self) -> Any:
         with usual_layout(self.ema.ema):
             return super().save_model()  # type: ignore[misc]
 
     def _setup_train(self) -> None:
-        super()._setup_train()  # type: ignore[misc]
+        self._decided = self.channels_last()
+        # channels_last=True off CUDA: Ultralytics would log that it ignores it, but get_model applies it
+        setting = getattr(self.args, "channels_last", None)
+        hush = setting is True and self.device.type != "cuda"
+        if hush:
+            self.args.channels_last = None
+        try:
+            super()._setup_train()  # type: ignore[misc]
+        finally:
+            if hush:
+                self.args.channels_last = setting
         if gc.get_freeze_count() == 0:  # nobody else froze objects (a freeze is the whole process's)
             gc.freeze()
             self._froze_heap = True

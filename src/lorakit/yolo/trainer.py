@@ -474,7 +474,7 @@ class LoraTrainerMixin(SpeedMixin):
             resume.copy_into(model, state.live, f"{resume.FOLDER}/epoch{state.epoch}.safetensors")
         self.lora_config, self.lora_report = config, report
         self._lora_trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-        if layout.wanted(getattr(self.args, "channels_last", None), self.device):
+        if self.channels_last():
             # the base is channels-last already (SpeedMixin); now the LoRA factors, before the EMA and the
             # merged copy are made from the model
             layout.to_channels_last(model)
