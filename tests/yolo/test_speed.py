@@ -4,6 +4,7 @@ layout, files in the usual layout; the setup's heap frozen for the garbage colle
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -84,18 +85,30 @@ def test_channels_last_training_step_equals_the_usual_layout(form: str, monkeypa
     assert excess[worst] <= 1, f"{worst}: {excess[worst]:.3g} of the allowance"
 
 
-def test_usual_layout_gives_the_usual_layout_inside_and_channels_last_after() -> None:
+def test_usual_layout_gives_the_usual_layout_inside_and_the_same_tensors_after() -> None:
+    """As Ultralytics' EMA does, views of the weights are taken before a save and updated after it:
+    they must still be the model's weights, and a write inside the block must stay."""
     model = nn.Sequential(nn.Conv2d(4, 6, 3), nn.BatchNorm2d(6), nn.Conv2d(6, 2, 1))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with layout.usual_layout(model):  # nothing channels-last: nothing to do
         assert model[0].weight.is_contiguous()
     layout.to_channels_last(model)
     assert not model[0].weight.is_contiguous()
+    views = [v for v in model.state_dict().values() if v.dim() == 4]  # detached views, as ModelEMA keeps them
     with layout.usual_layout(model) as same:
         assert same is model
         assert all(v.is_contiguous() for v in model.state_dict().values())
+        with torch.no_grad():
+            model[2].weight[0, 0, 0, 0] = 7.0  # as Ultralytics' save_model resyncs a non-finite EMA tensor
     assert model[0].weight.is_contiguous(memory_format=torch.channels_last) and not model[0].weight.is_contiguous()
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert float(model[2].weight[0, 0, 0, 0]) == 7.0
+    with torch.no_grad():
+        for v in views:
+            v.add_(1.0)  # an EMA update after the save, through the old views
+    after = model.state_dict()
+    assert torch.equal(after["0.weight"], before["0.weight"] + 1)
+    assert float(after["2.weight"][0, 0, 0, 0]) == 8.0
+    assert all(torch.equal(v, before[k]) for k, v in after.items() if v.dim() != 4)
 
 
 def test_pointwise_on_channels_last_input_is_the_1x1_convolution() -> None:
@@ -138,7 +151,7 @@ def test_the_setting_is_ultralytics_channels_last_and_auto_means_an_x86_linux_cp
 def test_a_plain_trainer_with_the_speedups_trains_as_set_and_saves_the_usual_layout(
     tmp_path: Path, setting: bool | None, frozen_before: bool
 ) -> None:
-    """What ``compare`` does for its full/partial/head strategies: Ultralytics' own trainer, one epoch,
+    """What ``compare`` does for its full/partial/head strategies: Ultralytics' own trainer, two epochs,
     channels-last where the run's ``channels_last`` (Ultralytics' key) and this CPU say so; the heap
     frozen while it trains and given back after, unless something else had frozen objects already.
     ``channels_last=True`` on a CPU is applied, without Ultralytics' log line saying it is ignored."""
@@ -158,6 +171,15 @@ def test_a_plain_trainer_with_the_speedups_trains_as_set_and_saves_the_usual_lay
     assert issubclass(cls, DetectionTrainer) and cls.__name__ == "FastDetectionTrainer"
     frozen_while_training: list[int] = []
     model.add_callback("on_train_epoch_start", lambda _: frozen_while_training.append(gc.get_freeze_count()))
+    # conv weights of the live model and of its EMA at each save: where a live weight moved after the first
+    # save, its EMA (a running average towards it) must have moved too
+    saved: list[tuple[list[torch.Tensor], list[torch.Tensor]]] = []
+
+    def on_save(t: Any) -> None:
+        live, ema = ([p.detach().clone() for p in m.parameters() if p.dim() == 4] for m in (t.model, t.ema.ema))
+        saved.append((live, ema))
+
+    model.add_callback("on_model_save", on_save)
     assert gc.get_freeze_count() == 0
     if frozen_before:
         gc.freeze()
@@ -168,18 +190,23 @@ def test_a_plain_trainer_with_the_speedups_trains_as_set_and_saves_the_usual_lay
     logging.getLogger("ultralytics").addHandler(handler)
     try:
         model.train(
-            trainer=cls, data=str(data), epochs=1, imgsz=64, channels_last=setting, project=str(tmp_path), **TINY_TRAIN
+            trainer=cls, data=str(data), epochs=2, imgsz=64, channels_last=setting, project=str(tmp_path), **TINY_TRAIN
         )
         after = gc.get_freeze_count()
     finally:
         gc.unfreeze()
         logging.getLogger("ultralytics").removeHandler(handler)
     assert model.trainer.args.channels_last is setting
+    assert len(saved) == 2
+    (live0, ema0), (live1, ema1) = saved
+    moved = [i for i, (a, b) in enumerate(zip(live0, live1, strict=True)) if not torch.equal(a, b)]
+    assert len(moved) > 50
+    assert [i for i in moved if torch.equal(ema0[i], ema1[i])] == []
     assert not [line for line in lines if "only supported on CUDA" in line], lines
     if frozen_before:  # someone else's freeze: left frozen, nothing added (frozen objects that die leave it)
         assert all(0 < n <= before for n in frozen_while_training) and 0 < after <= before
     else:
-        assert frozen_while_training[0] > 100_000 and after == 0
+        assert all(n > 100_000 for n in frozen_while_training) and after == 0
     convs = [p for p in model.trainer.model.parameters() if p.dim() == 4]
     channels_last = all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
     usual = all(p.is_contiguous() for p in convs)

@@ -81,13 +81,16 @@ def _is_channels_last(t: torch.Tensor) -> bool:
 
 @contextmanager
 def usual_layout(model: nn.Module) -> Iterator[nn.Module]:
-    """Inside the block ``model``'s 4-D tensors are in PyTorch's default layout (what gets pickled or
-    saved); afterwards channels-last again if any was before. Values are untouched."""
-    if not any(_is_channels_last(t) for t in [*model.parameters(), *model.buffers()]):
-        yield model
-        return
-    to_usual_layout(model)
+    """Inside the block ``model``'s channels-last 4-D tensors are in PyTorch's default layout (what gets
+    pickled or saved). Afterwards each gets its own storage back, holding whatever the block wrote:
+    views taken before (Ultralytics' EMA keeps its tensors in a list and updates them in place) stay
+    the model's tensors. Values are untouched."""
+    originals = [(t, t.data) for t in [*model.parameters(), *model.buffers()] if _is_channels_last(t)]
+    for t, data in originals:
+        t.data = data.contiguous()
     try:
         yield model
     finally:
-        to_channels_last(model)
+        for t, data in originals:
+            data.copy_(t.data)  # e.g. Ultralytics' save_model resyncing a non-finite EMA tensor
+            t.data = data
