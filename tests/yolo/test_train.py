@@ -427,3 +427,36 @@ def test_nan_loss_restores_the_last_saved_epoch(same_nc: SimpleNamespace) -> Non
     assert all(torch.equal(ema[k], v) for k, v in good["ema"].items())
     t.loss = torch.tensor(1.0)
     assert t._handle_nan_recovery(epoch=t.start_epoch + 1) is False  # finite loss: nothing to do
+
+
+@pytest.mark.parametrize("ultralytics_strip", ["takes updates", "other signature"])
+def test_the_description_rides_on_ultralytics_final_rewrite_or_is_written_after_it(
+    base: SimpleNamespace, monkeypatch: pytest.MonkeyPatch, ultralytics_strip: str
+) -> None:
+    """Ultralytics' final_eval rewrites last.pt and best.pt (strip_optimizer); the description goes into
+    that rewrite, with no second rewrite of its own. A strip_optimizer without a parameter named
+    ``updates`` (another Ultralytics) is left alone, and the description written afterwards."""
+    import ultralytics.engine.trainer as engine
+
+    import lorakit.yolo.trainer as lora_trainer
+
+    calls: list[Path] = []
+    strip: Any = None
+    slow_way = lora_trainer.describe_checkpoint
+    monkeypatch.setattr(lora_trainer, "describe_checkpoint", lambda pt, text: (calls.append(pt), slow_way(pt, text)))
+    if ultralytics_strip == "other signature":
+        original = engine.strip_optimizer
+
+        def strip(f: Any = "best.pt", s: str = "", **kwargs: Any) -> Any:  # no parameter named updates
+            return original(f, s, **kwargs)
+
+        monkeypatch.setattr(engine, "strip_optimizer", strip)
+    run = _train(base, base.data_b, f"described-{ultralytics_strip.replace(' ', '-')}", 1)
+    t = run.trainer
+    for pt, adapter in ((t.best, t.best_adapter), (t.last, t.last_adapter)):
+        assert checkpoint(pt)["description"].startswith(f"LoRA merge: adapter {adapter} merged into base {base.pt}")
+    assert calls == ([] if ultralytics_strip == "takes updates" else [t.last, t.best])
+    # the trainer put Ultralytics' own function back
+    from ultralytics.utils.torch_utils import strip_optimizer
+
+    assert engine.strip_optimizer is (strip_optimizer if ultralytics_strip == "takes updates" else strip)
