@@ -30,7 +30,7 @@ Reading and checking the files is :mod:`lorakit.io_read`; checking them against 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, cast
@@ -107,6 +107,7 @@ def save_adapter(
     *,
     metadata: Mapping[str, str] | None = None,
     original_base: bool = False,
+    also: Sequence[str | Path] = (),
 ) -> Path:
     """Write adapter ``name`` of ``model`` to folder ``path`` in PEFT's format.
 
@@ -127,6 +128,8 @@ def save_adapter(
             ``path_initial_model_for_weight_conversion``; :mod:`lorakit.init_svd`). Saved
             without it, the adapter belongs to the residual base, and its base fingerprint
             refuses the original one.
+        also: more folders that get the same two files, each written as one save after ``path``
+            (a training run's best adapter, when its last epoch is also its best): encoded once.
 
     Returns:
         The folder.
@@ -142,7 +145,8 @@ def save_adapter(
     """
     folder = Path(path)
     weights, cfg_text = encode_adapter(model, folder, name, metadata=metadata, original_base=original_base)
-    _write_folder(folder, weights, cfg_text)
+    for each in (folder, *map(Path, also)):
+        _write_folder(each, weights, cfg_text)
     return folder
 
 

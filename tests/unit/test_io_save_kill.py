@@ -273,3 +273,19 @@ def test_copy_adapter_copies_the_pair_a_killed_save_committed(tmp_path) -> None:
     lorakit.load_adapter(model, tmp_path / "copy")
     x = torch.randn(3, 32)
     assert torch.equal(model(x), new(x))
+
+
+def test_save_with_also_writes_the_same_files_to_every_folder(tmp_path) -> None:
+    """``save_adapter(..., also=[...])`` (a training run's best adapter when its last epoch is its best):
+    every folder holds the bytes a save to it alone writes, and a folder with an older adapter is
+    replaced as a save replaces it."""
+    new = numbered(2)
+    lorakit.save_adapter(numbered(1), tmp_path / "best")  # an older adapter there
+    lorakit.save_adapter(new, tmp_path / "alone")
+    assert lorakit.save_adapter(new, tmp_path / "last", also=[tmp_path / "best", str(tmp_path / "more")]) == (
+        tmp_path / "last"
+    )
+    for folder in ("last", "best", "more"):
+        assert sorted(p.name for p in (tmp_path / folder).iterdir()) == [C, W]
+        for name in (C, W):
+            assert (tmp_path / folder / name).read_bytes() == (tmp_path / "alone" / name).read_bytes()

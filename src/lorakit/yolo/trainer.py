@@ -58,11 +58,11 @@ Ultralytics' ``final_eval`` re-validates ``best.pt`` from disk with ``fuse=True`
 which works because that file is already merged.
 
 Per epoch a LoRA run writes what full fine-tuning writes (``last.pt``, ``best.pt``
-when it improved) plus the adapter (``last_adapter``; ``best_adapter`` copied from it
-byte for byte) and the resume state (:mod:`.resume`), all small. The description is
-written once, at the end (reading and re-writing a checkpoint cost about 0.3 s per
-file per epoch): a run killed before its end leaves ``last.pt``/``best.pt`` without it,
-loading as usual.
+when it improved) plus the adapter (``last_adapter``; ``best_adapter`` gets the same
+bytes, encoded once) and the resume state (:mod:`.resume`), all small. The description
+is written once, at the end, with Ultralytics' own final rewrite of the checkpoints
+(reading and re-writing a checkpoint cost about 0.3 s per file per epoch): a run killed
+before its end leaves ``last.pt``/``best.pt`` without it, loading as usual.
 """
 
 from __future__ import annotations
@@ -91,7 +91,6 @@ from ..config import LoraConfig, as_patterns, finite_number
 from ..conv_forms import measure_conv_forms
 from ..errors import ConfigError
 from ..inject import InjectReport, inject
-from ..io import copy_adapter
 from ..layers import LoraLayer
 from ..loraplus import loraplus_split
 from . import layout, resume
@@ -263,8 +262,10 @@ def save_adapter(
     name: str = "default",
     task: str | None = None,
     run: dict[str, Any] | None = None,
+    also: tuple[Path, ...] = (),
 ) -> Path:
-    """Write adapter ``name`` of ``model`` (plus its ``train_modules``) to the folder ``path``.
+    """Write adapter ``name`` of ``model`` (plus its ``train_modules``) to the folder ``path``
+    (and the same files to each folder in ``also``).
 
     :func:`lorakit.io.save_adapter` with the detector's class names and task (and the
     run's ``data`` and ``imgsz`` from ``run``) in the safetensors header (key
@@ -274,7 +275,7 @@ def save_adapter(
     from ..io import save_adapter as save
 
     meta = yolo_metadata(model, task, run)
-    return save(model, path, name, metadata={YOLO_METADATA: json.dumps(meta, sort_keys=True)})
+    return save(model, path, name, metadata={YOLO_METADATA: json.dumps(meta, sort_keys=True)}, also=also)
 
 
 class _DropRequiresGradWarnings(logging.Filter):
@@ -659,9 +660,8 @@ class LoraTrainerMixin(SpeedMixin):
             saved = bool(super().save_model())
         if saved:
             run = {"data": self.args.data, "imgsz": self.args.imgsz}
-            save_adapter(lora_ema, self.last_adapter, self.lora.adapter_name, self.args.task, run)
-            if self.best_fitness == self.fitness:
-                copy_adapter(self.last_adapter, self.best_adapter)
+            best = (self.best_adapter,) if self.best_fitness == self.fitness else ()  # as Ultralytics' best.pt
+            save_adapter(lora_ema, self.last_adapter, self.lora.adapter_name, self.args.task, run, also=best)
         return saved
 
     def _snapshot(self) -> dict[str, Any]:
