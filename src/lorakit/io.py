@@ -107,7 +107,7 @@ def save_adapter(
     *,
     metadata: Mapping[str, str] | None = None,
     original_base: bool = False,
-    also: Sequence[str | Path] = (),
+    also: str | Path | Sequence[str | Path] = (),
 ) -> Path:
     """Write adapter ``name`` of ``model`` to folder ``path`` in PEFT's format.
 
@@ -128,8 +128,9 @@ def save_adapter(
             ``path_initial_model_for_weight_conversion``; :mod:`lorakit.init_svd`). Saved
             without it, the adapter belongs to the residual base, and its base fingerprint
             refuses the original one.
-        also: more folders that get the same two files, each written as one save after ``path``
-            (a training run's best adapter, when its last epoch is also its best): encoded once.
+        also: another folder, or several, that get the same two files, each written as one save
+            after ``path`` (a training run's best adapter, when its last epoch is also its best):
+            encoded once.
 
     Returns:
         The folder.
@@ -145,7 +146,8 @@ def save_adapter(
     """
     folder = Path(path)
     weights, cfg_text = encode_adapter(model, folder, name, metadata=metadata, original_base=original_base)
-    for each in (folder, *map(Path, also)):
+    more = [also] if isinstance(also, (str, Path)) else list(also)  # a str is one folder, not its letters
+    for each in (folder, *map(Path, more)):
         _write_folder(each, weights, cfg_text)
     return folder
 

@@ -285,7 +285,9 @@ def test_save_with_also_writes_the_same_files_to_every_folder(tmp_path) -> None:
     assert lorakit.save_adapter(new, tmp_path / "last", also=[tmp_path / "best", str(tmp_path / "more")]) == (
         tmp_path / "last"
     )
-    for folder in ("last", "best", "more"):
+    lorakit.save_adapter(new, tmp_path / "again", also=str(tmp_path / "one"))  # one folder as a str
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["again", "alone", "best", "last", "more", "one"]
+    for folder in ("last", "best", "more", "one"):
         assert sorted(p.name for p in (tmp_path / folder).iterdir()) == [C, W]
         for name in (C, W):
             assert (tmp_path / folder / name).read_bytes() == (tmp_path / "alone" / name).read_bytes()
