@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from .layers import CONV_FORM_ATTR, ConvHandler, LoraLayer, live_rank
+from .layers.conv import is_channels_last
 from .state import lora_layers
 
 FORMS = ("activation", "weight")
@@ -87,7 +88,7 @@ def time_forms(layer: LoraLayer, shape: tuple[int, ...], reps: int = 1) -> dict[
     m = cast(nn.Conv2d, layer)
     weight = m.weight
     x = torch.randn(shape, dtype=weight.dtype, device=weight.device)
-    if weight.dim() == 4 and not weight.is_contiguous() and weight.is_contiguous(memory_format=torch.channels_last):
+    if is_channels_last(weight):
         x = x.contiguous(memory_format=torch.channels_last)  # a channels-last conv gets (and gives) channels-last
     x.requires_grad_()
     params = [p for p in layer.parameters() if p.requires_grad]

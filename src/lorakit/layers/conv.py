@@ -33,7 +33,7 @@ from .base import LayerHandler, LoraAdapter, LoraLayer, live_rank, register
 from .linear import LinearHandler
 from .mixed_plan import MixedPlan, check_batch
 
-__all__ = ["CONV_FORM_ATTR", "ConvHandler", "conv_mixed", "dense_conv_A", "grouped_conv_A"]
+__all__ = ["CONV_FORM_ATTR", "ConvHandler", "conv_mixed", "dense_conv_A", "grouped_conv_A", "is_channels_last"]
 
 # A conv layer's measured form: ("weight" | "activation", the live rank it was measured for); see lorakit.conv_forms
 CONV_FORM_ATTR = "lora_conv_form"
@@ -188,11 +188,12 @@ def _is_pointwise(m: nn.Conv2d) -> bool:
 
 
 def _batched_contiguous(m: nn.Conv2d, x: torch.Tensor) -> bool:
-    return x.dim() == len(m.kernel_size) + 2 and (x.is_contiguous() or _channels_last(x))
+    return x.dim() == len(m.kernel_size) + 2 and (x.is_contiguous() or is_channels_last(x))
 
 
-def _channels_last(x: torch.Tensor) -> bool:
-    """``x`` is 4-D and stored channels-last (each pixel's channels side by side), not also plain contiguous."""
+def is_channels_last(x: torch.Tensor) -> bool:
+    """``x`` is 4-D and stored channels-last (each pixel's channels side by side), not also plain contiguous
+    (a tensor with one channel, or 1 x 1 pixels, is both and counts as the usual layout)."""
     return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
@@ -204,7 +205,7 @@ def _pointwise(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     copy of ``x``, slower than the convolution. A channels-last ``x`` is already ``(N*H*W, in)`` in
     memory: one ``linear`` over all pixels, its result channels-last too."""
     n, c = x.shape[0], x.shape[1]
-    if _channels_last(x):
+    if is_channels_last(x):
         return F.linear(x.permute(0, 2, 3, 1), w.reshape(w.shape[0], c)).permute(0, 3, 1, 2)
     out = torch.bmm(w.reshape(1, w.shape[0], c).expand(n, -1, -1), x.reshape(n, c, -1))
     return out.reshape(n, w.shape[0], *x.shape[2:])

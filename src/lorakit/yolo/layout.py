@@ -17,9 +17,12 @@ oneDNN on); ``channels_last=False`` keeps the usual layout, ``True`` forces it.
 Converting the model's 4-D weights is enough: a convolution whose weight is
 channels-last gives a channels-last output, and the layers after it follow.
 
-Files keep the usual layout: ``safetensors`` refuses tensors that are not contiguous,
-and Ultralytics releases before 8.4 pickle weights as they are while their layer fusion
-needs the usual layout, so :func:`usual_layout` converts a model back while it is written.
+Files keep the usual layout: ``safetensors`` refuses tensors that are not contiguous, and
+a checkpoint must fuse in any Ultralytics (its comment says released versions fuse with
+``.view()``, which fails on channels-last weights). Ultralytics 8.4.190, installed here,
+pickles a usual-layout copy itself; which earlier releases do is not checked, and lorakit
+accepts Ultralytics from 8.3.50, so :func:`usual_layout` converts a model back while it is
+written (about 5 ms for yolo26n).
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+
+from ..layers.conv import is_channels_last
 
 
 def wanted(setting: bool | None, device: torch.device) -> bool:
@@ -75,17 +80,13 @@ def _relayout(model: nn.Module, layout: torch.memory_format) -> None:
             t.data = t.data.contiguous(memory_format=layout)
 
 
-def _is_channels_last(t: torch.Tensor) -> bool:
-    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
-
-
 @contextmanager
 def usual_layout(model: nn.Module) -> Iterator[nn.Module]:
     """Inside the block ``model``'s channels-last 4-D tensors are in PyTorch's default layout (what gets
     pickled or saved). Afterwards each gets its own storage back, holding whatever the block wrote:
     views taken before (Ultralytics' EMA keeps its tensors in a list and updates them in place) stay
     the model's tensors. Values are untouched."""
-    originals = [(t, t.data) for t in [*model.parameters(), *model.buffers()] if _is_channels_last(t)]
+    originals = [(t, t.data) for t in [*model.parameters(), *model.buffers()] if is_channels_last(t)]
     for t, data in originals:
         t.data = data.contiguous()
     try:
