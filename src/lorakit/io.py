@@ -46,7 +46,7 @@ from .errors import AdapterNotFoundError, ConfigError, NonFiniteError, check_mat
 from .inject import inject
 from .io_fingerprint import fingerprint
 from .io_folder import CONFIG_FILE, WEIGHTS_FILE, config_sha, read_pair, write_adapter
-from .io_format import checksum, parse_safetensors, safetensors_bytes
+from .io_format import checksum, encode_owned, parse_safetensors, safetensors_bytes
 from .io_match import Slot, base_weight, bias_key, match_files, module_key
 from .io_peft import factor_keys, is_factor_key, scaling_of, to_peft_config, variant_keys
 from .io_read import PICKLE_SUFFIXES, AdapterFiles, locate, read_adapter_files
@@ -61,6 +61,7 @@ __all__ = [
     "WEIGHTS_FILE",
     "AdapterFiles",
     "LoadReport",
+    "base_fingerprints",
     "copy_adapter",
     "encode_adapter",
     "load_adapter",
@@ -108,6 +109,7 @@ def save_adapter(
     metadata: Mapping[str, str] | None = None,
     original_base: bool = False,
     also: str | Path | Sequence[str | Path] = (),
+    base_fingerprints: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Path:
     """Write adapter ``name`` of ``model`` to folder ``path`` in PEFT's format.
 
@@ -131,6 +133,10 @@ def save_adapter(
         also: another folder, or several, that get the same two files, each written as one save
             after ``path`` (a training run's best adapter, when its last epoch is also its best):
             encoded once.
+        base_fingerprints: the adapted layers' base-weight fingerprints by layer path, as
+            :func:`base_fingerprints` gives them, for a caller that saves often over base weights
+            it knows are frozen (a training run, each epoch): each save then skips reading every
+            base weight. None (default): taken from ``model`` now.
 
     Returns:
         The folder.
@@ -145,7 +151,9 @@ def save_adapter(
             previous adapter is kept.
     """
     folder = Path(path)
-    weights, cfg_text = encode_adapter(model, folder, name, metadata=metadata, original_base=original_base)
+    weights, cfg_text = encode_adapter(
+        model, folder, name, metadata=metadata, original_base=original_base, base_fingerprints=base_fingerprints
+    )
     more = [also] if isinstance(also, (str, Path)) else list(also)  # a str is one folder, not its letters
     for each in (folder, *map(Path, more)):
         _write_folder(each, weights, cfg_text)
@@ -166,6 +174,7 @@ def encode_adapter(
     *,
     metadata: Mapping[str, str] | None = None,
     original_base: bool = False,
+    base_fingerprints: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> tuple[bytes, bytes]:
     """The two files :func:`save_adapter` writes for adapter ``name`` of ``model`` to ``path``
     (``adapter_model.safetensors``, ``adapter_config.json``), without writing them; ``path``
@@ -194,6 +203,7 @@ def encode_adapter(
     tensors: dict[str, torch.Tensor] = {}
     base: dict[str, Any] = {}
     adapted: list[tuple[str, LoraAdapter]] = []
+    trained: list[tuple[str, torch.Tensor]] = []  # what must be finite: the factors as the model holds them
     for p, layer in layers:
         ad = cast(LoraAdapter, layer.lora[name])
         w0 = base_weight(layer, layer.lora_handler.weight_name)
@@ -210,16 +220,14 @@ def encode_adapter(
                 f"r={ad.r}, alpha={ad.alpha} give {want}; PEFT files store only r and alpha"
             )
         whole = {pname: _full(t.detach()) for pname, t in ad.named_parameters()}  # A, B, a variant's (DoRA)
-        for pname, t in whole.items():
-            if not bool(torch.isfinite(t).all()):
-                raise NonFiniteError(f"{p}.lora.{name}.{pname} holds NaN/Inf; adapter not saved to {folder}")
+        trained.extend((f"{p}.lora.{name}.{pname}", t) for pname, t in whole.items())
         handler = layer.lora_handler
         a_key, b_key = factor_keys(p, handler)
         tensors[a_key] = handler.to_file(layer, "A", whole["A"])
         tensors[b_key] = handler.to_file(layer, "B", whole["B"])
         for key, attr in variant_keys(p, ad.variant).items():
             tensors[key] = whole[attr] if attr in whole else cast(torch.Tensor, getattr(ad, attr)).detach()
-        base[p] = original or fingerprint(weight)
+        base[p] = original or _fingerprint(p, weight, base_fingerprints, folder)
         adapted.append((p, ad))
     # the adapter's own copies of what it trains fully, wherever the active adapter stands
     train: list[str] = []
@@ -232,14 +240,15 @@ def encode_adapter(
         train.append(entry.path)
         for k, v in cast(nn.Module, mine).state_dict().items():
             tensors[module_key(entry.path, k)] = _full(v.detach())
-    # Own, contiguous CPU copies: safetensors refuses shared or strided storage.
-    tensors = {k: v.to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+    _check_finite(trained, f"adapter not saved to {folder}")
+    written, encoded = encode_owned(tensors)  # train_modules may share storage (tied weights)
+    sums = encoded.checksums() if encoded is not None else {k: checksum(v) for k, v in written.items()}
 
     cfg_text = json.dumps(to_peft_config(model, config, adapted, train), indent=2, sort_keys=True).encode()
     own = {
         "format": "pt",
         "lorakit_version": __version__,
-        "lorakit_checksums": json.dumps({k: checksum(v) for k, v in tensors.items()}, sort_keys=True),
+        "lorakit_checksums": json.dumps(sums, sort_keys=True),
         "lorakit_base": json.dumps(base, sort_keys=True),
         "lorakit_config_sha256": config_sha(cfg_text),
     }
@@ -247,7 +256,50 @@ def encode_adapter(
     bad = [k for k, v in extra.items() if k in own or not isinstance(k, str) or not isinstance(v, str)]
     if bad:
         raise ConfigError(f"cannot save adapter {name!r} to {folder}: metadata keys {bad} are reserved or not str->str")
-    return safetensors_bytes(tensors, metadata={**extra, **own}), cfg_text
+    return safetensors_bytes(written, metadata={**extra, **own}, encoded=encoded), cfg_text
+
+
+def base_fingerprints(model: nn.Module, name: str = "default") -> dict[str, dict[str, Any]]:
+    """The fingerprint of each base weight adapter ``name`` of ``model`` adapts, by layer path: the
+    ``lorakit_base`` entries :func:`save_adapter` writes (see :mod:`lorakit.io_fingerprint`).
+
+    Raises:
+        AdapterNotFoundError: the model has no adapter ``name``.
+    """
+    layers = [(p, layer) for p, layer in lora_layers(model) if name in layer.lora]
+    if not layers:
+        raise AdapterNotFoundError(
+            f"no adapter {name!r} to fingerprint the base of; the model has {list_adapters(model)}"
+        )
+    return {p: fingerprint(_full(base_weight(layer, layer.lora_handler.weight_name).detach())) for p, layer in layers}
+
+
+def _fingerprint(
+    path: str, weight: torch.Tensor, given: Mapping[str, Mapping[str, Any]] | None, folder: Path
+) -> dict[str, Any]:
+    """``weight``'s fingerprint: from ``given`` (checked to be of a weight with its dtype and shape) or computed."""
+    if given is None:
+        return fingerprint(weight)
+    fp = given.get(path)
+    want = {"dtype": str(weight.dtype).removeprefix("torch."), "shape": list(weight.shape)}
+    if fp is None or {k: fp.get(k) for k in want} != want:
+        got = None if fp is None else {k: fp.get(k) for k in want}
+        raise ConfigError(
+            f"cannot save to {folder}: base_fingerprints[{path!r}] is {got}, but the base weight there is {want}"
+        )
+    return dict(fp)
+
+
+def _check_finite(named: list[tuple[str, torch.Tensor]], consequence: str) -> None:
+    """Raise NonFiniteError naming the first tensor of ``named`` with a NaN/Inf (one pass over all of them
+    when none has: a YOLO adapter has ~200 factors, and a check per tensor cost more than the encoding)."""
+    by_kind: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
+    for _, t in named:
+        by_kind.setdefault((t.dtype, t.device), []).append(t.reshape(-1))
+    if all(bool(torch.isfinite(torch.cat(ts)).all()) for ts in by_kind.values()):
+        return
+    label = next(label for label, t in named if not bool(torch.isfinite(t).all()))
+    raise NonFiniteError(f"{label} holds NaN/Inf; {consequence}")
 
 
 def _write_folder(folder: Path, weights: bytes, config: bytes) -> None:

@@ -88,7 +88,8 @@ def to_peft_config(
     r = Counter(ad.r for _, ad in adapted).most_common(1)[0][0]
     alpha = Counter(ad.alpha for _, ad in adapted).most_common(1)[0][0]
     target: list[str] | str = sorted(paths)
-    if {n for n in names if _peft_selects(set(paths), n)} != set(paths):
+    chosen = set(paths)
+    if {n for n in names if _peft_selects(chosen, n)} != chosen:
         target = "(" + "|".join(re.escape(p) for p in sorted(paths)) + ")"
     rank_pattern = {_pattern_key(p, paths): ad.r for p, ad in adapted if ad.r != r}
     alpha_pattern = {_pattern_key(p, paths): _num(ad.alpha) for p, ad in adapted if ad.alpha != alpha}

@@ -366,3 +366,35 @@ def test_killed_save_leaves_a_complete_adapter(tmp_path: Path) -> None:
             load_adapter(m, folder)  # complete, checksums and fingerprint verified
         b0, b1 = m[0].lora["default"].B.detach(), m[1].lora["default"].B.detach()
         assert float(b0[0, 0]) >= 1 and torch.all(b0 == b0[0, 0]) and torch.equal(b0, b1)  # one whole save
+
+
+def test_given_base_fingerprints_write_the_same_file_and_must_fit(tmp_path: Path) -> None:
+    """A training run fingerprints its frozen base once and passes it to every save: the file is the
+    one a save that reads the base itself writes; fingerprints of other weights are refused by name."""
+    from lorakit.errors import ConfigError
+    from lorakit.io import base_fingerprints
+
+    m = adapted_net()
+    given = base_fingerprints(m)
+    assert set(given) == {"emb", "conv", "gconv", "lin"}
+    save_adapter(m, tmp_path / "read")
+    save_adapter(m, tmp_path / "given", base_fingerprints=given)
+    for f in (W, C):
+        assert (tmp_path / "read" / f).read_bytes() == (tmp_path / "given" / f).read_bytes()
+    wrong = {**given, "lin": {**given["lin"], "shape": [1, 2]}}
+    with pytest.raises(ConfigError, match=r"base_fingerprints\['lin'\].*\[1, 2\]"):
+        save_adapter(m, tmp_path / "wrong", base_fingerprints=wrong)
+    with pytest.raises(ConfigError, match=r"base_fingerprints\['conv'\] is None"):
+        save_adapter(m, tmp_path / "wrong", base_fingerprints={k: v for k, v in given.items() if k != "conv"})
+    assert not (tmp_path / "wrong").exists()
+    with pytest.raises(lorakit.AdapterNotFoundError, match="'other'"):
+        base_fingerprints(m, "other")
+
+
+def test_a_nan_factor_is_named_and_nothing_is_written(tmp_path: Path) -> None:
+    m = adapted_net()
+    with torch.no_grad():
+        m.conv.lora["default"].B[0, 0] = float("inf")
+    with pytest.raises(lorakit.NonFiniteError, match=r"^conv\.lora\.default\.B holds NaN/Inf"):
+        save_adapter(m, tmp_path / "broken")
+    assert not (tmp_path / "broken").exists()

@@ -8,7 +8,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from lorakit.io_format import safetensors_bytes
+from lorakit.io_format import checksum, encode_owned, encode_tensors, safetensors_bytes
 
 
 def _tensors() -> dict[str, torch.Tensor]:
@@ -27,6 +27,7 @@ def _tensors() -> dict[str, torch.Tensor]:
         "empty": torch.zeros(0, 3),
         "strided": base.t(),  # not contiguous: written as its values
         "z.conv.lora_A.weight": torch.randn(8, 3, 3, 3, generator=gen),
+        "z.channels_last": torch.randn(2, 3, 4, 5, generator=gen).contiguous(memory_format=torch.channels_last),
     }
 
 
@@ -57,3 +58,29 @@ def test_shared_memory_gets_the_librarys_refusal() -> None:
         safetensors_bytes({"a": t, "b": t})
     with pytest.raises(RuntimeError, match="share memory"):
         safetensors.torch.save({"a": t, "b": t})
+
+
+def test_checksums_from_the_data_section_equal_each_tensors() -> None:
+    tensors = _tensors()
+    encoded = encode_tensors(tensors)
+    assert encoded is not None
+    assert encoded.checksums() == {k: checksum(v) for k, v in tensors.items()}
+    assert safetensors_bytes(tensors, {"a": "b"}, encoded) == safetensors_bytes(tensors, {"a": "b"})
+
+
+def test_what_it_does_not_cover_is_left_to_the_library() -> None:
+    t = torch.randn(4)
+    assert encode_tensors({"a": t, "b": t}) is None  # shared memory: the library refuses it (above)
+    assert encode_tensors({"c": torch.zeros(2, dtype=torch.complex64)}) is None
+
+
+def test_encode_owned_writes_shared_storage_as_separate_copies() -> None:
+    """What lorakit's own files need (tied weights in a trained module): each entry written as its values."""
+    t = torch.randn(4)
+    tensors = {"a": t, "b": t, "c": torch.randn(2, 3).t()}
+    written, encoded = encode_owned(tensors)
+    assert encoded is not None and written["a"].data_ptr() != written["b"].data_ptr()
+    back = safetensors.torch.load(safetensors_bytes(written, encoded=encoded))
+    assert all(torch.equal(back[k], v) for k, v in tensors.items())
+    plain = {"x": torch.randn(3)}
+    assert encode_owned(plain)[0] is plain  # covered as given: no copies

@@ -67,6 +67,11 @@ def test_refreshed_copy_equals_a_fresh_merge_bitwise_and_follows_the_source() ->
     assert any(k.endswith("conv.weight") for k in changed)  # merged LoRA deltas moved
     assert any("bn." in k for k in changed)  # owned BatchNorm copies moved
 
+    other = deepcopy(ema)  # a new EMA object of the same model (NaN recovery, resume): what goes where is found again
+    _perturb(other, seed=3)
+    assert copy.refresh(other, version=2) is merged
+    _assert_same_state(merged, lorakit.merge_and_unload(deepcopy(other)))
+
 
 def test_a_new_ema_of_the_same_model_fits_another_model_does_not() -> None:
     from lorakit.yolo.merged import MergedCopy

@@ -340,16 +340,18 @@ def test_nan_loss_restores_the_last_saved_epoch(lab: Lab, task: str) -> None:
     """The mixin's NaN recovery also fits each task trainer (runs last: it replaces the trainer's EMA)."""
     t = lab.run(task).trainer
     good = t._last_good
-    assert good is not None and good["model"]
-    params = dict(t.model.named_parameters())
-    saved = {n: params[n].detach().clone() for n in good["model"]}
+    live = t.changing_state(t.model)
+    assert good.taken and set(good.names) == set(live)
+    saved = {k: v.clone() for k, v in live.items()}
     ema_before = {k: v.clone() for k, v in t.ema.ema.state_dict().items()}
     with torch.no_grad():
-        for n in saved:
-            params[n].fill_(float("nan"))
+        for v in live.values():
+            if v.is_floating_point():
+                v.fill_(float("nan"))
     t.loss, t.fitness = torch.tensor(float("nan")), None
     assert t._handle_nan_recovery(epoch=t.start_epoch + 1) is True
-    assert all(torch.equal(params[n], v) for n, v in saved.items())
+    live = t.changing_state(t.model)
+    assert all(torch.equal(live[k], v) for k, v in saved.items())
     ema = t.ema.ema.state_dict()
     assert all(torch.equal(ema[k], v) for k, v in ema_before.items())
     t.loss = torch.tensor(1.0)

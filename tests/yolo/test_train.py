@@ -213,7 +213,12 @@ def test_adapter_files(tmp_path: Path, base: SimpleNamespace, same_nc: SimpleNam
     fresh.eval()
     with torch.no_grad():
         torch.testing.assert_close(layer_outputs(fresh, _x()), layer_outputs(ema, _x()), atol=1e-5, rtol=1e-5)
-    meta = json.loads(read_adapter_files(t.last_adapter).metadata["lorakit_yolo"])
+    files = read_adapter_files(t.last_adapter)
+    # the run fingerprints the frozen live base once; the file says what reading the saved EMA's base says
+    from lorakit.io import base_fingerprints
+
+    assert json.loads(files.metadata["lorakit_base"]) == json.loads(json.dumps(base_fingerprints(t.ema.ema)))
+    meta = json.loads(files.metadata["lorakit_yolo"])
     names = {"0": "rectangle", "1": "circle"}  # and the run's data and imgsz, for merged checkpoints
     assert meta == {"task": "detect", "names": names, "data": str(base.data_a), "imgsz": IMGSZ}
 
@@ -301,7 +306,8 @@ def test_loraplus_scales_each_groups_B_factors_and_resume_keeps_the_ratio(
     others = {g["lr"] for g in groups if g not in with_b}
     assert len(others) == 1 and {g["lr"] for g in with_b} == {16 * others.pop()}  # the schedule kept the ratio
     resume.write_base(tmp_path, t.model)
-    resume.write_epoch(tmp_path, 3, t.model, t.ema.ema, t.lora_config, "default", False, loraplus_ratio=16.0)
+    live, ema = t.changing_state(t.model), t.changing_state(t.ema.ema)
+    resume.write_epoch(tmp_path, 3, live, ema, t.lora_config, "default", False, loraplus_ratio=16.0)
     assert resume.read(tmp_path / "last.pt", 3).loraplus_ratio == 16.0
 
 
@@ -413,18 +419,25 @@ def test_nan_loss_restores_the_last_saved_epoch(same_nc: SimpleNamespace) -> Non
     # Ultralytics would reload last.pt (merged weights, no LoRA keys) into the LoRA model and fail.
     t = same_nc.trainer
     good = t._last_good
-    assert good is not None and good["model"]
-    params = dict(t.model.named_parameters())
-    saved = {n: params[n].detach().clone() for n in good["model"]}
+    live = t.changing_state(t.model)
+    assert good.taken and set(good.names) == set(live)
+    saved = {k: v.clone() for k, v in live.items()}
+    moments = [v for st in t.optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
+    saved_moments = [v.clone() for v in moments]
     with torch.no_grad():
-        for n in saved:
-            params[n].fill_(float("nan"))
+        for v in [*live.values(), *moments]:
+            if v.is_floating_point():
+                v.fill_(float("nan"))
     t.loss, t.fitness, attempts = torch.tensor(float("nan")), None, t.nan_recovery_attempts
     assert t._handle_nan_recovery(epoch=t.start_epoch + 1) is True
     assert t.nan_recovery_attempts == attempts + 1
-    assert all(torch.equal(params[n], v) for n, v in saved.items())
+    live = t.changing_state(t.model)
+    assert all(torch.equal(live[k], v) for k, v in saved.items())
+    restored = [v for st in t.optimizer.state.values() for v in st.values() if isinstance(v, torch.Tensor)]
+    assert len(restored) == len(saved_moments) and all(map(torch.equal, restored, saved_moments))
     ema = t.ema.ema.state_dict()
-    assert all(torch.equal(ema[k], v) for k, v in good["ema"].items())
+    assert all(torch.equal(ema[k], v) for k, v in good.ema().items())
+    assert t.ema.updates == good.updates
     t.loss = torch.tensor(1.0)
     assert t._handle_nan_recovery(epoch=t.start_epoch + 1) is False  # finite loss: nothing to do
 

@@ -27,12 +27,18 @@ import torch
 from torch import nn
 
 from ..adapters import merge_and_unload
+from ..layers import LoraLayer
 from ..state import lora_layers
 
 # Plain attributes of the EMA model (yaml, nc, args, names, stride: ModelEMA.update_attr copies them from the live
 # model each epoch) are followed, so a checkpoint written from the copy says the same; these are not: the copy's
 # train/eval mode is its own, and the loss object is built per model on first use.
 _SKIP_ATTRS = ("training", "criterion")
+
+# an adapted weight of the copy: (its tensor, the source's LoRA layer, the adapters merged, the source's weight)
+_Merge = tuple[torch.Tensor, LoraLayer, tuple[str, ...], torch.Tensor]
+# what a refresh copies: the copy's plain entries, the source's entries for them, and the merges
+_Plan = tuple[list[torch.Tensor], list[torch.Tensor], list[_Merge]]
 
 
 class MergedCopy:
@@ -49,6 +55,7 @@ class MergedCopy:
         self.model.requires_grad_(False)
         self._source = weakref.ref(source)  # not an id(): a freed model's id can be reused
         self._version = -1  # nothing copied yet: the first refresh copies even for this source
+        self._planned: tuple[weakref.ref[nn.Module], _Plan] | None = None  # see _plan
 
     def fits(self, source: nn.Module) -> bool:
         """True when ``source`` is the model last refreshed from, or has every state entry of the copy
@@ -62,7 +69,9 @@ class MergedCopy:
         """Copy ``source``'s state into the copy, adapted weights merged; return the copy.
 
         ``version`` identifies ``source``'s state (the EMA's update count): a second
-        call with the same source object and version is free.
+        call with the same source object and version is free. What goes where is found
+        once per source object (:meth:`_plan`): its structure and live adapters are taken
+        as fixed, as they are for a training run's EMA.
 
         Raises:
             KeyError: ``source`` lacks a state entry of the copy (its structure changed;
@@ -70,24 +79,45 @@ class MergedCopy:
         """
         if self._source() is source and version == self._version:
             return self.model
-        have = source.state_dict()
-        own = self.model.state_dict()
-        adapted = {}
-        for path, layer in lora_layers(source):
-            names = layer.lora_live_names()
-            if names:
-                adapted[".".join(filter(None, (path, layer.lora_handler.weight_name)))] = (layer, names)
+        plain_dst, plain_src, merges = self._plan(source)
         with torch.no_grad():
-            for key, target in own.items():
-                if key in adapted:
-                    layer, names = adapted[key]
-                    # merged adapters are in have[key] already; any variant's rule (DoRA is not additive)
-                    merged = layer.lora_merged_weight(names, have[key])
-                    target.copy_(merged.to(target.dtype))
-                else:
-                    target.copy_(have[key])
+            copy = getattr(torch, "_foreach_copy_", None)  # torch >= 2.1: one call for ~600 tensors
+            if copy is not None:
+                copy(plain_dst, plain_src)
+            else:  # pragma: no cover - older torch
+                for d, s in zip(plain_dst, plain_src, strict=True):
+                    d.copy_(s)
+            for target, layer, names, weight in merges:
+                # merged adapters are in the weight already; any variant's rule (DoRA is not additive)
+                target.copy_(layer.lora_merged_weight(names, weight).to(target.dtype))
         for key, value in vars(source).items():
             if not key.startswith("_") and key not in _SKIP_ATTRS and key in vars(self.model):
                 setattr(self.model, key, value)
         self._source, self._version = weakref.ref(source), version
         return self.model
+
+    def _plan(self, source: nn.Module) -> _Plan:
+        """The copy's entries taken as they are (targets, sources) and those merged, for ``source``:
+        views of both models' tensors, found once per source object (reading two state dicts and
+        walking the LoRA layers was half of a refresh's 15 ms on yolo26n)."""
+        planned = self._planned
+        if planned is not None and planned[0]() is source:
+            return planned[1]
+        have = source.state_dict()
+        adapted = {}
+        for path, layer in lora_layers(source):
+            names = layer.lora_live_names()
+            if names:
+                adapted[".".join(filter(None, (path, layer.lora_handler.weight_name)))] = (layer, names)
+        plain_dst: list[torch.Tensor] = []
+        plain_src: list[torch.Tensor] = []
+        merges: list[_Merge] = []
+        for key, target in self.model.state_dict().items():
+            if key in adapted:
+                merges.append((target, *adapted[key], have[key]))
+            else:
+                plain_dst.append(target)
+                plain_src.append(have[key])
+        plan = (plain_dst, plain_src, merges)
+        self._planned = (weakref.ref(source), plan)
+        return plan

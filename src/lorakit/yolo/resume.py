@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from torch import nn
 
 from ..config import LoraConfig
 from ..errors import ConfigError
-from ..io_format import atomic_write, safetensors_bytes
+from ..io_format import atomic_write, encode_owned, safetensors_bytes
 from ..owned import train_paths
 
 FOLDER = "lora_resume"
@@ -59,38 +60,43 @@ def changing_keys(model: nn.Module, config: LoraConfig) -> list[str]:
     return [k for k in model.state_dict() if ".lora." in k or k in grads or k.startswith(trained)]
 
 
-def _own(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}
+def changing_state(model: nn.Module, keys: list[str]) -> dict[str, torch.Tensor]:
+    """``model``'s state entries ``keys`` (:func:`changing_keys`): views of its own tensors, which training
+    updates in place, so a caller may keep this and read it again each epoch (as long as nothing swaps
+    a tensor's storage, ``t.data = ...``, as :func:`lorakit.yolo.layout.to_channels_last` does at setup)."""
+    sd = model.state_dict()
+    return {k: sd[k] for k in keys}
+
+
+def _write(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    written, encoded = encode_owned(tensors)
+    atomic_write(path, safetensors_bytes(written, metadata=metadata, encoded=encoded))
 
 
 def write_base(wdir: Path, model: nn.Module) -> Path:
     """Write the model's non-LoRA state (call right after injection, before any step)."""
     folder = wdir / FOLDER
     folder.mkdir(parents=True, exist_ok=True)
-    state = _own({k: v for k, v in model.state_dict().items() if ".lora." not in k})
     path = folder / BASE_FILE
-    atomic_write(path, safetensors_bytes(state))
+    _write(path, {k: v for k, v in model.state_dict().items() if ".lora." not in k})
     return path
 
 
 def write_epoch(
     wdir: Path,
     epoch: int,
-    live: nn.Module,
-    ema: nn.Module,
+    live: Mapping[str, torch.Tensor],
+    ema: Mapping[str, torch.Tensor],
     config: LoraConfig,
     adapter_name: str,
     adapt_bn: bool,
-    keys: list[str] | None = None,
     loraplus_ratio: float | None = None,
 ) -> Path:
     """Write epoch ``epoch``'s changing tensors of the live model and the EMA; keep the two newest files.
 
-    ``keys``: :func:`changing_keys` of ``live`` when the caller has them (they cost a pattern match per module).
+    ``live``, ``ema``: the two models' :func:`changing_state` (the same keys).
     """
-    keys = changing_keys(live, config) if keys is None else keys
-    live_sd, ema_sd = live.state_dict(), ema.state_dict()
-    tensors = _own({f"live/{k}": live_sd[k] for k in keys} | {f"ema/{k}": ema_sd[k] for k in keys})
+    tensors = {f"live/{k}": v for k, v in live.items()} | {f"ema/{k}": ema[k] for k in live}
     meta = {
         "epoch": str(epoch),
         "adapter_name": adapter_name,
@@ -100,7 +106,7 @@ def write_epoch(
     }
     folder = wdir / FOLDER
     path = folder / f"epoch{epoch}.safetensors"
-    atomic_write(path, safetensors_bytes(tensors, metadata=meta))
+    _write(path, tensors, meta)
     for old in sorted(folder.glob("epoch*.safetensors"), key=_epoch_of)[:-2]:
         old.unlink(missing_ok=True)
     return path

@@ -35,8 +35,9 @@ override                     why
                              state from ``last.pt`` as usual
 ``_handle_nan_recovery``     on a NaN/Inf loss Ultralytics reloads ``last.pt`` into the
                              live model, which fails here (merged weights, no LoRA
-                             keys); the trainable tensors, their EMA and the optimizer
-                             state of the last good epoch are restored from memory
+                             keys); what training changes (BatchNorm statistics
+                             included), its EMA and the optimizer state of the last
+                             good epoch are restored from memory (:mod:`.good_epoch`)
 ``train``, ``setup_model``   several GPUs (``device=0,1``): the LoRA state travels to
                              Ultralytics' DDP workers (see below)
 ===========================  ===========================================================
@@ -59,7 +60,9 @@ which works because that file is already merged.
 
 Per epoch a LoRA run writes what full fine-tuning writes (``last.pt``, ``best.pt``
 when it improved) plus the adapter (``last_adapter``; ``best_adapter`` gets the same
-bytes, encoded once) and the resume state (:mod:`.resume`), all small. The description
+bytes, encoded once) and the resume state (:mod:`.resume`), all small. What these read
+is found once per run: the changing state entries of each model (:meth:`LoraTrainerMixin.changing_state`)
+and the frozen base's fingerprints, which the adapter files record. The description
 is written once, at the end, with Ultralytics' own final rewrite of the checkpoints
 (reading and re-writing a checkpoint cost about 0.3 s per file per epoch): a run killed
 before its end leaves ``last.pt``/``best.pt`` without it, loading as usual.
@@ -72,9 +75,9 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterator
+import weakref
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -91,10 +94,12 @@ from ..config import LoraConfig, as_patterns, finite_number
 from ..conv_forms import measure_conv_forms
 from ..errors import ConfigError
 from ..inject import InjectReport, inject
+from ..io import base_fingerprints
 from ..layers import LoraLayer
 from ..loraplus import loraplus_split
 from . import layout, resume
 from .checks import check_optimizer
+from .good_epoch import GoodEpoch
 from .merged import MergedCopy
 from .provenance import RUN_KEYS, describe_checkpoint, merge_description
 from .speed import SpeedMixin
@@ -263,6 +268,7 @@ def save_adapter(
     task: str | None = None,
     run: dict[str, Any] | None = None,
     also: tuple[Path, ...] = (),
+    base_fingerprints: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Path:
     """Write adapter ``name`` of ``model`` (plus its ``train_modules``) to the folder ``path``
     (and the same files to each folder in ``also``).
@@ -270,12 +276,13 @@ def save_adapter(
     :func:`lorakit.io.save_adapter` with the detector's class names and task (and the
     run's ``data`` and ``imgsz`` from ``run``) in the safetensors header (key
     ``lorakit_yolo``), so that :meth:`LoraYOLO.load_adapter <lorakit.yolo.LoraYOLO.load_adapter>`
-    can give a base model the adapter's classes.
+    can give a base model the adapter's classes. ``base_fingerprints``: as in that function.
     """
     from ..io import save_adapter as save
 
     meta = yolo_metadata(model, task, run)
-    return save(model, path, name, metadata={YOLO_METADATA: json.dumps(meta, sort_keys=True)}, also=also)
+    text = json.dumps(meta, sort_keys=True)
+    return save(model, path, name, metadata={YOLO_METADATA: text}, also=also, base_fingerprints=base_fingerprints)
 
 
 class _DropRequiresGradWarnings(logging.Filter):
@@ -360,10 +367,13 @@ class LoraTrainerMixin(SpeedMixin):
         self.lora_report: InjectReport | None = None
         self.lora_config: LoraConfig | None = None
         self._lora_trainable: set[str] = set()
-        self._last_good: dict[str, Any] | None = None  # NaN recovery point, see _handle_nan_recovery
+        self._last_good = GoodEpoch()  # NaN recovery point, see _handle_nan_recovery
         self._resume: resume.ResumeState | None = None  # set by check_resume when resuming
         self._merged: MergedCopy | None = None  # the EMA merged, for validation and checkpoints
         self._changing_keys: list[str] | None = None  # what the resume state holds (resume.changing_keys)
+        # each model's resume.changing_state, found once per model object (the live model, each EMA)
+        self._changing: weakref.WeakKeyDictionary[nn.Module, dict[str, torch.Tensor]] = weakref.WeakKeyDictionary()
+        self._fingerprints: dict[str, dict[str, Any]] | None = None  # the frozen base's, for every adapter save
         super().__init__(cfg, overrides, _callbacks)  # type: ignore[call-arg]
         self.last_adapter = self.wdir / "last_adapter"
         self.best_adapter = self.wdir / "best_adapter"
@@ -643,38 +653,37 @@ class LoraTrainerMixin(SpeedMixin):
         assert self.ema is not None and self.lora_config is not None
         lora_ema = self.ema.ema
         live = unwrap_model(self.model)
-        if self._changing_keys is None:  # the model's structure is fixed for the run: find them once
-            self._changing_keys = resume.changing_keys(live, self.lora_config)
         resume.write_epoch(
             self.wdir,
             self.epoch,
-            live,
-            lora_ema,
+            self.changing_state(live),
+            self.changing_state(lora_ema),
             self.lora_config,
             self.lora.adapter_name,
             self.lora.adapt_bn,
-            keys=self._changing_keys,
             loraplus_ratio=self.lora.loraplus_ratio,
         )
         with self._ema_merged():  # SpeedMixin writes it in the usual layout
             saved = bool(super().save_model())
         if saved:
+            if self._fingerprints is None:  # the base is frozen for the run: read it once
+                self._fingerprints = base_fingerprints(live, self.lora.adapter_name)
             run = {"data": self.args.data, "imgsz": self.args.imgsz}
             best = (self.best_adapter,) if self.best_fitness == self.fitness else ()  # as Ultralytics' best.pt
-            save_adapter(lora_ema, self.last_adapter, self.lora.adapter_name, self.args.task, run, also=best)
+            name, task = self.lora.adapter_name, self.args.task
+            save_adapter(lora_ema, self.last_adapter, name, task, run, also=best, base_fingerprints=self._fingerprints)
         return saved
 
-    def _snapshot(self) -> dict[str, Any]:
-        """Copies of what training changes: trainable tensors, their EMA, the optimizer state (adapter-sized)."""
-        assert self.ema is not None
-        live = {n: p.detach().clone() for n, p in unwrap_model(self.model).named_parameters() if p.requires_grad}
-        ema = self.ema.ema.state_dict()
-        return {
-            "model": live,
-            "ema": {k: ema[k].detach().clone() for k in live if k in ema},
-            "updates": self.ema.updates,
-            "optimizer": _cloned(self.optimizer.state_dict()),
-        }
+    def changing_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """``model``'s state entries that training changes (:func:`.resume.changing_state`), found once per
+        model object (the live model, each EMA): views of its tensors, which training updates in place."""
+        state = self._changing.get(model)
+        if state is None:
+            if self._changing_keys is None:  # the structure is fixed for the run: find the keys once
+                assert self.lora_config is not None
+                self._changing_keys = resume.changing_keys(unwrap_model(self.model), self.lora_config)
+            state = self._changing[model] = resume.changing_state(model, self._changing_keys)
+        return state
 
     def _handle_nan_recovery(self, epoch: int) -> bool:
         """On a NaN/Inf loss or fitness, go back to the last good epoch (from memory, not ``last.pt``).
@@ -691,12 +700,14 @@ class LoraTrainerMixin(SpeedMixin):
             decision = [corrupted if RANK == 0 else None]
             dist.broadcast_object_list(decision, 0)
             corrupted = bool(decision[0])
+        t: Any = self  # Ultralytics' trainer attributes are untyped (None in __init__)
+        good = self._last_good
         if not corrupted:
-            self._last_good = self._snapshot()
+            live, ema = self.changing_state(unwrap_model(t.model)), self.changing_state(t.ema.ema)
+            good.take(live, ema, t.ema.updates, t.optimizer)
             return False
         reason = "Loss NaN/Inf" if loss_nan else "Fitness NaN/Inf"
-        good = self._last_good
-        if epoch == self.start_epoch or good is None:
+        if epoch == self.start_epoch or not good.taken:
             LOGGER.warning(f"{reason} detected but no saved epoch to go back to yet; continuing")
             return False
         self.nan_recovery_attempts += 1
@@ -707,20 +718,11 @@ class LoraTrainerMixin(SpeedMixin):
         LOGGER.warning(
             f"{reason} detected (attempt {self.nan_recovery_attempts}/3), restoring the adapter of the last good epoch"
         )
-        t: Any = self  # Ultralytics' trainer attributes are untyped (None in __init__)
         t._model_train()
         model = unwrap_model(t.model)
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if n in good["model"]:
-                    p.copy_(good["model"][n])
         t.ema = cast(Any, ModelEMA)(model)  # a fresh EMA, as Ultralytics does (validation leaves inference tensors)
-        with torch.no_grad():
-            state = t.ema.ema.state_dict()
-            for k, v in good["ema"].items():
-                state[k].copy_(v)
-        t.ema.updates = good["updates"]
-        t.optimizer.load_state_dict(deepcopy(good["optimizer"]))
+        good.restore(self.changing_state(model), self.changing_state(t.ema.ema), t.optimizer)
+        t.ema.updates = good.updates
         t.optimizer.zero_grad()
         t.scheduler.last_epoch = epoch - 1
         return True
@@ -741,18 +743,6 @@ def cpu_kernels(optimizer: torch.optim.Optimizer) -> None:
             group["fused"], group["foreach"] = True, False
         elif "foreach" in group:
             group["foreach"] = True
-
-
-def _cloned(obj: Any) -> Any:
-    """``obj`` (an optimizer state dict) with every tensor cloned: ``deepcopy``'s result at a tenth of its
-    cost (it re-creates each tensor's storage through Python; 0.2 s for yolo26n's 1,300 Adam tensors)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().clone()
-    if isinstance(obj, dict):
-        return {k: _cloned(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_cloned(v) for v in obj)
-    return obj
 
 
 class LoraDetectionTrainer(LoraTrainerMixin, DetectionTrainer):  # type: ignore[misc]
