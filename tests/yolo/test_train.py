@@ -311,6 +311,16 @@ def test_loraplus_scales_each_groups_B_factors_and_resume_keeps_the_ratio(
     assert resume.read(tmp_path / "last.pt", 3).loraplus_ratio == 16.0
 
 
+def test_the_ema_averages_only_what_trains(same_nc: SimpleNamespace) -> None:
+    """The frozen base is left out of Ultralytics' EMA update (exact: test_ema.py), BatchNorm buffers are not."""
+    t = same_nc.trainer
+    frozen = {n for n, p in t.model.named_parameters() if not p.requires_grad}
+    ema = t.ema.ema.state_dict()
+    want = {v.data_ptr() for k, v in ema.items() if v.is_floating_point() and k not in frozen}
+    assert {v.data_ptr() for v in t.ema._pairs[0]} == want
+    assert any(k.endswith("running_mean") and v.data_ptr() in want for k, v in ema.items())
+
+
 def test_cpu_optimizer_steps_with_the_fused_kernel(same_nc: SimpleNamespace) -> None:
     """torch loops over tensors in Python on a CPU unless told otherwise; LoRA's many small tensors
     then cost more than full fine-tuning's step (yolo26n: 43 ms against 7 ms fused)."""

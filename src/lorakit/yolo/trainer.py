@@ -13,7 +13,8 @@ override                     why
                              pretrained weights by key; LoRA is injected *after* that,
                              so the base weights are the pretrained ones
 ``_setup_train``             its freeze loop sets ``requires_grad=True`` on every frozen
-                             float parameter (one warning each); those warnings are muted
+                             float parameter (one warning each); those warnings are muted;
+                             its EMA averages only what trains (:func:`average_what_changes`)
 ``build_optimizer``          restores the LoRA ``requires_grad`` set, freezes BatchNorm
                              statistics (``"model."`` in ``freeze_layer_names``), and
                              builds the groups from trainable parameters only, with an
@@ -563,6 +564,7 @@ class LoraTrainerMixin(SpeedMixin):
     def _setup_train(self) -> None:
         with _muted_unfreeze_warnings():
             super()._setup_train()  # type: ignore[misc]
+        average_what_changes(self.ema, unwrap_model(self.model))  # the EMA made there (on resume: ours)
         if self.lora.measure_forms:
             self._measure_forms()
 
@@ -721,11 +723,35 @@ class LoraTrainerMixin(SpeedMixin):
         t._model_train()
         model = unwrap_model(t.model)
         t.ema = cast(Any, ModelEMA)(model)  # a fresh EMA, as Ultralytics does (validation leaves inference tensors)
+        average_what_changes(t.ema, model)
         good.restore(self.changing_state(model), self.changing_state(t.ema.ema), t.optimizer)
         t.ema.updates = good.updates
         t.optimizer.zero_grad()
         t.scheduler.last_epoch = epoch - 1
         return True
+
+
+def average_what_changes(ema: Any, model: nn.Module) -> bool:
+    """Let Ultralytics' ``ModelEMA`` ``ema`` of ``model`` average only what training can change.
+
+    Its update lerps every floating state entry toward the model's, the frozen base weights
+    too (about 90 % of a LoRA model's numbers), whose averages never move: a lerp between equal
+    values gives the same value exactly, so leaving them out changes no bit. In Ultralytics 8.4
+    the update walks a list of (EMA, model) tensor pairs built on its first call, ``_pairs``;
+    here it is built before that, without the parameters ``model`` does not train
+    (``requires_grad`` False). Buffers (BatchNorm statistics) all stay in. An EMA without that
+    attribute, or one that has updated already, is left as it is.
+
+    Returns:
+        True when the list was built here.
+    """
+    if ema is None or not hasattr(ema, "_pairs") or ema._pairs is not None:
+        return False
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    have = model.state_dict()
+    pairs = [(v, have[k]) for k, v in ema.ema.state_dict().items() if v.dtype.is_floating_point and k not in frozen]
+    ema._pairs = [e for e, _ in pairs], [m for _, m in pairs]
+    return True
 
 
 def cpu_kernels(optimizer: torch.optim.Optimizer) -> None:
