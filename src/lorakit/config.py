@@ -75,6 +75,14 @@ class PatternSet:
         self._plain = {p for p in ordered if not is_wildcard(p)}
         self._wild = [p for p in ordered if is_wildcard(p)]
 
+    def matches(self, name: str) -> bool:
+        """Whether any of the patterns matches ``name``."""
+        if self._plain:
+            parts = name.split(".")
+            if any(".".join(parts[i:]) in self._plain for i in range(len(parts))):
+                return True
+        return any(match_pattern(p, name) for p in self._wild)
+
     def matching(self, name: str) -> list[str]:
         """The patterns matching ``name``, in their given order (each once)."""
         hits = [p for p in self._wild if match_pattern(p, name)]

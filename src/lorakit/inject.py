@@ -14,7 +14,7 @@ from . import init_svd, owned, state
 from .adapters import active_adapters, set_adapter
 from .batchnorm import _keep_eval as _keep_eval  # pickles made before the move name lorakit.inject._keep_eval
 from .batchnorm import freeze_batchnorm, release_batchnorm
-from .config import ALL_LINEAR, LoraConfig, PatternSet, is_wildcard, match_pattern
+from .config import ALL_LINEAR, LoraConfig, PatternSet, is_wildcard
 from .errors import ConfigError, TargetError
 from .layers.base import LayerHandler, LoraAdapter, LoraLayer, handler_for, registered_types, wrap
 from .peft_names import is_svd_init
@@ -221,8 +221,11 @@ def inject(
     """
     _check_name(model, name)
     found = select_targets(model, config)
-    paths = [n for n, _ in model.named_modules()]
-    missing = [p for p in config.train_modules if not any(match_pattern(p, n) for n in paths)]
+    found_trained: set[str] = set()  # the train_modules patterns some module matches
+    trained = PatternSet(config.train_modules)
+    for n, _ in model.named_modules():
+        found_trained.update(trained.matching(n))
+    missing = [p for p in config.train_modules if p not in found_trained]
     if missing:
         raise TargetError(f"train_modules {missing} matched no module of the model")
     plans = []

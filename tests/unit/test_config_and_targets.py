@@ -130,6 +130,23 @@ def test_pattern_set_matches_as_match_pattern() -> None:
     for name in names:
         expected = list(dict.fromkeys(p for p in patterns if match_pattern(p, name)))
         assert matcher.matching(name) == expected, name
+        assert matcher.matches(name) == bool(expected), name
+    for pattern in patterns:  # one pattern at a time: plain only, wildcard only
+        one = PatternSet([pattern])
+        assert [n for n in names if one.matches(n)] == [n for n in names if match_pattern(pattern, n)], pattern
+
+
+def test_train_paths_are_the_outermost_matches() -> None:
+    """A trained module's children travel inside its copy: only the outermost match is a path."""
+    from lorakit.owned import train_paths
+
+    model = nn.Sequential(
+        nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)), nn.Linear(2, 2), nn.Sequential(nn.BatchNorm1d(2))
+    )
+    assert train_paths(model, ["0", "0.1", "2.0"]) == ["0", "2.0"]
+    assert train_paths(model, ["re:\\d", "2"]) == ["0", "1", "2"]
+    assert train_paths(model, ["1", "0.0"]) == ["0.0", "0.1", "1"]  # "1" is a suffix of "0.1" too
+    assert train_paths(model, ["missing"]) == []
 
 
 def test_all_linear_skips_output_head_and_types_select() -> None:
