@@ -349,7 +349,7 @@ def encode_tensors(tensors: Mapping[str, torch.Tensor]) -> Encoded | None:
     Tensors are ordered as the library orders them (by dtype, then name); item sizes fall along
     that order, so each tensor starts aligned to its item size. Each dtype's tensors are gathered
     in one ``torch.cat`` of their flattened values (a strided tensor is written as its values, in
-    order), moved to the CPU once per dtype.
+    order), moved to the CPU once per dtype (each first, where they lie on several devices).
     """
     items = sorted(tensors.items(), key=lambda kv: (-_ST_ORDER.get(kv[1].dtype, 0), kv[0]))
     filled = [t for _, t in items if t.numel()]
@@ -369,7 +369,10 @@ def encode_tensors(tensors: Mapping[str, torch.Tensor]) -> Encoded | None:
             end = offset + t.numel() * size
             entries[name] = {"dtype": _ST_NAME[dtype], "shape": list(t.shape), "data_offsets": [offset, end]}
             offset = end
-        flat = torch.cat([t.detach().reshape(-1) for _, t in run]).to("cpu")
+        parts = [t.detach().reshape(-1) for _, t in run]
+        if len({t.device for t in parts}) > 1:  # e.g. a model spread over devices: cat needs one
+            parts = [t.to("cpu") for t in parts]
+        flat = torch.cat(parts).to("cpu")
         chunks.append(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
     return Encoded(entries, b"".join(chunks))
 

@@ -190,3 +190,17 @@ def test_yolo_lora_epoch_with_amp_keeps_adapters_fp32_and_finite(tmp_path: Path)
     assert lora and {v.dtype for v in lora.values()} == {torch.float32}
     assert all(bool(v.isfinite().all()) for v in lora.values())
     assert any(bool(v.abs().sum() > 0) for k, v in lora.items() if "lora_B" in k)
+
+
+def test_tensors_on_two_devices_encode_as_on_one() -> None:
+    """A model spread over devices (device_map, offloading) saves tensors from both: lorakit's writer
+    gathers each dtype in one cat, which needs one device."""
+    import safetensors.torch
+
+    from lorakit.io_format import checksum, encode_tensors, safetensors_bytes
+
+    tensors = {"a": torch.randn(3, 4, device=DEV), "b": torch.randn(5), "c": torch.randn(2, device=DEV).half()}
+    encoded = encode_tensors(tensors)
+    assert encoded is not None and encoded.checksums() == {k: checksum(v) for k, v in tensors.items()}
+    back = safetensors.torch.load(safetensors_bytes(tensors, encoded=encoded))
+    assert all(torch.equal(back[k], v.cpu()) for k, v in tensors.items())
