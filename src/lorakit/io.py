@@ -48,7 +48,7 @@ from .io_fingerprint import fingerprint
 from .io_folder import CONFIG_FILE, WEIGHTS_FILE, config_sha, read_pair, write_adapter
 from .io_format import checksum, encode_owned, parse_safetensors, safetensors_bytes
 from .io_match import Slot, base_weight, bias_key, match_files, module_key
-from .io_peft import factor_keys, is_factor_key, scaling_of, to_peft_config, variant_keys
+from .io_peft import factor_key_test, factor_keys, scaling_of, to_peft_config, variant_keys
 from .io_read import PICKLE_SUFFIXES, AdapterFiles, locate, read_adapter_files
 from .layers import LoraAdapter
 from .state import lora_layers
@@ -326,7 +326,7 @@ def copy_adapter(src: str | Path, dst: str | Path) -> Path:
 
     def parse(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         raw[:] = [data]  # the bytes of the read that read_pair pairs with the config
-        return parse_safetensors(weights, data, floating=is_factor_key)
+        return parse_safetensors(weights, data, floating=factor_key_test())
 
     cfg_bytes, _ = read_pair(cfg_file, weights, parse)
     _write_folder(Path(dst), raw[0], cfg_bytes)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -28,7 +29,7 @@ from . import peft_names
 from .config import LoraConfig
 from .errors import ConfigError
 from .io_errors import AdapterConfigError
-from .layers.base import LoraAdapter, LoraLayer
+from .layers.base import LoraAdapter, LoraLayer, handler_file_keys
 from .peft_names import is_svd_init
 from .registry import LayerHandler
 from .variants import VARIANTS
@@ -46,9 +47,6 @@ def factor_keys(path: str, handler: LayerHandler) -> tuple[str, str]:
     return base + a, base + b
 
 
-_FACTOR_SUFFIXES = ("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
-
-
 def variant_keys(path: str, variant: str) -> dict[str, str]:
     """The file keys of a variant's extra tensors on the layer at ``path`` -> the adapter attribute
     (DoRA: ``base_model.model.<p>.lora_magnitude_vector`` -> ``magnitude``, PEFT's key)."""
@@ -56,9 +54,20 @@ def variant_keys(path: str, variant: str) -> dict[str, str]:
     return {base + k: attr for k, attr in VARIANTS[variant].file_keys.items()}
 
 
-def is_factor_key(key: str) -> bool:
-    """True for the key of a LoRA factor (as :func:`factor_keys` names them), which must be floating point."""
-    return key.startswith(PREFIX) and any(key == PREFIX + s or key.endswith("." + s) for s in _FACTOR_SUFFIXES)
+def factor_key_test() -> Callable[[str], bool]:
+    """A test for the keys of LoRA factors (as :func:`factor_keys` and :func:`variant_keys` name them),
+    whose tensors must be floating point. It knows the layer types and variants registered now: each
+    type's A and B (:func:`~lorakit.layers.base.handler_file_keys`, a user's layer type included) and
+    each variant's extra tensors (DoRA's magnitude)."""
+    suffixes = handler_file_keys() | {k for v in VARIANTS.values() for k in v.file_keys}
+
+    def is_factor_key(key: str) -> bool:
+        if not key.startswith(PREFIX):
+            return False
+        parts = key[len(PREFIX) :].split(".")
+        return any(".".join(parts[i:]) in suffixes for i in range(len(parts)))  # dot-boundary suffixes
+
+    return is_factor_key
 
 
 # -- config: lorakit -> PEFT --------------------------------------------------------------

@@ -19,7 +19,7 @@ import torch
 from .io_errors import AdapterFileError, NonFiniteTensorError, UnsafeFormatError
 from .io_folder import CONFIG_FILE, WEIGHTS_FILE, read_pair
 from .io_format import check_dtype, dtype_name, parse_json, parse_safetensors
-from .io_peft import is_factor_key
+from .io_peft import factor_key_test
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
 
@@ -61,6 +61,7 @@ def _read_pickle(weights: Path, data: bytes) -> dict[str, torch.Tensor]:
         raise AdapterFileError(weights, f"torch.load(weights_only=True) refused or failed: {exc}") from None
     if not isinstance(obj, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
         raise AdapterFileError(weights, "expected a dict of tensor name -> tensor")
+    is_factor_key = factor_key_test()
     for k, t in obj.items():
         check_dtype(weights, k, dtype_name(t.dtype), is_factor_key(k))
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
@@ -99,7 +100,7 @@ def read_adapter_files(path: str | Path, *, allow_pickle: bool = False) -> Adapt
 
     def parse(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         if weights.suffix == ".safetensors":
-            return parse_safetensors(weights, data, floating=is_factor_key)
+            return parse_safetensors(weights, data, floating=factor_key_test())
         return _read_pickle(weights, data), {}
 
     cfg_bytes, (tensors, metadata) = read_pair(cfg_file, weights, parse)

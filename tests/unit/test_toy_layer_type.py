@@ -121,3 +121,26 @@ def test_save_and_load_a_registered_layer_type(tmp_path: Path) -> None:
     with torch.no_grad():
         # the same factors, scaling and forward: bitwise
         assert torch.equal(fresh(X), model(X))
+
+
+def test_a_layer_types_own_file_keys_are_read_as_factors() -> None:
+    """A reader requires factor tensors to be floating point; it knows them by key, and a registered
+    layer type's own keys (``file_keys``) count as soon as it is registered."""
+    from lorakit.io_peft import factor_key_test
+
+    class Named(Scaled):
+        pass
+
+    class NamedHandler(ScaledHandler):
+        file_keys = ("down", "up")
+
+    before = factor_key_test()
+    lorakit.register(Named, NamedHandler())
+    after = factor_key_test()
+    assert not before("base_model.model.layer.down") and after("base_model.model.layer.down")
+    assert after("base_model.model.up")  # a layer at the root: the key is the suffix itself
+    assert after("base_model.model.a.lora_A.weight") and after("base_model.model.a.lora_embedding_B")
+    assert after("base_model.model.a.b.lora_magnitude_vector")  # DoRA's, from the variant
+    assert not after("base_model.model.a.b.weight")  # a trained module's tensor
+    assert not after("base_model.model.a.xdown")  # not at a dot boundary
+    assert not after("a.lora_A.weight")  # not under PEFT's prefix

@@ -231,6 +231,11 @@ def handler_for(module_or_type: nn.Module | type) -> LayerHandler | None:
     return None
 
 
+def handler_file_keys() -> frozenset[str]:
+    """Every registered handler's A and B key suffixes (:attr:`LayerHandler.file_keys`)."""
+    return frozenset(k for h in _HANDLERS.values() for k in h.file_keys)
+
+
 def registered_types() -> list[str]:
     """Names of the layer types that currently have a handler."""
     return sorted(t.__name__ for t in _HANDLERS)
