@@ -25,15 +25,6 @@ import torch
 __all__ = ["GoodEpoch"]
 
 
-def _copy_all(dst: list[torch.Tensor], src: list[torch.Tensor]) -> None:
-    copy = getattr(torch, "_foreach_copy_", None)  # torch >= 2.1
-    if copy is not None:
-        copy(dst, src)
-        return
-    for d, s in zip(dst, src, strict=True):  # pragma: no cover - older torch
-        d.copy_(s)
-
-
 def _layout(ts: list[torch.Tensor]) -> list[tuple[Any, ...]]:
     return [(t.shape, t.dtype, t.device, t.stride()) for t in ts]
 
@@ -81,7 +72,7 @@ class GoodEpoch:
         if not same and _layout(self._buffers) != _layout(src):  # the same tensors have the same layout
             self._buffers = [torch.empty_like(t, requires_grad=False) for t in src]
         with torch.no_grad():
-            _copy_all(self._buffers, src)
+            torch._foreach_copy_(self._buffers, src)
         self._sources = src
         self.names, self.updates, self._opt_keys, self._opt_other = names, int(updates), opt_keys, other
         self._groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
@@ -112,8 +103,8 @@ class GoodEpoch:
                 f"the saved state {len(self._groups)}"
             )
         with torch.no_grad():
-            _copy_all([live[k] for k in self.names], list(self.live().values()))
-            _copy_all([ema[k] for k in self.names], list(self.ema().values()))
+            torch._foreach_copy_([live[k] for k in self.names], list(self.live().values()))
+            torch._foreach_copy_([ema[k] for k in self.names], list(self.ema().values()))
         state: dict[int, dict[str, Any]] = {i: dict(v) for i, v in self._opt_other.items()}
         for (i, k), buf in zip(self._opt_keys, self._buffers[2 * len(self.names) :], strict=True):
             state.setdefault(i, {})[k] = buf.clone()  # the optimizer keeps what it loads: not the buffers

@@ -81,12 +81,7 @@ class MergedCopy:
             return self.model
         plain_dst, plain_src, merges = self._plan(source)
         with torch.no_grad():
-            copy = getattr(torch, "_foreach_copy_", None)  # torch >= 2.1: one call for ~600 tensors
-            if copy is not None:
-                copy(plain_dst, plain_src)
-            else:  # pragma: no cover - older torch
-                for d, s in zip(plain_dst, plain_src, strict=True):
-                    d.copy_(s)
+            torch._foreach_copy_(plain_dst, plain_src)  # one call for ~600 tensors
             for target, layer, names, weight in merges:
                 # merged adapters are in the weight already; any variant's rule (DoRA is not additive)
                 target.copy_(layer.lora_merged_weight(names, weight).to(target.dtype))

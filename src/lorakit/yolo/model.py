@@ -329,9 +329,9 @@ class LoraYOLO(YOLO):  # type: ignore[misc]
 
         The LoRA settings of the constructor (``r``, ``alpha``, ``dropout``, ``exclude``, ``config``,
         ``adapt_bn``, ``adapter_name``, ``max_fraction``, ``measure_forms``, ``loraplus_ratio``,
-        ``frozen_stride``: :class:`~lorakit.yolo.trainer.LoraOptions`) may be given here too, and then override the
-        constructor's for this run; ``dropout`` is
-        LoRA's (Ultralytics uses it for classifier heads only). At the end it prints where the
+        ``frozen_stride``: :class:`~lorakit.yolo.trainer.LoraOptions`) may be given here too, and then
+        override the constructor's for this run; ``dropout`` is LoRA's (Ultralytics uses it for classifier
+        heads only). At the end it prints where the
         merged checkpoints and the adapter folders are (:func:`saved_files`). Without ``project=``
         the run goes under ``./runs/<task>/`` unless the user's Ultralytics settings chose a
         ``runs_dir`` (:func:`~lorakit.yolo.offline.runs_project`).
